@@ -1,0 +1,160 @@
+"""The data layer: find and check the raw counts, then yield dense minibatches.
+
+The count matrix may be a dense array, a CSR/CSC matrix or an AnnData backed on disk
+(``backed="r"``); it is never densified as a whole. Each minibatch is sliced from it as
+whole rows and written into a dense float32 array of (batch, genes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+from anndata.abc import CSCDataset, CSRDataset
+from scanpy import logging as logg
+
+_CHECK_ROWS = 10_000  # rows read per chunk when checking a matrix
+
+
+def get_counts(adata: AnnData, layer: str | None):
+    """The count matrix of ``adata`` (``X`` or ``layers[layer]``), row-sliceable."""
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(f"The AnnData is empty ({adata.n_obs} cells x {adata.n_vars} genes); nothing to train on.")
+    if layer is None:
+        X = adata.X
+        if X is None:
+            raise ValueError("adata.X is None; pass `layer=` naming the layer that holds raw counts.")
+    else:
+        if layer not in adata.layers:
+            raise KeyError(
+                f"Layer {layer!r} not found in adata.layers (available: {list(adata.layers.keys())}); "
+                "pass the name of the layer with raw counts, or layer=None to use adata.X."
+            )
+        X = adata.layers[layer]
+    if isinstance(X, CSCDataset):
+        raise ValueError("A CSC matrix on disk cannot be read by rows; write it as CSR (X.tocsr()) first.")
+    if sp.issparse(X) and X.format == "csc":
+        logg.info("    converting CSC counts to CSR for row slicing (a sparse copy)")
+        X = X.tocsr()
+    elif sp.issparse(X) and X.format != "csr":
+        X = X.tocsr()
+    elif not (sp.issparse(X) or isinstance(X, CSRDataset)):
+        X = np.asarray(X)
+    return X
+
+
+def _rows_dense(X, idx: np.ndarray) -> np.ndarray:
+    """Rows ``idx`` of ``X`` as a dense float32 array (the only place minibatches are cut)."""
+    if isinstance(X, np.ndarray):
+        return np.asarray(X[idx], dtype=np.float32)
+    if isinstance(X, CSRDataset):  # h5py wants increasing indices: read sorted, then reorder
+        order = np.argsort(idx, kind="stable")
+        sub = X[idx[order]]
+        out = np.empty((len(idx), X.shape[1]), dtype=np.float32)
+        out[order] = sub.toarray() if sp.issparse(sub) else sub
+        return out
+    indptr, indices, data = X.indptr, X.indices, X.data
+    starts, ends = indptr[idx], indptr[idx + 1]
+    lens = ends - starts
+    out = np.zeros((len(idx), X.shape[1]), dtype=np.float32)
+    total = int(lens.sum())
+    if total:
+        offsets = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(total)
+        out[np.repeat(np.arange(len(idx)), lens), indices[offsets]] = data[offsets]
+    return out
+
+
+def row_totals(X) -> np.ndarray:
+    """Total counts per cell, read in chunks of rows."""
+    return np.concatenate([
+        np.asarray(X[i:i + _CHECK_ROWS].sum(axis=1)).ravel() for i in range(0, X.shape[0], _CHECK_ROWS)
+    ]).astype(np.float64)
+
+
+def check_counts(X, what: str) -> np.ndarray:
+    """Validate raw counts chunk by chunk and return each cell's total count.
+
+    Raises a ValueError that says what to do on NaN/inf, negative or non-integer values
+    and on cells without counts.
+    """
+    n = X.shape[0]
+    totals = np.empty(n, dtype=np.float64)
+    for start in range(0, n, _CHECK_ROWS):
+        stop = min(n, start + _CHECK_ROWS)
+        block = X[start:stop]
+        vals = block.data if sp.issparse(block) else np.asarray(block)
+        if not np.all(np.isfinite(vals)):
+            raise ValueError(f"{what} contains NaN or infinite values; the VAE needs finite raw counts.")
+        if vals.size and vals.min() < 0:
+            raise ValueError(f"{what} contains negative values; the VAE needs raw (non-negative integer) counts.")
+        if np.any(vals != np.round(vals)):
+            raise ValueError(
+                f"{what} contains non-integer values: it looks normalised or log-transformed. "
+                "The VAE models raw counts: pass `layer=` with the raw-count layer "
+                "(e.g. adata.layers['counts'] saved before sc.pp.normalize_total)."
+            )
+        totals[start:stop] = np.asarray(block.sum(axis=1)).ravel()
+    n_empty = int((totals == 0).sum())
+    if n_empty:
+        raise ValueError(
+            f"{n_empty} cell(s) have zero total counts in {what}; remove them first, "
+            "e.g. sc.pp.filter_cells(adata, min_counts=1)."
+        )
+    return totals
+
+
+def batch_codes(adata: AnnData, batch_key: str | None) -> tuple[np.ndarray | None, list[str]]:
+    """Integer batch codes and the category names (None and [] without a batch key)."""
+    if batch_key is None:
+        return None, []
+    if batch_key not in adata.obs:
+        raise KeyError(f"batch_key {batch_key!r} is not a column of adata.obs (columns: {list(adata.obs.columns)}).")
+    col = adata.obs[batch_key]
+    if col.isna().any():
+        raise ValueError(f"adata.obs[{batch_key!r}] has missing values; fill or drop those cells first.")
+    cat = pd.Categorical(col.astype(str))
+    return cat.codes.astype(np.int64), [str(c) for c in cat.categories]
+
+
+@dataclass
+class Minibatch:
+    x: torch.Tensor  # (cells, genes) float32 counts
+    batch: torch.Tensor | None  # (cells,) int64 batch codes
+    log_library: torch.Tensor  # (cells,) log total counts
+    idx: np.ndarray  # positions in the AnnData
+
+
+class Minibatches:
+    """Iterate over ``indices`` of a count matrix in minibatches of whole rows.
+
+    With ``shuffle``, the order is drawn from ``rng`` each epoch. A trailing batch of a
+    single cell is merged into the previous one (BatchNorm cannot train on one cell).
+    """
+
+    def __init__(self, X, indices, *, log_library, batch=None, batch_size=128,
+                 shuffle=False, rng=None, device="cpu"):
+        self.X, self.indices = X, np.asarray(indices)
+        self.log_library, self.batch = log_library, batch
+        self.batch_size, self.shuffle, self.rng, self.device = batch_size, shuffle, rng, device
+
+    def __len__(self) -> int:
+        n, b = len(self.indices), self.batch_size
+        return max(1, n // b if n % b == 1 and n > 1 else -(-n // b))
+
+    def __iter__(self) -> Iterator[Minibatch]:
+        order = self.rng.permutation(self.indices) if self.shuffle else self.indices
+        n, b = len(order), self.batch_size
+        bounds = list(range(0, n, b)) + [n]
+        if len(bounds) > 2 and n - bounds[-2] == 1:
+            del bounds[-2]
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            idx = order[lo:hi]
+            x = torch.from_numpy(_rows_dense(self.X, idx)).to(self.device)
+            bt = None if self.batch is None else torch.from_numpy(self.batch[idx]).to(self.device)
+            ll = torch.from_numpy(self.log_library[idx]).to(self.device)
+            yield Minibatch(x, bt, ll, idx)

@@ -1,0 +1,226 @@
+"""``tl.vae``: train the amortized VAE on an AnnData in one call."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from anndata import AnnData
+from scanpy import logging as logg
+
+from .._docs import doc_params
+from ..dataloader import Minibatches, batch_codes, check_counts, get_counts
+from ..model_store import state_to_numpy
+from ..module import DISPERSIONS, LIKELIHOODS, VAE
+from ..train import default_max_epochs, train
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def split_indices(n_obs: int, train_size: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train/validation split that always leaves at least 2 training cells."""
+    if not 0 < train_size <= 1:
+        raise ValueError(f"train_size must be in (0, 1], not {train_size}.")
+    if n_obs < 2:
+        raise ValueError(f"Training needs at least 2 cells, the AnnData has {n_obs}.")
+    n_val = min(int(math.floor((1 - train_size) * n_obs)), n_obs - 2)
+    perm = rng.permutation(n_obs)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+@doc_params()
+def vae(
+    adata: AnnData,
+    *,
+    layer: str | None = None,
+    batch_key: str | None = None,
+    n_latent: int = 10,
+    n_hidden: int = 128,
+    n_layers: int = 1,
+    dropout: float = 0.1,
+    likelihood: str = "zinb",
+    dispersion: str = "gene",
+    encode_covariates: bool = False,
+    max_epochs: int | None = None,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-6,
+    n_epochs_kl_warmup: int | None = None,
+    train_size: float = 0.9,
+    early_stopping: bool = True,
+    early_stopping_patience: int = 20,
+    gap_every: int | None = None,
+    random_state: int = 0,
+    key_added: str = "vae",
+    device: str = "auto",
+    progress: bool = True,
+    copy: bool = False,
+) -> AnnData | None:
+    """Train an scVI-style VAE on raw counts and store its latent space.
+
+    The encoder is the amortized posterior q(z | x), a Gaussian on ``n_latent`` dimensions;
+    the decoder gives a count likelihood whose mean is the softmax over genes times the
+    observed library size (Lopez et al. 2018). Training maximises the ELBO with Adam, a
+    linear KL warm-up, and early stopping on the ELBO of held-out cells; the weights of the
+    best validation epoch are kept.
+
+    Parameters
+    ----------
+    {adata}
+    layer
+        Layer with raw counts; ``adata.X`` when None. Dense, CSR or CSC, int or float.
+    batch_key
+        Column of ``adata.obs`` with batch labels, injected into the decoder (and the
+        encoder when ``encode_covariates``).
+    n_latent
+        Dimension of the latent space.
+    n_hidden
+        Units per hidden layer.
+    n_layers
+        Hidden layers in encoder and decoder.
+    dropout
+        Dropout rate in the encoder.
+    likelihood
+        ``"zinb"``, ``"nb"`` or ``"poisson"``.
+    dispersion
+        ``"gene"`` (one inverse dispersion per gene) or ``"gene-batch"`` (per gene and batch).
+    encode_covariates
+        Also give the batch one-hot to the encoder.
+    max_epochs
+        Epoch budget. None: ``min(400, max(20, round(2e6 / n_obs)))``, about two million
+        cell passes (400 epochs for 5,000 cells or fewer, 100 for 20,000, 20 from 100,000).
+    batch_size
+        Cells per minibatch.
+    lr
+        Adam learning rate.
+    weight_decay
+        Adam weight decay.
+    n_epochs_kl_warmup
+        Epochs over which the KL weight grows linearly from 0 to 1 (per step). None: a
+        quarter of ``max_epochs``, so the real objective is reached whatever the data size.
+    train_size
+        Fraction of cells used for training; the rest are held out for validation and
+        early stopping. 1.0 trains on all cells (early stopping then watches the training ELBO).
+    early_stopping
+        Stop when the validation ELBO has not improved for ``early_stopping_patience``
+        epochs after the warm-up.
+    early_stopping_patience
+        Epochs without improvement before stopping.
+    gap_every
+        Every this many epochs, record the amortization and approximation gaps on small
+        fixed subsets of training and held-out cells (see :func:`amortization_gap`).
+    {random_state}
+    key_added
+        Name of the result: ``obsm["X_" + key_added]`` and ``uns[key_added]``.
+    {device}
+    {progress}
+    {copy}
+
+    Returns
+    -------
+    None, or a copy of ``adata`` when ``copy=True``; writes
+
+    ``adata.obsm["X_" + key_added]``
+        Latent means of q(z | x), float32 (cells x ``n_latent``).
+    ``adata.uns[key_added]["params"]``
+        Every setting of this call.
+    ``adata.uns[key_added]["history"]``
+        Per epoch: ``epoch``, ``elbo_train``, ``elbo_validation``, ``reconstruction_train``,
+        ``reconstruction_validation``, ``kl_train``, ``kl_validation`` (nats per cell,
+        unweighted) and ``kl_weight``; with ``gap_every`` also the gap columns.
+    ``adata.uns[key_added]["validation_indices"]``
+        Positions of the held-out cells.
+    ``adata.uns[key_added]["model"]``
+        Trained weights as numpy arrays; rebuild with :func:`sc_vi_ext.get_model`.
+    ``adata.uns[key_added]["batch_categories"]``, ``["best_epoch"]``, ``["stopped_early"]``, ``["interrupted"]``
+        Training bookkeeping.
+    """
+    params = {k: v for k, v in locals().items() if k not in ("adata", "copy")}
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, not {likelihood!r}.")
+    if dispersion not in DISPERSIONS:
+        raise ValueError(f"dispersion must be one of {DISPERSIONS}, not {dispersion!r}.")
+    if batch_size < 2:
+        raise ValueError("batch_size must be at least 2 (BatchNorm needs two cells).")
+    # every check runs before anything is written, so bad input leaves adata untouched
+    X = get_counts(adata, layer)
+    what = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    codes, categories = batch_codes(adata, batch_key)
+    totals = check_counts(X, what)
+    adata = adata.copy() if copy else adata
+
+    start = logg.info(f"training VAE on {adata.n_obs} cells x {adata.n_vars} genes")
+    dev = resolve_device(device)
+    n_obs = adata.n_obs
+    max_epochs = default_max_epochs(n_obs) if max_epochs is None else int(max_epochs)
+    warmup = max(1, max_epochs // 4) if n_epochs_kl_warmup is None else int(n_epochs_kl_warmup)
+    params.update(n_genes=adata.n_vars, max_epochs=max_epochs, n_epochs_kl_warmup=warmup, device=dev)
+
+    rng = np.random.default_rng(random_state)
+    train_idx, val_idx = split_indices(n_obs, train_size, rng)
+    log_lib = np.log(totals).astype(np.float32)
+    common = {"log_library": log_lib, "batch": codes, "device": dev}
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(random_state)
+        module = VAE(
+            adata.n_vars, n_batch=len(categories), n_latent=n_latent, n_hidden=n_hidden,
+            n_layers=n_layers, dropout=dropout, likelihood=likelihood, dispersion=dispersion,
+            encode_covariates=encode_covariates,
+        ).to(dev)
+        train_loader = Minibatches(X, train_idx, batch_size=batch_size, shuffle=True, rng=rng, **common)
+        val_loader = Minibatches(X, val_idx, batch_size=1024, **common) if len(val_idx) else None
+        callback = None
+        if gap_every:
+            from ..diagnostics.history import GapTracker
+
+            callback = GapTracker(X, train_idx, val_idx, every=gap_every, seed=random_state, **common)
+        res = train(
+            module, train_loader, val_loader, max_epochs=max_epochs, lr=lr, weight_decay=weight_decay,
+            n_epochs_kl_warmup=warmup, early_stopping=early_stopping, patience=early_stopping_patience,
+            seed=random_state, progress=progress, callback=callback,
+        )
+        latent = _latent_means(module, Minibatches(X, np.arange(n_obs), batch_size=1024, **common))
+
+    adata.obsm[f"X_{key_added}"] = latent
+    adata.uns[key_added] = {
+        "params": params,
+        "history": {k: np.asarray(v) for k, v in res.history.items()},
+        "validation_indices": val_idx,
+        "batch_categories": categories,
+        "model": state_to_numpy(module),
+        "best_epoch": res.best_epoch,
+        "stopped_early": res.stopped_early,
+        "interrupted": res.interrupted,
+    }
+    h = res.history
+    if h["epoch"]:
+        best = res.best_epoch - 1
+        logg.info(
+            f"    {len(h['epoch'])} epochs{' (early stop)' if res.stopped_early else ''}, best epoch "
+            f"{res.best_epoch}: ELBO train {h['elbo_train'][best]:.1f}, validation "
+            f"{h['elbo_validation'][best]:.1f} nats/cell"
+        )
+    logg.info(
+        "    finished",
+        time=start,
+        deep=f"added\n    'X_{key_added}', latent means (adata.obsm)\n    '{key_added}', params, history and weights (adata.uns)",
+    )
+    return adata if copy else None
+
+
+@torch.no_grad()
+def _latent_means(module: VAE, loader: Minibatches) -> np.ndarray:
+    module.eval()
+    out = np.empty((len(loader.indices), module.n_latent), dtype=np.float32)
+    pos = 0
+    for mb in loader:
+        mean, _ = module.inference(mb.x, mb.batch)
+        out[pos:pos + len(mb.idx)] = mean.cpu().numpy()
+        pos += len(mb.idx)
+    return out

@@ -1,0 +1,147 @@
+"""A plain training loop: Adam on the warm-up-weighted ELBO, exact validation, early stopping."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .dataloader import Minibatches
+from .module import VAE
+
+HISTORY_KEYS = (
+    "epoch", "elbo_train", "elbo_validation", "reconstruction_train", "reconstruction_validation",
+    "kl_train", "kl_validation", "kl_weight",
+)
+
+
+def default_max_epochs(n_cells: int) -> int:
+    """Epoch budget from the data size: about 2 million cell passes, between 20 and 400 epochs.
+
+    Small data gets up to 400 epochs (as scvi-tools), 20,000 cells get 100 and 100,000 cells
+    or more get 20; early stopping usually ends training sooner.
+    """
+    return int(min(400, max(20, round(2_000_000 / max(n_cells, 1)))))
+
+
+def kl_weight(step: int, warmup_steps: int) -> float:
+    """Linear KL warm-up from 0 to 1 over ``warmup_steps`` optimiser steps."""
+    return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
+
+
+@dataclass
+class TrainResult:
+    history: dict[str, list] = field(default_factory=lambda: {k: [] for k in HISTORY_KEYS})
+    best_epoch: int = -1
+    stopped_early: bool = False
+    interrupted: bool = False
+
+
+@torch.no_grad()
+def evaluate(module: VAE, loader: Minibatches, *, seed: int) -> dict[str, float]:
+    """Mean per-cell ELBO terms over every cell of ``loader``, model in eval mode.
+
+    The reparameterisation noise is drawn from a generator reset to ``seed`` so that
+    successive epochs are compared with common random numbers.
+    """
+    was_training = module.training
+    module.eval()
+    gen = torch.Generator(device=loader.device).manual_seed(seed)
+    rec = kl = 0.0
+    n = 0
+    for mb in loader:
+        out = module.loss(mb.x, mb.batch, mb.log_library, generator=gen)
+        rec += out.reconstruction.sum().item()
+        kl += out.kl.sum().item()
+        n += len(mb.idx)
+    module.train(was_training)
+    return {"reconstruction": rec / n, "kl": kl / n, "elbo": (rec - kl) / n}
+
+
+def train(
+    module: VAE,
+    train_loader: Minibatches,
+    val_loader: Minibatches | None,
+    *,
+    max_epochs: int,
+    lr: float,
+    weight_decay: float,
+    n_epochs_kl_warmup: int,
+    early_stopping: bool,
+    patience: int,
+    seed: int,
+    progress: bool,
+    callback=None,
+) -> TrainResult:
+    """Train ``module`` in place and load the weights of the best validation epoch.
+
+    Early stopping watches the validation ELBO (the training ELBO without held-out cells)
+    once the KL warm-up is over. Ctrl-C stops training, keeps the best weights so far and
+    returns the partial history with ``interrupted=True``. ``callback(epoch, module)``
+    may return extra metrics for the history (a dict of floats).
+    """
+    opt = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay, eps=0.01)
+    res = TrainResult()
+    h = res.history
+    warmup_steps = n_epochs_kl_warmup * len(train_loader)
+    best, best_state, bad_epochs, step = -math.inf, None, 0, 0
+    bar = tqdm(range(max_epochs), desc="training VAE", unit="epoch", disable=not progress, leave=False)
+    try:
+        for epoch in bar:
+            module.train()
+            rec_sum = torch.zeros((), device=train_loader.device)
+            kl_sum = torch.zeros((), device=train_loader.device)
+            n = 0
+            for mb in train_loader:
+                w = kl_weight(step, warmup_steps)
+                out = module.loss(mb.x, mb.batch, mb.log_library)
+                opt.zero_grad(set_to_none=True)
+                out.loss(w).backward()
+                opt.step()
+                step += 1
+                rec_sum += out.reconstruction.detach().sum()
+                kl_sum += out.kl.detach().sum()
+                n += len(mb.idx)
+            tr = {"reconstruction": rec_sum.item() / n, "kl": kl_sum.item() / n}
+            tr["elbo"] = tr["reconstruction"] - tr["kl"]
+            va = evaluate(module, val_loader, seed=seed) if val_loader is not None else None
+            row = {"epoch": epoch + 1, "kl_weight": kl_weight(step, warmup_steps)}
+            for name in ("elbo", "reconstruction", "kl"):
+                row[f"{name}_train"] = tr[name]
+                row[f"{name}_validation"] = va[name] if va else np.nan
+            if callback is not None:
+                row.update(callback(epoch + 1, module) or {})
+            for k in row.keys() | h.keys():  # every column as long as the epoch column
+                h.setdefault(k, [np.nan] * epoch).append(row.get(k, np.nan))
+            score = va["elbo"] if va else tr["elbo"]
+            bar.set_postfix(elbo_train=f"{tr['elbo']:.1f}", **({"elbo_val": f"{va['elbo']:.1f}"} if va else {}))
+            warm = epoch + 1 >= n_epochs_kl_warmup
+            if score > best or best_state is None or not warm:
+                # during warm-up the bound is still being reshaped: track the latest weights
+                best, best_state, res.best_epoch, bad_epochs = score, copy.deepcopy(module.state_dict()), epoch + 1, 0
+            else:
+                bad_epochs += 1
+                if early_stopping and bad_epochs >= patience:
+                    res.stopped_early = True
+                    break
+    except KeyboardInterrupt:
+        res.interrupted = True
+        n_ep = min(len(v) for v in h.values())
+        for k in h:  # drop a half-recorded epoch
+            del h[k][n_ep:]
+        warnings.warn(
+            f"Training interrupted after {n_ep} epoch(s); keeping the best weights so far "
+            f"(epoch {res.best_epoch}) and the partial history.",
+            stacklevel=3,
+        )
+    finally:
+        bar.close()
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    module.eval()
+    return res
