@@ -1,6 +1,7 @@
 """Plots: training curves, latent embeddings and inference diagnostics."""
 
 from ._elbo import elbo
+from ._gap import amortization_gap, gap_history
 from ._latent import latent
 
-__all__ = ["elbo", "latent"]
+__all__ = ["amortization_gap", "elbo", "gap_history", "latent"]

@@ -1,0 +1,287 @@
+"""``tl.amortization_gap``, ``tl.refine`` and ``tl.log_likelihood``: how good is the inference?"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from anndata import AnnData
+from scanpy import logging as logg
+from tqdm.auto import tqdm
+
+from .._docs import doc_params
+from ..diagnostics import COLUMNS, decompose, elbo_paired, iwae, optimize_q, summarize
+from ..model_store import get_model, stored_loader
+from ._vae import resolve_device
+
+_OPT_DOC = """init
+        Start of the per-cell optimisation: ``"encoder"`` (q(z|x)) or ``"prior"`` (N(0, I)).
+    max_steps
+        Cap on Adam steps per cell.
+    lr
+        Adam learning rate of the per-cell optimisation.
+    n_samples_step
+        Reparameterised samples per step.
+    window, patience, tol
+        A cell stops when the mean ELBO of a window of ``window`` steps has not improved
+        by ``tol`` nats for ``patience`` windows."""
+
+
+def _subset(adata: AnnData, n_cells: int | None, rng: np.random.Generator, subset=None) -> np.ndarray:
+    if subset is not None:
+        idx = np.asarray(subset)
+        idx = np.flatnonzero(idx) if idx.dtype == bool else idx
+        if idx.dtype.kind not in "iu":
+            idx = adata.obs_names.get_indexer(idx)
+            if (idx < 0).any():
+                raise KeyError("Some cells in `subset` are not in adata.obs_names.")
+        return np.sort(idx)
+    if n_cells is None or n_cells >= adata.n_obs:
+        return np.arange(adata.n_obs)
+    return np.sort(rng.choice(adata.n_obs, n_cells, replace=False))
+
+
+def _split_masks(adata: AnnData, key: str, idx: np.ndarray) -> dict[str, np.ndarray]:
+    val = np.zeros(adata.n_obs, bool)
+    val[np.asarray(adata.uns[key].get("validation_indices", []), dtype=int)] = True
+    return {"train": ~val[idx], "validation": val[idx], "all": np.ones(len(idx), bool)}
+
+
+def _write_obs(adata: AnnData, key: str, idx: np.ndarray, values: dict[str, np.ndarray]) -> list[str]:
+    cols = []
+    for name, v in values.items():
+        col = np.full(adata.n_obs, np.nan)
+        col[idx] = v
+        adata.obs[f"{key}_{name}"] = col
+        cols.append(f"{key}_{name}")
+    return cols
+
+
+@doc_params(opt=_OPT_DOC)
+def amortization_gap(
+    adata: AnnData,
+    *,
+    key: str = "vae",
+    n_cells: int | None = 1000,
+    n_samples: int = 1000,
+    n_samples_elbo: int = 256,
+    init: str = "encoder",
+    max_steps: int = 500,
+    lr: float = 0.02,
+    n_samples_step: int = 8,
+    window: int = 20,
+    patience: int = 3,
+    tol: float = 0.01,
+    batch_size: int = 128,
+    random_state: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+    copy: bool = False,
+) -> AnnData | None:
+    """Decompose each cell's inference gap into amortization and approximation gaps.
+
+    For the trained decoder and a cell x (Cremer, Li & Duvenaud 2018):
+    L[q] is the ELBO with the encoder's q(z|x); L[q*] the ELBO with the best Gaussian
+    for this cell alone (mean and log-variance optimised with the decoder frozen);
+    log p(x) the IWAE estimate (Burda et al. 2016) with ``n_samples`` samples, the larger
+    of the encoder and q* as proposal. Amortization gap = L[q*] - L[q]; approximation
+    gap = log p(x) - L[q*]. L[q] and L[q*] share their random numbers, so each cell's
+    gap has a small standard error, which is reported.
+
+    Parameters
+    ----------
+    {adata}
+    {key}
+    n_cells
+        Random subset of cells to evaluate (seeded; drawn from training and held-out
+        cells alike); None for all.
+    n_samples
+        Importance samples K for log p(x).
+    n_samples_elbo
+        Samples for the final estimates of L[q] and L[q*].
+    {opt}
+    {batch_size}
+    {random_state}
+    {device}
+    {progress}
+    {copy}
+
+    Returns
+    -------
+    None, or a copy with ``copy=True``; writes (NaN for cells not evaluated)
+
+    ``adata.obs[key + "_elbo"]``, ``[key + "_elbo_opt"]``, ``[key + "_log_px"]``
+        L[q], L[q*] and log p(x) per cell, nats.
+    ``adata.obs[key + "_amortization_gap"]``, ``[key + "_approximation_gap"]``
+        The gaps, nats; ``[key + "_amortization_gap_se"]`` is each cell's standard error.
+    ``adata.uns[key]["amortization_gap"]``
+        ``params``, and for ``"train"``, ``"validation"`` and ``"all"`` cells: means and
+        standard errors of each bound and gap, the fraction of cells with a gap below
+        zero by more than 3 standard errors, and the mean latent displacement
+        ||mu* - mu|| / sigma*.
+    """
+    params = {k: v for k, v in locals().items() if k not in ("adata", "copy")}
+    module = get_model(adata, key, device=resolve_device(device))
+    adata = adata.copy() if copy else adata
+    rng = np.random.default_rng(random_state)
+    idx = _subset(adata, n_cells, rng)
+    start = logg.info(f"computing amortization gap of {key!r} on {len(idx)} cells")
+    gen = torch.Generator(device=next(module.parameters()).device).manual_seed(random_state)
+    opt = {"init": init, "max_steps": max_steps, "lr": lr, "n_samples_step": n_samples_step,
+           "window": window, "patience": patience, "tol": tol}
+    parts = []
+    loader = stored_loader(adata, key, idx, batch_size=batch_size, device=str(next(module.parameters()).device))
+    for mb in tqdm(loader, desc="amortization gap", unit="batch", disable=not progress, leave=False):
+        parts.append(decompose(module, mb.x, mb.batch, mb.log_library, n_samples=n_samples,
+                               n_samples_elbo=n_samples_elbo, generator=gen, **opt))
+    per_cell = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    written = _write_obs(adata, key, idx, {c: per_cell[c] for c in (*COLUMNS, "amortization_gap_se")})
+    masks = _split_masks(adata, key, idx)
+    adata.uns[key]["amortization_gap"] = {
+        "params": params,
+        **{s: summarize({k: v[m] for k, v in per_cell.items()}) for s, m in masks.items() if m.sum() > 0},
+    }
+    s = adata.uns[key]["amortization_gap"]["all"]
+    logg.info(
+        f"    amortization gap {s['amortization_gap_mean']:.2f} ± {s['amortization_gap_se']:.2f}, "
+        f"approximation gap {s['approximation_gap_mean']:.2f} ± {s['approximation_gap_se']:.2f} nats/cell"
+    )
+    logg.info("    finished", time=start,
+              deep="added\n    " + ", ".join(f"{c!r}" for c in written)
+              + " (adata.obs)\n    'amortization_gap' (adata.uns['" + key + "'])")
+    return adata if copy else None
+
+
+@doc_params(opt=_OPT_DOC)
+def refine(
+    adata: AnnData,
+    *,
+    key: str = "vae",
+    max_steps: int = 500,
+    lr: float = 0.02,
+    n_samples_step: int = 8,
+    window: int = 20,
+    patience: int = 3,
+    tol: float = 0.01,
+    n_samples_elbo: int = 64,
+    batch_size: int = 256,
+    random_state: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+    copy: bool = False,
+) -> AnnData | None:
+    """Semi-amortized inference: refine each cell's q from the encoder with the decoder frozen.
+
+    The encoder's q(z|x) is the starting point of a per-cell optimisation of the ELBO (the
+    same optimiser as L[q*] in :func:`amortization_gap`), which closes the amortization
+    gap. All cells, in minibatches.
+
+    Parameters
+    ----------
+    {adata}
+    {key}
+    {opt}
+    n_samples_elbo
+        Samples (common random numbers) to estimate the ELBO gained per cell.
+    {batch_size}
+    {random_state}
+    {device}
+    {progress}
+    {copy}
+
+    Returns
+    -------
+    None, or a copy with ``copy=True``; writes
+
+    ``adata.obsm["X_" + key + "_refined"]``
+        Refined latent means mu*, float32.
+    ``adata.obs[key + "_refine_gain"]``
+        ELBO gained per cell, L[q*] - L[q] in nats.
+    ``adata.uns[key]["refine"]``
+        ``params``, ``n_cells``, ``elbo_gain_mean``, ``elbo_gain_median``, ``steps_mean``, ``steps_max``.
+    """
+    params = {k: v for k, v in locals().items() if k not in ("adata", "copy")}
+    module = get_model(adata, key, device=resolve_device(device))
+    adata = adata.copy() if copy else adata
+    dev = str(next(module.parameters()).device)
+    start = logg.info(f"refining the latent space of {key!r} on {adata.n_obs} cells")
+    gen = torch.Generator(device=dev).manual_seed(random_state)
+    means, gains, steps = [], [], []
+    for mb in tqdm(stored_loader(adata, key, batch_size=batch_size, device=dev), desc="refine",
+                   unit="batch", disable=not progress, leave=False):
+        qs = optimize_q(module, mb.x, mb.batch, mb.log_library, n_samples_step=n_samples_step, lr=lr,
+                        max_steps=max_steps, window=window, patience=patience, tol=tol, generator=gen)
+        with torch.no_grad():
+            q = module.inference(mb.x, mb.batch)
+        (l_q, _), (l_opt, _) = elbo_paired(module, mb.x, mb.batch, mb.log_library, [q, (qs.mean, qs.log_var)],
+                                           n_samples=n_samples_elbo, generator=gen)
+        means.append(qs.mean.cpu().numpy())
+        gains.append((l_opt - l_q).cpu().numpy())
+        steps.append(qs.n_steps.cpu().numpy())
+    gain, steps = np.concatenate(gains), np.concatenate(steps)
+    adata.obsm[f"X_{key}_refined"] = np.concatenate(means).astype(np.float32)
+    adata.obs[f"{key}_refine_gain"] = gain
+    adata.uns[key]["refine"] = {
+        "params": params, "n_cells": adata.n_obs, "elbo_gain_mean": float(gain.mean()),
+        "elbo_gain_median": float(np.median(gain)), "steps_mean": float(steps.mean()), "steps_max": int(steps.max()),
+    }
+    logg.info(f"    ELBO gained {gain.mean():.2f} nats/cell on average, {steps.mean():.0f} steps per cell")
+    logg.info("    finished", time=start, deep=f"added\n    'X_{key}_refined' (adata.obsm)\n"
+              f"    '{key}_refine_gain' (adata.obs)\n    'refine' (adata.uns['{key}'])")
+    return adata if copy else None
+
+
+@doc_params()
+def log_likelihood(
+    adata: AnnData,
+    *,
+    key: str = "vae",
+    n_samples: int = 1000,
+    subset=None,
+    batch_size: int = 128,
+    random_state: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+    copy: bool = False,
+) -> AnnData | None:
+    """IWAE estimate of log p(x) per cell (Burda et al. 2016), the encoder as proposal.
+
+    Parameters
+    ----------
+    {adata}
+    {key}
+    n_samples
+        Importance samples K; the bound tightens as K grows.
+    subset
+        Cells to evaluate: a boolean mask, positions or obs names; all when None.
+    {batch_size}
+    {random_state}
+    {device}
+    {progress}
+    {copy}
+
+    Returns
+    -------
+    None, or a copy with ``copy=True``; writes (NaN for cells not evaluated)
+
+    ``adata.obs[key + "_log_px"]``
+        log p(x) estimate, nats.
+    ``adata.obs[key + "_log_px_ess"]``
+        Effective sample size of the importance weights (near K: q is close to the posterior).
+    """
+    module = get_model(adata, key, device=resolve_device(device))
+    adata = adata.copy() if copy else adata
+    dev = str(next(module.parameters()).device)
+    idx = _subset(adata, None, None, subset)
+    start = logg.info(f"computing log p(x) of {key!r} on {len(idx)} cells with {n_samples} importance samples")
+    gen = torch.Generator(device=dev).manual_seed(random_state)
+    lpx, ess = [], []
+    for mb in tqdm(stored_loader(adata, key, idx, batch_size=batch_size, device=dev), desc="log p(x)",
+                   unit="batch", disable=not progress, leave=False):
+        with torch.no_grad():
+            q = module.inference(mb.x, mb.batch)
+        lp, e, _ = iwae(module, mb.x, mb.batch, mb.log_library, *q, n_samples=n_samples, generator=gen)
+        lpx.append(lp.cpu().numpy())
+        ess.append(e.cpu().numpy())
+    written = _write_obs(adata, key, idx, {"log_px": np.concatenate(lpx), "log_px_ess": np.concatenate(ess)})
+    logg.info("    finished", time=start, deep="added\n    " + ", ".join(map(repr, written)) + " (adata.obs)")
+    return adata if copy else None

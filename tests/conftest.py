@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny simulated data and one small trained model for the whole session."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+import scanpy as sc  # noqa: E402
+
+import sc_vi_ext as sv  # noqa: E402
+
+sc.settings.verbosity = 0
+
+# small settings for every training in the suite: the properties tested do not need the defaults
+FAST = {"max_epochs": 20, "n_hidden": 32, "progress": False}
+
+
+@pytest.fixture(scope="session")
+def fast():
+    """Keyword arguments of ``sv.tl.vae`` for a quick training (copy before changing)."""
+    return dict(FAST)
+
+
+@pytest.fixture(scope="session")
+def sim_session():
+    """200 cells x 60 genes of simulated counts (2 batches, 5 types); never mutate it."""
+    return sv.datasets.simulate(200, 60, random_state=0)
+
+
+@pytest.fixture
+def sim(sim_session):
+    """A fresh copy of the simulated counts, free to modify."""
+    return sim_session.copy()
+
+
+@pytest.fixture(scope="session")
+def trained_session(sim_session):
+    """The simulated data after ``sv.tl.vae`` (20 epochs, 32 hidden units); never mutate it."""
+    return sv.tl.vae(sim_session, copy=True, **FAST)
+
+
+@pytest.fixture
+def trained(trained_session):
+    """A fresh copy of the trained AnnData, free to modify."""
+    return trained_session.copy()
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
