@@ -19,6 +19,7 @@ from anndata.abc import CSCDataset, CSRDataset
 from scanpy import logging as logg
 
 _CHECK_ROWS = 10_000  # rows read per chunk when checking a matrix
+BACKED_CHUNK_ROWS = 8192  # rows read from disk at once for a backed AnnData
 
 
 def get_counts(adata: AnnData, layer: str | None):
@@ -146,15 +147,41 @@ class Minibatches:
         n, b = len(self.indices), self.batch_size
         return max(1, n // b if n % b == 1 and n > 1 else -(-n // b))
 
-    def __iter__(self) -> Iterator[Minibatch]:
-        order = self.rng.permutation(self.indices) if self.shuffle else self.indices
-        n, b = len(order), self.batch_size
-        bounds = list(range(0, n, b)) + [n]
+    def _bounds(self, n: int) -> list[int]:
+        bounds = list(range(0, n, self.batch_size)) + [n]
         if len(bounds) > 2 and n - bounds[-2] == 1:
             del bounds[-2]
+        return bounds
+
+    def _emit(self, X, order: np.ndarray, rows: np.ndarray) -> Iterator[Minibatch]:
+        """Minibatches of AnnData positions ``order``, read from ``X`` at ``rows``."""
+        bounds = self._bounds(len(order))
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             idx = order[lo:hi]
-            x = torch.from_numpy(_rows_dense(self.X, idx)).to(self.device)
+            x = torch.from_numpy(_rows_dense(X, rows[lo:hi])).to(self.device)
             bt = None if self.batch is None else torch.from_numpy(self.batch[idx]).to(self.device)
             ll = torch.from_numpy(self.log_library[idx]).to(self.device)
             yield Minibatch(x, bt, ll, idx)
+
+    def __iter__(self) -> Iterator[Minibatch]:
+        if isinstance(self.X, CSRDataset):
+            yield from self._iter_backed()
+            return
+        order = self.rng.permutation(self.indices) if self.shuffle else self.indices
+        yield from self._emit(self.X, order, order)
+
+    def _iter_backed(self) -> Iterator[Minibatch]:
+        """Read sorted chunks of rows from disk; shuffle the chunks, then within each chunk.
+
+        Memory holds one chunk of ``BACKED_CHUNK_ROWS`` rows at a time, whatever n_obs is.
+        """
+        idx = np.sort(self.indices)
+        chunks = [idx[i:i + BACKED_CHUNK_ROWS] for i in range(0, len(idx), BACKED_CHUNK_ROWS)]
+        if self.shuffle:
+            chunks = [chunks[i] for i in self.rng.permutation(len(chunks))]
+        for chunk in chunks:
+            contiguous = chunk[-1] - chunk[0] + 1 == len(chunk)
+            block = self.X[chunk[0]:chunk[-1] + 1] if contiguous else self.X[chunk]
+            block = sp.csr_matrix(block)
+            local = self.rng.permutation(len(chunk)) if self.shuffle else np.arange(len(chunk))
+            yield from self._emit(block, chunk[local], local)
