@@ -68,17 +68,26 @@ def _train(args) -> int:
 
     import sc_vi_ext as sv
 
-    sc.settings.verbosity = 3
+    from .distributed import init_from_env, rank_and_world
+
+    init_from_env()  # under torchrun: join the process group (gloo on CPU, NCCL on GPUs)
+    rank, world = rank_and_world()
+    sc.settings.verbosity = 3 if rank == 0 else 0
     adata = ad.read_h5ad(args.input, backed="r" if args.backed else None)
     sv.tl.vae(
         adata, layer=args.layer, batch_key=args.batch_key, n_latent=args.n_latent,
         likelihood=args.likelihood, max_epochs=args.max_epochs, batch_size=args.batch_size,
         random_state=args.random_state, key_added=args.key_added, progress=not args.quiet,
     )
-    if args.backed:
-        adata = adata.to_memory()
-    adata.write_h5ad(args.output)
-    print(f"wrote {args.output}")
+    if rank == 0:  # every rank holds the same model; one writes
+        if args.backed:
+            adata = adata.to_memory()
+        adata.write_h5ad(args.output)
+        print(f"wrote {args.output}" + (f" (trained on {world} processes)" if world > 1 else ""))
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
 
 

@@ -138,27 +138,29 @@ class Minibatches:
     """
 
     def __init__(self, X, indices, *, log_library, batch=None, batch_size=128,
-                 shuffle=False, rng=None, device="cpu"):
+                 shuffle=False, rng=None, device="cpu", shard=(0, 1)):
         self.X, self.indices = X, np.asarray(indices)
+        self.shard = shard  # (rank, world): each global minibatch is split across ranks
         self.log_library, self.batch = log_library, batch
         self.batch_size, self.shuffle, self.rng, self.device = batch_size, shuffle, rng, device
 
     def __len__(self) -> int:
-        n, b = len(self.indices), self.batch_size
-        return max(1, n // b if n % b == 1 and n > 1 else -(-n // b))
+        return len(self._bounds(len(self.indices))) - 1
 
     def _bounds(self, n: int) -> list[int]:
+        # a trailing batch too small to give each rank two cells joins the one before
         bounds = list(range(0, n, self.batch_size)) + [n]
-        if len(bounds) > 2 and n - bounds[-2] == 1:
+        if len(bounds) > 2 and n - bounds[-2] < 2 * self.shard[1]:
             del bounds[-2]
         return bounds
 
     def _emit(self, X, order: np.ndarray, rows: np.ndarray) -> Iterator[Minibatch]:
         """Minibatches of AnnData positions ``order``, read from ``X`` at ``rows``."""
         bounds = self._bounds(len(order))
+        rank, world = self.shard
         for lo, hi in zip(bounds[:-1], bounds[1:]):
-            idx = order[lo:hi]
-            x = torch.from_numpy(_rows_dense(X, rows[lo:hi])).to(self.device)
+            idx, r = order[lo:hi][rank::world], rows[lo:hi][rank::world]
+            x = torch.from_numpy(_rows_dense(X, r)).to(self.device)
             bt = None if self.batch is None else torch.from_numpy(self.batch[idx]).to(self.device)
             ll = torch.from_numpy(self.log_library[idx]).to(self.device)
             yield Minibatch(x, bt, ll, idx)

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .dataloader import Minibatches
+from .distributed import all_reduce_sum, rank_and_world, wrap
 from .module import VAE
 
 HISTORY_KEYS = (
@@ -86,28 +87,30 @@ def train(
     may return extra metrics for the history (a dict of floats).
     """
     opt = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay, eps=0.01)
+    model = wrap(module)  # DistributedDataParallel under torchrun, else the module itself
+    rank, _ = rank_and_world()
     res = TrainResult()
     h = res.history
     warmup_steps = n_epochs_kl_warmup * len(train_loader)
     best, best_state, bad_epochs, step = -math.inf, None, 0, 0
-    bar = tqdm(range(max_epochs), desc="training VAE", unit="epoch", disable=not progress, leave=False)
+    bar = tqdm(range(max_epochs), desc="training VAE", unit="epoch", disable=not progress or rank > 0, leave=False)
     try:
         for epoch in bar:
             module.train()
-            rec_sum = torch.zeros((), device=train_loader.device)
-            kl_sum = torch.zeros((), device=train_loader.device)
-            n = 0
+            # metrics accumulate on the device: no host sync per step
+            sums = torch.zeros(3, dtype=torch.float64, device=train_loader.device)  # rec, kl, cells
             for mb in train_loader:
                 w = kl_weight(step, warmup_steps)
-                out = module.loss(mb.x, mb.batch, mb.log_library)
+                out = model(mb.x, mb.batch, mb.log_library)
                 opt.zero_grad(set_to_none=True)
                 out.loss(w).backward()
                 opt.step()
                 step += 1
-                rec_sum += out.reconstruction.detach().sum()
-                kl_sum += out.kl.detach().sum()
-                n += len(mb.idx)
-            tr = {"reconstruction": rec_sum.item() / n, "kl": kl_sum.item() / n}
+                sums[0] += out.reconstruction.detach().sum()
+                sums[1] += out.kl.detach().sum()
+                sums[2] += len(mb.idx)
+            rec, kl, n = all_reduce_sum(sums).tolist()
+            tr = {"reconstruction": rec / n, "kl": kl / n}
             tr["elbo"] = tr["reconstruction"] - tr["kl"]
             va = evaluate(module, val_loader, seed=seed) if val_loader is not None else None
             row = {"epoch": epoch + 1, "kl_weight": kl_weight(step, warmup_steps)}

@@ -106,6 +106,10 @@ class VAE(nn.Module):
         """log p(x | z) summed over genes, (..., cells)."""
         return log_likelihood(x, self.likelihood, params["mu"], params["theta"], params["zi_logits"])
 
+    def forward(self, x, batch, log_library, generator: torch.Generator | None = None) -> LossOutput:
+        """The per-cell loss terms (``forward`` so that DistributedDataParallel can wrap it)."""
+        return self.loss(x, batch, log_library, generator=generator)
+
     def loss(self, x, batch, log_library, *, generator: torch.Generator | None = None) -> LossOutput:
         """One-sample reparameterised ELBO terms for a minibatch."""
         mean, log_var = self.inference(x, batch)

@@ -11,6 +11,7 @@ from scanpy import logging as logg
 
 from .._docs import doc_params
 from ..dataloader import Minibatches, batch_codes, check_counts, get_counts
+from ..distributed import device_for_rank, rank_and_world
 from ..model_store import state_to_numpy
 from ..module import DISPERSIONS, LIKELIHOODS, VAE
 from ..train import default_max_epochs, train
@@ -155,11 +156,13 @@ def vae(
     adata = adata.copy() if copy else adata
 
     start = logg.info(f"training VAE on {adata.n_obs} cells x {adata.n_vars} genes")
-    dev = resolve_device(device)
+    dev = device_for_rank(resolve_device(device))
+    _, world = rank_and_world()
     n_obs = adata.n_obs
     max_epochs = default_max_epochs(n_obs) if max_epochs is None else int(max_epochs)
     warmup = max(1, max_epochs // 4) if n_epochs_kl_warmup is None else int(n_epochs_kl_warmup)
-    params.update(n_genes=adata.n_vars, max_epochs=max_epochs, n_epochs_kl_warmup=warmup, device=dev)
+    params.update(n_genes=adata.n_vars, max_epochs=max_epochs, n_epochs_kl_warmup=warmup, device=dev,
+                  world_size=world)
 
     rng = np.random.default_rng(random_state)
     train_idx, val_idx = split_indices(n_obs, train_size, rng)
@@ -173,7 +176,8 @@ def vae(
             n_layers=n_layers, dropout=dropout, likelihood=likelihood, dispersion=dispersion,
             encode_covariates=encode_covariates,
         ).to(dev)
-        train_loader = Minibatches(X, train_idx, batch_size=batch_size, shuffle=True, rng=rng, **common)
+        train_loader = Minibatches(X, train_idx, batch_size=batch_size, shuffle=True, rng=rng,
+                                   shard=rank_and_world(), **common)
         val_loader = Minibatches(X, val_idx, batch_size=1024, **common) if len(val_idx) else None
         callback = None
         if gap_every:
