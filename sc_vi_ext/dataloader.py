@@ -109,6 +109,18 @@ def check_counts(X, what: str) -> np.ndarray:
     return totals
 
 
+def log_library(adata: AnnData, totals: np.ndarray, size_factor_key: str | None) -> np.ndarray:
+    """Log library size per cell: log total counts, or log ``obs[size_factor_key]`` when given."""
+    if size_factor_key is None:
+        return np.log(totals).astype(np.float32)
+    if size_factor_key not in adata.obs:
+        raise KeyError(f"size_factor_key {size_factor_key!r} is not a column of adata.obs.")
+    sf = adata.obs[size_factor_key].to_numpy(dtype=np.float64)
+    if not np.all(np.isfinite(sf)) or (sf <= 0).any():
+        raise ValueError(f"adata.obs[{size_factor_key!r}] must be positive and finite for every cell.")
+    return np.log(sf).astype(np.float32)
+
+
 def batch_codes(adata: AnnData, batch_key: str | None) -> tuple[np.ndarray | None, list[str]]:
     """Integer batch codes and the category names (None and [] without a batch key)."""
     if batch_key is None:

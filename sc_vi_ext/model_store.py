@@ -9,12 +9,14 @@ import numpy as np
 import torch
 from anndata import AnnData
 
-from .dataloader import Minibatches, batch_codes, get_counts, row_totals
+from .dataloader import Minibatches, batch_codes, get_counts, log_library, row_totals
 from .module import VAE
 
 ARCH_PARAMS = (
     "n_latent", "n_hidden", "n_layers", "dropout", "likelihood", "dispersion", "encode_covariates",
+    "library", "latent_distribution",
 )
+_ARCH_DEFAULTS = {"library": "observed", "latent_distribution": "normal"}
 
 
 def state_to_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -46,7 +48,7 @@ def get_model(adata: AnnData, key: str = "vae", *, device: str = "cpu") -> VAE:
     uns = _stored(adata, key)
     p = uns["params"]
     module = VAE(int(p["n_genes"]), n_batch=len(uns["batch_categories"]),
-                 **{k: p[k] for k in ARCH_PARAMS})
+                 **{k: p.get(k, _ARCH_DEFAULTS.get(k)) for k in ARCH_PARAMS})
     state = {k: torch.as_tensor(np.asarray(v)) for k, v in uns["model"].items()}
     module.load_state_dict(state)
     return module.to(device).eval()
@@ -66,7 +68,7 @@ def stored_loader(adata: AnnData, key: str, indices=None, *, batch_size: int = 2
         if unknown:
             raise ValueError(f"Batches {unknown} were not seen in training under {key!r}.")
         codes = np.array([lookup[c] for c in cats], dtype=np.int64)[codes]
-    lib = row_totals(X)
+    log_lib = log_library(adata, row_totals(X), p.get("size_factor_key"))
     indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
-    return Minibatches(X, indices, log_library=np.log(lib).astype(np.float32), batch=codes,
+    return Minibatches(X, indices, log_library=log_lib, batch=codes,
                        batch_size=batch_size, device=device)

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ..module import VAE, kl_normal_std, log_normal, log_normal_std
+from ..module import VAE, log_normal
 
 _ELEMENT_BUDGET = 1 << 24  # samples x cells x genes per chunk (~64 MB per float32 tensor)
 
@@ -25,7 +25,7 @@ def sample_chunk(n_samples: int, n_cells: int, n_genes: int) -> int:
 
 
 def log_px_given(module: VAE, x, batch, log_library, mean, log_var, eps) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(x | z) and z for z = mean + sigma * eps; ``eps`` is (K, cells, n_latent). Returns (K, cells)."""
+    """log p(x | z) and z for z = mean + sigma * eps; ``eps`` is (K, cells, latent_dim). Returns (K, cells)."""
     z = mean + torch.exp(0.5 * log_var) * eps
     return module.log_px_z(x, module.generative(z, batch, log_library)), z
 
@@ -49,7 +49,7 @@ def elbo_paired(module: VAE, x, batch, log_library, qs, *, n_samples: int, gener
     out = []
     for (mean, log_var), r in zip(qs, recs):
         r = torch.cat(r)
-        out.append((r.mean(0) - kl_normal_std(mean, log_var).double(), r))
+        out.append((r.mean(0) - module.kl(mean, log_var, batch).double(), r))
     return out
 
 
@@ -68,7 +68,7 @@ def iwae(module: VAE, x, batch, log_library, mean, log_var, *, n_samples: int, g
         k = min(chunk, n_samples - lo)
         eps = torch.randn((k, n_cells, d), generator=generator, device=x.device)
         rec, z = log_px_given(module, x, batch, log_library, mean, log_var, eps)
-        log_w = (rec + log_normal_std(z) - log_normal(z, mean, log_var)).double()
+        log_w = (rec + module.log_prior(z, batch) - log_normal(z, mean, log_var)).double()
         lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
         lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * log_w, 0))
     ess = torch.exp(2 * lse - lse2)

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..module import VAE, kl_normal_std
+from ..module import VAE
 from .bounds import log_px_given
 
 
 @dataclass
 class QStar:
-    mean: torch.Tensor  # (cells, n_latent)
+    mean: torch.Tensor  # (cells, latent_dim)
     log_var: torch.Tensor
     n_steps: torch.Tensor  # optimiser steps each cell took
 
@@ -52,8 +52,7 @@ def optimize_q(
             if init == "encoder":
                 mean, log_var = module.inference(x, batch)
             elif init == "prior":
-                mean = torch.zeros(x.shape[0], module.n_latent, device=x.device)
-                log_var = torch.zeros_like(mean)
+                mean, log_var = module.prior(batch, x.shape[0])
             else:
                 raise ValueError(f"init must be 'encoder' or 'prior', not {init!r}")
         params = torch.cat([mean, log_var], 1)  # (cells, 2d)
@@ -73,7 +72,7 @@ def optimize_q(
             eps = torch.randn((n_samples_step, len(active), d), generator=generator, device=x.device)
             bt = None if batch is None else batch[active]
             rec, _ = log_px_given(module, x[active], bt, log_library[active], mu, lv, eps)
-            elbo = rec.mean(0) - kl_normal_std(mu, lv)
+            elbo = rec.mean(0) - module.kl(mu, lv, bt)
             (grad,) = torch.autograd.grad(-elbo.sum(), p)
             with torch.no_grad():
                 t = (steps[active] + 1).to(params.dtype)[:, None]

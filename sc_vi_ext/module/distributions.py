@@ -85,8 +85,8 @@ def log_zinb(
         dense = nb_zero.sum(-1)  # the x > 0 entries share the theta * log(...) term
     else:
         log_1m_pi = -F.softplus(zi_logits)  # log(1 - pi)
-        # x = 0: log(pi + (1 - pi) NB(0)) = softplus(logit + log NB(0)) + log(1 - pi)
-        zero_case = F.softplus(zi_logits + nb_zero) + log_1m_pi
+        # x = 0: log(pi + (1 - pi) NB(0)) = logaddexp(logit, log NB(0)) + log(1 - pi)
+        zero_case = torch.logaddexp(zi_logits, nb_zero) + log_1m_pi
         dense = zero_case.sum(-1)
         # x > 0: log(1 - pi) + log NB(x); swap out the zero case counted densely above
         nz = nz + _gather(log_1m_pi + nb_zero - zero_case, idx, x.shape)
@@ -112,7 +112,7 @@ def log_likelihood(
 
 def log_normal_std(z: torch.Tensor) -> torch.Tensor:
     """log N(z; 0, I) summed over the last axis."""
-    return -0.5 * (z.pow(2) + torch.log(torch.tensor(2 * torch.pi, dtype=z.dtype))).sum(-1)
+    return log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
 
 
 def log_normal(z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
@@ -121,6 +121,13 @@ def log_normal(z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> to
     return -0.5 * ((z - mean).pow(2) * torch.exp(-log_var) + log_var + two_pi).sum(-1)
 
 
+def kl_normal(mean, log_var, p_mean, p_log_var) -> torch.Tensor:
+    """KL(N(mean, exp(log_var)) || N(p_mean, exp(p_log_var))) in closed form, summed over the last axis."""
+    return 0.5 * (
+        (torch.exp(log_var) + (mean - p_mean).pow(2)) * torch.exp(-p_log_var) - 1.0 + p_log_var - log_var
+    ).sum(-1)
+
+
 def kl_normal_std(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean, exp(log_var)) || N(0, I)) in closed form, summed over the last axis."""
-    return 0.5 * (mean.pow(2) + torch.exp(log_var) - 1.0 - log_var).sum(-1)
+    """KL(N(mean, exp(log_var)) || N(0, I)), summed over the last axis."""
+    return kl_normal(mean, log_var, torch.zeros_like(mean), torch.zeros_like(log_var))

@@ -58,16 +58,19 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """p(x | z): z (+ covariates) -> gene proportions (softmax) and zero-inflation logits."""
+    """p(x | z): z (+ covariates) -> gene proportions (softmax), zero-inflation logits, dispersion."""
 
-    def __init__(self, n_latent, n_genes, *, n_cat, n_hidden, n_layers, zero_inflated):
+    def __init__(self, n_latent, n_genes, *, n_cat, n_hidden, n_layers, zero_inflated, cell_dispersion=False):
         super().__init__()
         self.net = FCLayers(n_latent, n_hidden, n_cat=n_cat, n_layers=n_layers, dropout=0.0)
         self.scale = nn.Linear(n_hidden, n_genes)
         self.zi_logits = nn.Linear(n_hidden, n_genes) if zero_inflated else None
+        self.log_theta = nn.Linear(n_hidden, n_genes) if cell_dispersion else None  # "gene-cell"
 
     def forward(self, z: torch.Tensor, cat: torch.Tensor | None):
+        """Log gene proportions, zero-inflation logits (or None), per-cell log dispersion (or None)."""
         h = self.net(z, cat)
         log_scale = F.log_softmax(self.scale(h), dim=-1)
         zi = self.zi_logits(h) if self.zi_logits is not None else None
-        return log_scale, zi
+        log_theta = self.log_theta(h) if self.log_theta is not None else None
+        return log_scale, zi, log_theta

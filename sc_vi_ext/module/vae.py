@@ -3,7 +3,8 @@
 Contract: ``inference(x, batch) -> (mean, log_var)`` gives q(z | x);
 ``generative(z, batch, log_library) -> dict`` gives the likelihood's parameters;
 ``log_px_z`` scores counts under them; ``loss`` returns a :class:`LossOutput` with the
-per-cell ELBO = E_q[log p(x | z)] - KL(q || p) (Kingma & Welling 2014), p(z) = N(0, I).
+per-cell ELBO = E_q[log p(x | z)] - KL(q || p) (Kingma & Welling 2014), p(z) = N(0, I);
+``prior``, ``kl`` and ``log_prior`` give the prior of the whole latent variable.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributions import kl_normal_std, log_likelihood
+from .distributions import kl_normal, log_likelihood, log_normal
 from .nn import Decoder, Encoder
 
 LIKELIHOODS = ("zinb", "nb", "poisson")
-DISPERSIONS = ("gene", "gene-batch")
+DISPERSIONS = ("gene", "gene-batch", "gene-cell")
+LIBRARIES = ("observed", "latent")
+LATENT_DISTRIBUTIONS = ("normal", "ln")
 
 
 @dataclass
@@ -42,6 +45,12 @@ class VAE(nn.Module):
 
     Parameters mirror :func:`sc_vi_ext.tl.vae`; ``n_batch`` is the number of batch
     categories (0 or 1 means no batch covariate).
+
+    The latent variable has ``latent_dim`` dimensions: the ``n_latent`` of z, plus one for
+    the log library size when ``library="latent"`` (its prior is a per-batch normal whose
+    mean and variance are set from the data in the buffers ``library_prior_*``). The
+    prior of z is N(0, I); with ``latent_distribution="ln"`` the decoder sees softmax(z)
+    (a logistic-normal latent). Every diagnostic treats the whole latent variable alike.
     """
 
     def __init__(
@@ -56,26 +65,34 @@ class VAE(nn.Module):
         likelihood: str = "zinb",
         dispersion: str = "gene",
         encode_covariates: bool = False,
+        library: str = "observed",
+        latent_distribution: str = "normal",
     ):
         super().__init__()
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, not {likelihood!r}")
-        if dispersion not in DISPERSIONS:
-            raise ValueError(f"dispersion must be one of {DISPERSIONS}, not {dispersion!r}")
+        for name, value, allowed in (("likelihood", likelihood, LIKELIHOODS), ("dispersion", dispersion, DISPERSIONS),
+                                     ("library", library, LIBRARIES), ("latent_distribution", latent_distribution,
+                                                                       LATENT_DISTRIBUTIONS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, not {value!r}")
         self.n_genes, self.n_latent, self.likelihood, self.dispersion = n_genes, n_latent, likelihood, dispersion
+        self.library, self.latent_distribution = library, latent_distribution
         self.n_batch = n_batch if n_batch > 1 else 0
         self.encode_covariates = encode_covariates
-        self.encoder = Encoder(
-            n_genes, n_latent, n_cat=self.n_batch if encode_covariates else 0,
-            n_hidden=n_hidden, n_layers=n_layers, dropout=dropout,
-        )
+        self.latent_dim = n_latent + (library == "latent")
+        enc = {"n_cat": self.n_batch if encode_covariates else 0, "n_hidden": n_hidden, "dropout": dropout}
+        self.encoder = Encoder(n_genes, n_latent, n_layers=n_layers, **enc)
+        # scvi-tools' library encoder: one hidden layer of its own
+        self.library_encoder = Encoder(n_genes, 1, n_layers=1, **enc) if library == "latent" else None
         self.decoder = Decoder(
             n_latent, n_genes, n_cat=self.n_batch, n_hidden=n_hidden, n_layers=n_layers,
-            zero_inflated=likelihood == "zinb",
+            zero_inflated=likelihood == "zinb", cell_dispersion=dispersion == "gene-cell" and likelihood != "poisson",
         )
-        if likelihood != "poisson":
+        if likelihood != "poisson" and dispersion != "gene-cell":
             n_disp = max(self.n_batch, 1) if dispersion == "gene-batch" else 1
             self.log_theta = nn.Parameter(torch.randn(n_disp, n_genes))
+        n_lib = max(self.n_batch, 1)
+        self.register_buffer("library_prior_mean", torch.zeros(n_lib))
+        self.register_buffer("library_prior_log_var", torch.zeros(n_lib))
 
     def _one_hot(self, batch: torch.Tensor | None) -> torch.Tensor | None:
         if not self.n_batch or batch is None:
@@ -83,19 +100,52 @@ class VAE(nn.Module):
         return F.one_hot(batch.long(), self.n_batch).to(torch.get_default_dtype())
 
     def inference(self, x: torch.Tensor, batch: torch.Tensor | None = None):
-        """Mean and log-variance of q(z | x), each (cells, n_latent)."""
+        """Mean and log-variance of q(latent | x), each (cells, latent_dim)."""
         cat = self._one_hot(batch) if self.encode_covariates else None
-        return self.encoder(x, cat)
+        mean, log_var = self.encoder(x, cat)
+        if self.library_encoder is not None:
+            l_mean, l_log_var = self.library_encoder(x, cat)
+            mean, log_var = torch.cat([mean, l_mean], -1), torch.cat([log_var, l_log_var], -1)
+        return mean, log_var
+
+    def prior(self, batch: torch.Tensor | None, n_cells: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of the Gaussian prior of the latent variable, (cells, latent_dim)."""
+        dev = self.library_prior_mean.device
+        mean = torch.zeros(n_cells, self.latent_dim, device=dev)
+        log_var = torch.zeros_like(mean)
+        if self.library == "latent":
+            b = torch.zeros(n_cells, dtype=torch.long, device=dev) if batch is None or not self.n_batch else batch.long()
+            mean[:, -1] = self.library_prior_mean[b]
+            log_var[:, -1] = self.library_prior_log_var[b]
+        return mean, log_var
+
+    def kl(self, mean, log_var, batch) -> torch.Tensor:
+        """KL(q || p) in closed form, (cells,)."""
+        return kl_normal(mean, log_var, *self.prior(batch, mean.shape[0]))
+
+    def log_prior(self, z, batch) -> torch.Tensor:
+        """log p(latent) for samples ``z`` of shape (..., cells, latent_dim)."""
+        return log_normal(z, *self.prior(batch, z.shape[-2]))
+
+    def representation(self, mean: torch.Tensor) -> torch.Tensor:
+        """The latent coordinates written to ``obsm``: the mean of z (softmax-ed for "ln")."""
+        z = mean[..., : self.n_latent]
+        return torch.softmax(z, -1) if self.latent_distribution == "ln" else z
 
     def generative(self, z: torch.Tensor, batch: torch.Tensor | None, log_library: torch.Tensor) -> dict:
-        """Likelihood parameters for latent ``z`` of shape (..., cells, n_latent).
+        """Likelihood parameters for latent samples ``z`` of shape (..., cells, latent_dim).
 
-        ``log_library`` is (cells,) log total counts; returns ``mu`` (..., cells, genes),
-        ``theta`` (genes,) or (cells, genes), and ``zi_logits`` or None.
+        ``log_library`` is (cells,) log observed library size (ignored with a latent
+        library); returns ``mu`` (..., cells, genes), ``theta`` (genes,), (cells, genes) or
+        (..., cells, genes), and ``zi_logits`` or None.
         """
-        log_scale, zi = self.decoder(z, self._one_hot(batch))
-        out = {"mu": torch.exp(log_scale + log_library[:, None]), "zi_logits": zi, "theta": None}
-        if self.likelihood != "poisson":
+        if self.library == "latent":
+            log_library = z[..., -1]
+        log_scale, zi, cell_log_theta = self.decoder(self.representation(z), self._one_hot(batch))
+        out = {"mu": torch.exp(log_scale + log_library[..., None]), "zi_logits": zi, "theta": None}
+        if cell_log_theta is not None:
+            out["theta"] = torch.exp(cell_log_theta)
+        elif self.likelihood != "poisson":
             if self.log_theta.shape[0] == 1:
                 out["theta"] = torch.exp(self.log_theta[0])
             else:
@@ -116,4 +166,4 @@ class VAE(nn.Module):
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = mean + torch.exp(0.5 * log_var) * eps
         rec = self.log_px_z(x, self.generative(z, batch, log_library))
-        return LossOutput(reconstruction=rec, kl=kl_normal_std(mean, log_var))
+        return LossOutput(reconstruction=rec, kl=self.kl(mean, log_var, batch))

@@ -214,7 +214,7 @@ def refine(
             q = module.inference(mb.x, mb.batch)
         (l_q, _), (l_opt, _) = elbo_paired(module, mb.x, mb.batch, mb.log_library, [q, (qs.mean, qs.log_var)],
                                            n_samples=n_samples_elbo, generator=gen)
-        means.append(qs.mean.cpu().numpy())
+        means.append(module.representation(qs.mean).cpu().numpy())
         gains.append((l_opt - l_q).cpu().numpy())
         steps.append(qs.n_steps.cpu().numpy())
     gain, steps = np.concatenate(gains), np.concatenate(steps)

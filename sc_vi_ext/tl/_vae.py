@@ -10,10 +10,10 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from .._docs import doc_params
-from ..dataloader import Minibatches, batch_codes, check_counts, get_counts
+from ..dataloader import Minibatches, batch_codes, check_counts, get_counts, log_library
 from ..distributed import device_for_rank, rank_and_world
 from ..model_store import state_to_numpy
-from ..module import DISPERSIONS, LIKELIHOODS, VAE
+from ..module import DISPERSIONS, LATENT_DISTRIBUTIONS, LIBRARIES, LIKELIHOODS, VAE
 from ..train import default_max_epochs, train
 
 
@@ -47,6 +47,9 @@ def vae(
     likelihood: str = "zinb",
     dispersion: str = "gene",
     encode_covariates: bool = False,
+    library: str = "observed",
+    latent_distribution: str = "normal",
+    size_factor_key: str | None = None,
     max_epochs: int | None = None,
     batch_size: int = 128,
     lr: float = 1e-3,
@@ -89,9 +92,21 @@ def vae(
     likelihood
         ``"zinb"``, ``"nb"`` or ``"poisson"``.
     dispersion
-        ``"gene"`` (one inverse dispersion per gene) or ``"gene-batch"`` (per gene and batch).
+        ``"gene"`` (one inverse dispersion per gene), ``"gene-batch"`` (per gene and batch)
+        or ``"gene-cell"`` (per gene and cell, from the decoder).
     encode_covariates
         Also give the batch one-hot to the encoder.
+    library
+        ``"observed"``: the library size is each cell's total count (or size factor);
+        ``"latent"``: a latent log library size with a per-batch normal prior whose mean
+        and variance are those of the log total counts of the batch's training cells; it
+        enters the ELBO and every log p(x) estimate.
+    latent_distribution
+        ``"normal"``, or ``"ln"`` (logistic normal: the decoder sees softmax(z), and
+        ``obsm`` holds the softmax of the latent mean).
+    size_factor_key
+        Column of ``adata.obs`` with a size factor to use as the observed library size
+        instead of the total counts.
     max_epochs
         Epoch budget. None: ``min(400, max(20, round(2e6 / n_obs)))``, about two million
         cell passes (400 epochs for 5,000 cells or fewer, 100 for 20,000, 20 from 100,000).
@@ -142,17 +157,19 @@ def vae(
         Training bookkeeping.
     """
     params = {k: v for k, v in locals().items() if k not in ("adata", "copy")}
-    if likelihood not in LIKELIHOODS:
-        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, not {likelihood!r}.")
-    if dispersion not in DISPERSIONS:
-        raise ValueError(f"dispersion must be one of {DISPERSIONS}, not {dispersion!r}.")
     if batch_size < 2:
         raise ValueError("batch_size must be at least 2 (BatchNorm needs two cells).")
     # every check runs before anything is written, so bad input leaves adata untouched
+    for name, value, allowed in (("likelihood", likelihood, LIKELIHOODS), ("dispersion", dispersion, DISPERSIONS),
+                                 ("library", library, LIBRARIES),
+                                 ("latent_distribution", latent_distribution, LATENT_DISTRIBUTIONS)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, not {value!r}.")
     X = get_counts(adata, layer)
     what = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
     codes, categories = batch_codes(adata, batch_key)
     totals = check_counts(X, what)
+    log_lib = log_library(adata, totals, size_factor_key)
     adata = adata.copy() if copy else adata
 
     start = logg.info(f"training VAE on {adata.n_obs} cells x {adata.n_vars} genes")
@@ -166,7 +183,6 @@ def vae(
 
     rng = np.random.default_rng(random_state)
     train_idx, val_idx = split_indices(n_obs, train_size, rng)
-    log_lib = np.log(totals).astype(np.float32)
     common = {"log_library": log_lib, "batch": codes, "device": dev}
 
     with torch.random.fork_rng(devices=[]):
@@ -174,8 +190,10 @@ def vae(
         module = VAE(
             adata.n_vars, n_batch=len(categories), n_latent=n_latent, n_hidden=n_hidden,
             n_layers=n_layers, dropout=dropout, likelihood=likelihood, dispersion=dispersion,
-            encode_covariates=encode_covariates,
-        ).to(dev)
+            encode_covariates=encode_covariates, library=library, latent_distribution=latent_distribution,
+        )
+        _set_library_prior(module, np.log(totals[train_idx]), None if codes is None else codes[train_idx])
+        module = module.to(dev)
         train_loader = Minibatches(X, train_idx, batch_size=batch_size, shuffle=True, rng=rng,
                                    shard=rank_and_world(), **common)
         val_loader = Minibatches(X, val_idx, batch_size=1024, **common) if len(val_idx) else None
@@ -219,12 +237,24 @@ def vae(
 
 
 @torch.no_grad()
+def _set_library_prior(module: VAE, log_totals: np.ndarray, codes: np.ndarray | None) -> None:
+    """Per-batch mean and variance of log total counts: the prior of a latent library."""
+    n = module.library_prior_mean.shape[0]
+    codes = np.zeros(len(log_totals), dtype=int) if codes is None or n == 1 else codes
+    for b in range(n):
+        v = log_totals[codes == b]
+        if len(v):
+            module.library_prior_mean[b] = float(v.mean())
+            module.library_prior_log_var[b] = float(np.log(max(v.var(), 1e-4)))
+
+
+@torch.no_grad()
 def _latent_means(module: VAE, loader: Minibatches) -> np.ndarray:
     module.eval()
     out = np.empty((len(loader.indices), module.n_latent), dtype=np.float32)
     pos = 0
     for mb in loader:
         mean, _ = module.inference(mb.x, mb.batch)
-        out[pos:pos + len(mb.idx)] = mean.cpu().numpy()
+        out[pos:pos + len(mb.idx)] = module.representation(mean).cpu().numpy()
         pos += len(mb.idx)
     return out
