@@ -134,12 +134,43 @@ def batch_codes(adata: AnnData, batch_key: str | None) -> tuple[np.ndarray | Non
     return cat.codes.astype(np.int64), [str(c) for c in cat.categories]
 
 
+def covariate_design(adata: AnnData, categorical_keys, continuous_keys, categories: dict | None = None):
+    """Dense float32 design of extra covariates: one-hot per categorical key, then continuous keys.
+
+    ``categories`` (from training) fixes the one-hot columns; new categories are an error.
+    Returns (design or None, categories used).
+    """
+    categorical_keys, continuous_keys = list(categorical_keys or []), list(continuous_keys or [])
+    for k in categorical_keys + continuous_keys:
+        if k not in adata.obs:
+            raise KeyError(f"Covariate {k!r} is not a column of adata.obs (columns: {list(adata.obs.columns)}).")
+    cols, used = [], {}
+    for k in categorical_keys:
+        values = adata.obs[k].astype(str).to_numpy()
+        cats = list(categories[k]) if categories else sorted(set(values))
+        unknown = sorted(set(values) - set(cats))
+        if unknown:
+            raise ValueError(f"adata.obs[{k!r}] has categories {unknown} not seen in training.")
+        lookup = {c: i for i, c in enumerate(cats)}
+        onehot = np.zeros((adata.n_obs, len(cats)), dtype=np.float32)
+        onehot[np.arange(adata.n_obs), [lookup[v] for v in values]] = 1
+        cols.append(onehot)
+        used[k] = cats
+    for k in continuous_keys:
+        v = adata.obs[k].to_numpy(dtype=np.float32)
+        if not np.all(np.isfinite(v)):
+            raise ValueError(f"adata.obs[{k!r}] has NaN or infinite values.")
+        cols.append(v[:, None])
+    return (np.concatenate(cols, 1) if cols else None), used
+
+
 @dataclass
 class Minibatch:
     x: torch.Tensor  # (cells, genes) float32 counts
     batch: torch.Tensor | None  # (cells,) int64 batch codes
     log_library: torch.Tensor  # (cells,) log total counts
     idx: np.ndarray  # positions in the AnnData
+    cov: torch.Tensor | None = None  # (cells, n_cov) extra covariate design
 
 
 class Minibatches:
@@ -149,8 +180,9 @@ class Minibatches:
     single cell is merged into the previous one (BatchNorm cannot train on one cell).
     """
 
-    def __init__(self, X, indices, *, log_library, batch=None, batch_size=128,
+    def __init__(self, X, indices, *, log_library, batch=None, cov=None, batch_size=128,
                  shuffle=False, rng=None, device="cpu", shard=(0, 1)):
+        self.cov = cov
         self.X, self.indices = X, np.asarray(indices)
         self.shard = shard  # (rank, world): each global minibatch is split across ranks
         self.log_library, self.batch = log_library, batch
@@ -175,7 +207,8 @@ class Minibatches:
             x = torch.from_numpy(_rows_dense(X, r)).to(self.device)
             bt = None if self.batch is None else torch.from_numpy(self.batch[idx]).to(self.device)
             ll = torch.from_numpy(self.log_library[idx]).to(self.device)
-            yield Minibatch(x, bt, ll, idx)
+            cv = None if self.cov is None else torch.from_numpy(self.cov[idx]).to(self.device)
+            yield Minibatch(x, bt, ll, idx, cv)
 
     def __iter__(self) -> Iterator[Minibatch]:
         if isinstance(self.X, CSRDataset):

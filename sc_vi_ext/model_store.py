@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from anndata import AnnData
 
-from .dataloader import Minibatches, batch_codes, get_counts, log_library, row_totals
+from .dataloader import Minibatches, batch_codes, covariate_design, get_counts, log_library, row_totals
 from .module import VAE
 
 ARCH_PARAMS = (
@@ -47,7 +47,7 @@ def get_model(adata: AnnData, key: str = "vae", *, device: str = "cpu") -> VAE:
     """
     uns = _stored(adata, key)
     p = uns["params"]
-    module = VAE(int(p["n_genes"]), n_batch=len(uns["batch_categories"]),
+    module = VAE(int(p["n_genes"]), n_batch=len(uns["batch_categories"]), n_cov=int(p.get("n_cov", 0)),
                  **{k: p.get(k, _ARCH_DEFAULTS.get(k)) for k in ARCH_PARAMS})
     state = {k: torch.as_tensor(np.asarray(v)) for k, v in uns["model"].items()}
     module.load_state_dict(state)
@@ -69,6 +69,8 @@ def stored_loader(adata: AnnData, key: str, indices=None, *, batch_size: int = 2
             raise ValueError(f"Batches {unknown} were not seen in training under {key!r}.")
         codes = np.array([lookup[c] for c in cats], dtype=np.int64)[codes]
     log_lib = log_library(adata, row_totals(X), p.get("size_factor_key"))
+    cov, _ = covariate_design(adata, p.get("categorical_covariate_keys"), p.get("continuous_covariate_keys"),
+                              adata.uns[key].get("covariate_categories") or None)
     indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
-    return Minibatches(X, indices, log_library=log_lib, batch=codes,
+    return Minibatches(X, indices, log_library=log_lib, batch=codes, cov=cov,
                        batch_size=batch_size, device=device)

@@ -24,14 +24,14 @@ def sample_chunk(n_samples: int, n_cells: int, n_genes: int) -> int:
     return int(max(1, min(n_samples, _ELEMENT_BUDGET // max(1, n_cells * n_genes))))
 
 
-def log_px_given(module: VAE, x, batch, log_library, mean, log_var, eps) -> tuple[torch.Tensor, torch.Tensor]:
+def log_px_given(module: VAE, x, batch, log_library, mean, log_var, eps, cov=None) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(x | z) and z for z = mean + sigma * eps; ``eps`` is (K, cells, latent_dim). Returns (K, cells)."""
     z = mean + torch.exp(0.5 * log_var) * eps
-    return module.log_px_z(x, module.generative(z, batch, log_library)), z
+    return module.log_px_z(x, module.generative(z, batch, log_library, cov)), z
 
 
 @torch.no_grad()
-def elbo_paired(module: VAE, x, batch, log_library, qs, *, n_samples: int, generator: torch.Generator):
+def elbo_paired(module: VAE, x, batch, log_library, qs, *, n_samples: int, generator: torch.Generator, cov=None):
     """ELBO of each Gaussian in ``qs`` (a list of (mean, log_var)) with common random numbers.
 
     The same noise drives every q, so differences between them (the gaps) have a much
@@ -45,7 +45,7 @@ def elbo_paired(module: VAE, x, batch, log_library, qs, *, n_samples: int, gener
         k = min(chunk, n_samples - lo)
         eps = torch.randn((k, n_cells, d), generator=generator, device=x.device)
         for i, (mean, log_var) in enumerate(qs):
-            recs[i].append(log_px_given(module, x, batch, log_library, mean, log_var, eps)[0].double())
+            recs[i].append(log_px_given(module, x, batch, log_library, mean, log_var, eps, cov)[0].double())
     out = []
     for (mean, log_var), r in zip(qs, recs):
         r = torch.cat(r)
@@ -54,7 +54,8 @@ def elbo_paired(module: VAE, x, batch, log_library, qs, *, n_samples: int, gener
 
 
 @torch.no_grad()
-def iwae(module: VAE, x, batch, log_library, mean, log_var, *, n_samples: int, generator: torch.Generator):
+def iwae(module: VAE, x, batch, log_library, mean, log_var, *, n_samples: int, generator: torch.Generator,
+         cov=None):
     """IWAE estimate of log p(x) with proposal N(mean, exp(log_var)), per cell.
 
     Returns (log_px, ess, se): the estimate, the effective sample size of the importance
@@ -67,7 +68,7 @@ def iwae(module: VAE, x, batch, log_library, mean, log_var, *, n_samples: int, g
     for lo in range(0, n_samples, chunk):
         k = min(chunk, n_samples - lo)
         eps = torch.randn((k, n_cells, d), generator=generator, device=x.device)
-        rec, z = log_px_given(module, x, batch, log_library, mean, log_var, eps)
+        rec, z = log_px_given(module, x, batch, log_library, mean, log_var, eps, cov)
         log_w = (rec + module.log_prior(z, batch) - log_normal(z, mean, log_var)).double()
         lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
         lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * log_w, 0))

@@ -26,6 +26,7 @@ def decompose(
     n_samples: int,
     n_samples_elbo: int,
     generator: torch.Generator,
+    cov: torch.Tensor | None = None,
     **opt_kwargs,
 ) -> dict[str, np.ndarray]:
     """Bounds and gaps for one minibatch of cells; every value per cell, in nats.
@@ -35,15 +36,17 @@ def decompose(
     proposal, as in the paper.
     """
     with torch.no_grad():
-        q = module.inference(x, batch)
-    qs = optimize_q(module, x, batch, log_library, generator=generator, **opt_kwargs)
+        q = module.inference(x, batch, cov)
+    qs = optimize_q(module, x, batch, log_library, generator=generator, cov=cov, **opt_kwargs)
     (l_q, rec_q), (l_opt, rec_opt) = elbo_paired(
-        module, x, batch, log_library, [q, (qs.mean, qs.log_var)], n_samples=n_samples_elbo, generator=generator
+        module, x, batch, log_library, [q, (qs.mean, qs.log_var)], n_samples=n_samples_elbo, generator=generator,
+        cov=cov,
     )
     k = n_samples_elbo
-    lp_enc, ess_enc, se_enc = iwae(module, x, batch, log_library, *q, n_samples=n_samples, generator=generator)
+    lp_enc, ess_enc, se_enc = iwae(module, x, batch, log_library, *q, n_samples=n_samples, generator=generator,
+                                   cov=cov)
     lp_opt, ess_opt, se_opt = iwae(
-        module, x, batch, log_library, qs.mean, qs.log_var, n_samples=n_samples, generator=generator
+        module, x, batch, log_library, qs.mean, qs.log_var, n_samples=n_samples, generator=generator, cov=cov
     )
     use_opt = lp_opt >= lp_enc
     log_px = torch.where(use_opt, lp_opt, lp_enc)

@@ -19,7 +19,7 @@ class GapTracker:
     reporting: use :func:`sc_vi_ext.tl.amortization_gap` on the final model for that.
     """
 
-    def __init__(self, X, train_idx, val_idx, *, every: int, seed: int, log_library, batch, device,
+    def __init__(self, X, train_idx, val_idx, *, every: int, seed: int, log_library, batch, device, cov=None,
                  n_cells: int = 64, n_samples: int = 100, n_samples_elbo: int = 32, max_steps: int = 100):
         rng = np.random.default_rng(seed + 1)
         self.every, self.seed = every, seed
@@ -28,7 +28,7 @@ class GapTracker:
         for split, idx in (("train", train_idx), ("validation", val_idx)):
             if len(idx):
                 sub = np.sort(rng.choice(idx, min(n_cells, len(idx)), replace=False))
-                self.loaders[split] = Minibatches(X, sub, log_library=log_library, batch=batch,
+                self.loaders[split] = Minibatches(X, sub, log_library=log_library, batch=batch, cov=cov,
                                                   batch_size=len(sub), device=device)
 
     def __call__(self, epoch: int, module) -> dict[str, float]:
@@ -38,7 +38,7 @@ class GapTracker:
         out = {}
         for split, loader in self.loaders.items():
             mb = next(iter(loader))
-            res = decompose(module, mb.x, mb.batch, mb.log_library, generator=gen, **self.kw)
+            res = decompose(module, mb.x, mb.batch, mb.log_library, generator=gen, cov=mb.cov, **self.kw)
             for name in ("amortization_gap", "approximation_gap"):
                 out[f"{name}_{split}"] = float(res[name].mean())
         return out

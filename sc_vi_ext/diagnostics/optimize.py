@@ -40,6 +40,7 @@ def optimize_q(
     patience: int = 3,
     tol: float = 0.01,
     generator: torch.Generator,
+    cov: torch.Tensor | None = None,
 ) -> QStar:
     """Optimise (mean, log_var) of q(z) per cell; the module's weights are not changed."""
     was_training = module.training
@@ -50,7 +51,7 @@ def optimize_q(
     try:
         with torch.no_grad():
             if init == "encoder":
-                mean, log_var = module.inference(x, batch)
+                mean, log_var = module.inference(x, batch, cov)
             elif init == "prior":
                 mean, log_var = module.prior(batch, x.shape[0])
             else:
@@ -71,7 +72,8 @@ def optimize_q(
             mu, lv = p[:, :d], p[:, d:]
             eps = torch.randn((n_samples_step, len(active), d), generator=generator, device=x.device)
             bt = None if batch is None else batch[active]
-            rec, _ = log_px_given(module, x[active], bt, log_library[active], mu, lv, eps)
+            ct = None if cov is None else cov[active]
+            rec, _ = log_px_given(module, x[active], bt, log_library[active], mu, lv, eps, ct)
             elbo = rec.mean(0) - module.kl(mu, lv, bt)
             (grad,) = torch.autograd.grad(-elbo.sum(), p)
             with torch.no_grad():

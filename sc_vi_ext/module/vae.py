@@ -1,7 +1,7 @@
 """The scVI variational autoencoder as a plain torch module that knows nothing of AnnData.
 
-Contract: ``inference(x, batch) -> (mean, log_var)`` gives q(z | x);
-``generative(z, batch, log_library) -> dict`` gives the likelihood's parameters;
+Contract: ``inference(x, batch, cov) -> (mean, log_var)`` gives q(z | x);
+``generative(z, batch, log_library, cov) -> dict`` gives the likelihood's parameters;
 ``log_px_z`` scores counts under them; ``loss`` returns a :class:`LossOutput` with the
 per-cell ELBO = E_q[log p(x | z)] - KL(q || p) (Kingma & Welling 2014), p(z) = N(0, I);
 ``prior``, ``kl`` and ``log_prior`` give the prior of the whole latent variable.
@@ -44,7 +44,9 @@ class VAE(nn.Module):
     """scVI-style VAE on raw counts.
 
     Parameters mirror :func:`sc_vi_ext.tl.vae`; ``n_batch`` is the number of batch
-    categories (0 or 1 means no batch covariate).
+    categories (0 or 1 means no batch covariate); ``n_cov`` the width of the extra
+    covariate design ``cov`` (one-hot categorical and continuous covariates), which is
+    concatenated to the batch one-hot wherever covariates enter a network.
 
     The latent variable has ``latent_dim`` dimensions: the ``n_latent`` of z, plus one for
     the log library size when ``library="latent"`` (its prior is a per-batch normal whose
@@ -58,6 +60,7 @@ class VAE(nn.Module):
         n_genes: int,
         *,
         n_batch: int = 0,
+        n_cov: int = 0,
         n_latent: int = 10,
         n_hidden: int = 128,
         n_layers: int = 1,
@@ -77,14 +80,16 @@ class VAE(nn.Module):
         self.n_genes, self.n_latent, self.likelihood, self.dispersion = n_genes, n_latent, likelihood, dispersion
         self.library, self.latent_distribution = library, latent_distribution
         self.n_batch = n_batch if n_batch > 1 else 0
+        self.n_cov = n_cov
+        n_cat = self.n_batch + n_cov
         self.encode_covariates = encode_covariates
         self.latent_dim = n_latent + (library == "latent")
-        enc = {"n_cat": self.n_batch if encode_covariates else 0, "n_hidden": n_hidden, "dropout": dropout}
+        enc = {"n_cat": n_cat if encode_covariates else 0, "n_hidden": n_hidden, "dropout": dropout}
         self.encoder = Encoder(n_genes, n_latent, n_layers=n_layers, **enc)
         # scvi-tools' library encoder: one hidden layer of its own
         self.library_encoder = Encoder(n_genes, 1, n_layers=1, **enc) if library == "latent" else None
         self.decoder = Decoder(
-            n_latent, n_genes, n_cat=self.n_batch, n_hidden=n_hidden, n_layers=n_layers,
+            n_latent, n_genes, n_cat=n_cat, n_hidden=n_hidden, n_layers=n_layers,
             zero_inflated=likelihood == "zinb", cell_dispersion=dispersion == "gene-cell" and likelihood != "poisson",
         )
         if likelihood != "poisson" and dispersion != "gene-cell":
@@ -94,14 +99,20 @@ class VAE(nn.Module):
         self.register_buffer("library_prior_mean", torch.zeros(n_lib))
         self.register_buffer("library_prior_log_var", torch.zeros(n_lib))
 
-    def _one_hot(self, batch: torch.Tensor | None) -> torch.Tensor | None:
-        if not self.n_batch or batch is None:
-            return None
-        return F.one_hot(batch.long(), self.n_batch).to(torch.get_default_dtype())
+    def _covariates(self, batch: torch.Tensor | None, cov: torch.Tensor | None) -> torch.Tensor | None:
+        """Network input for the covariates: batch one-hot, then the extra design ``cov``."""
+        parts = []
+        if self.n_batch and batch is not None:
+            parts.append(F.one_hot(batch.long(), self.n_batch).to(torch.get_default_dtype()))
+        if self.n_cov:
+            if cov is None:
+                raise ValueError(f"This model was trained with {self.n_cov} covariate columns; pass `cov`.")
+            parts.append(cov)
+        return torch.cat(parts, -1) if len(parts) > 1 else (parts[0] if parts else None)
 
-    def inference(self, x: torch.Tensor, batch: torch.Tensor | None = None):
+    def inference(self, x: torch.Tensor, batch: torch.Tensor | None = None, cov: torch.Tensor | None = None):
         """Mean and log-variance of q(latent | x), each (cells, latent_dim)."""
-        cat = self._one_hot(batch) if self.encode_covariates else None
+        cat = self._covariates(batch, cov) if self.encode_covariates else None
         mean, log_var = self.encoder(x, cat)
         if self.library_encoder is not None:
             l_mean, l_log_var = self.library_encoder(x, cat)
@@ -132,7 +143,8 @@ class VAE(nn.Module):
         z = mean[..., : self.n_latent]
         return torch.softmax(z, -1) if self.latent_distribution == "ln" else z
 
-    def generative(self, z: torch.Tensor, batch: torch.Tensor | None, log_library: torch.Tensor) -> dict:
+    def generative(self, z: torch.Tensor, batch: torch.Tensor | None, log_library: torch.Tensor,
+                   cov: torch.Tensor | None = None) -> dict:
         """Likelihood parameters for latent samples ``z`` of shape (..., cells, latent_dim).
 
         ``log_library`` is (cells,) log observed library size (ignored with a latent
@@ -141,7 +153,7 @@ class VAE(nn.Module):
         """
         if self.library == "latent":
             log_library = z[..., -1]
-        log_scale, zi, cell_log_theta = self.decoder(self.representation(z), self._one_hot(batch))
+        log_scale, zi, cell_log_theta = self.decoder(self.representation(z), self._covariates(batch, cov))
         out = {"mu": torch.exp(log_scale + log_library[..., None]), "zi_logits": zi, "theta": None}
         if cell_log_theta is not None:
             out["theta"] = torch.exp(cell_log_theta)
@@ -156,14 +168,14 @@ class VAE(nn.Module):
         """log p(x | z) summed over genes, (..., cells)."""
         return log_likelihood(x, self.likelihood, params["mu"], params["theta"], params["zi_logits"])
 
-    def forward(self, x, batch, log_library, generator: torch.Generator | None = None) -> LossOutput:
+    def forward(self, x, batch, log_library, cov=None, generator: torch.Generator | None = None) -> LossOutput:
         """The per-cell loss terms (``forward`` so that DistributedDataParallel can wrap it)."""
-        return self.loss(x, batch, log_library, generator=generator)
+        return self.loss(x, batch, log_library, cov=cov, generator=generator)
 
-    def loss(self, x, batch, log_library, *, generator: torch.Generator | None = None) -> LossOutput:
+    def loss(self, x, batch, log_library, *, cov=None, generator: torch.Generator | None = None) -> LossOutput:
         """One-sample reparameterised ELBO terms for a minibatch."""
-        mean, log_var = self.inference(x, batch)
+        mean, log_var = self.inference(x, batch, cov)
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = mean + torch.exp(0.5 * log_var) * eps
-        rec = self.log_px_z(x, self.generative(z, batch, log_library))
+        rec = self.log_px_z(x, self.generative(z, batch, log_library, cov))
         return LossOutput(reconstruction=rec, kl=self.kl(mean, log_var, batch))

@@ -131,7 +131,7 @@ def amortization_gap(
     parts = []
     loader = stored_loader(adata, key, idx, batch_size=batch_size, device=str(next(module.parameters()).device))
     for mb in tqdm(loader, desc="amortization gap", unit="batch", disable=not progress, leave=False):
-        parts.append(decompose(module, mb.x, mb.batch, mb.log_library, n_samples=n_samples,
+        parts.append(decompose(module, mb.x, mb.batch, mb.log_library, cov=mb.cov, n_samples=n_samples,
                                n_samples_elbo=n_samples_elbo, generator=gen, **opt))
     per_cell = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     written = _write_obs(adata, key, idx, {c: per_cell[c] for c in (*COLUMNS, "amortization_gap_se")})
@@ -208,11 +208,11 @@ def refine(
     means, gains, steps = [], [], []
     for mb in tqdm(stored_loader(adata, key, batch_size=batch_size, device=dev), desc="refine",
                    unit="batch", disable=not progress, leave=False):
-        qs = optimize_q(module, mb.x, mb.batch, mb.log_library, n_samples_step=n_samples_step, lr=lr,
+        qs = optimize_q(module, mb.x, mb.batch, mb.log_library, cov=mb.cov, n_samples_step=n_samples_step, lr=lr,
                         max_steps=max_steps, window=window, patience=patience, tol=tol, generator=gen)
         with torch.no_grad():
-            q = module.inference(mb.x, mb.batch)
-        (l_q, _), (l_opt, _) = elbo_paired(module, mb.x, mb.batch, mb.log_library, [q, (qs.mean, qs.log_var)],
+            q = module.inference(mb.x, mb.batch, mb.cov)
+        (l_q, _), (l_opt, _) = elbo_paired(module, mb.x, mb.batch, mb.log_library, [q, (qs.mean, qs.log_var)], cov=mb.cov,
                                            n_samples=n_samples_elbo, generator=gen)
         means.append(module.representation(qs.mean).cpu().numpy())
         gains.append((l_opt - l_q).cpu().numpy())
@@ -278,8 +278,8 @@ def log_likelihood(
     for mb in tqdm(stored_loader(adata, key, idx, batch_size=batch_size, device=dev), desc="log p(x)",
                    unit="batch", disable=not progress, leave=False):
         with torch.no_grad():
-            q = module.inference(mb.x, mb.batch)
-        lp, e, _ = iwae(module, mb.x, mb.batch, mb.log_library, *q, n_samples=n_samples, generator=gen)
+            q = module.inference(mb.x, mb.batch, mb.cov)
+        lp, e, _ = iwae(module, mb.x, mb.batch, mb.log_library, *q, n_samples=n_samples, generator=gen, cov=mb.cov)
         lpx.append(lp.cpu().numpy())
         ess.append(e.cpu().numpy())
     written = _write_obs(adata, key, idx, {"log_px": np.concatenate(lpx), "log_px_ess": np.concatenate(ess)})

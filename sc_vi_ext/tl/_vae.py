@@ -10,7 +10,7 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from .._docs import doc_params
-from ..dataloader import Minibatches, batch_codes, check_counts, get_counts, log_library
+from ..dataloader import Minibatches, batch_codes, check_counts, covariate_design, get_counts, log_library
 from ..distributed import device_for_rank, rank_and_world
 from ..model_store import state_to_numpy
 from ..module import DISPERSIONS, LATENT_DISTRIBUTIONS, LIBRARIES, LIKELIHOODS, VAE
@@ -50,6 +50,8 @@ def vae(
     library: str = "observed",
     latent_distribution: str = "normal",
     size_factor_key: str | None = None,
+    categorical_covariate_keys: list[str] | None = None,
+    continuous_covariate_keys: list[str] | None = None,
     max_epochs: int | None = None,
     batch_size: int = 128,
     lr: float = 1e-3,
@@ -104,6 +106,11 @@ def vae(
     latent_distribution
         ``"normal"``, or ``"ln"`` (logistic normal: the decoder sees softmax(z), and
         ``obsm`` holds the softmax of the latent mean).
+    categorical_covariate_keys
+        Columns of ``adata.obs`` with further categorical covariates (one-hot encoded),
+        injected into the decoder (and the encoder with ``encode_covariates``).
+    continuous_covariate_keys
+        Columns of ``adata.obs`` with continuous covariates, injected likewise.
     size_factor_key
         Column of ``adata.obs`` with a size factor to use as the observed library size
         instead of the total counts.
@@ -153,7 +160,7 @@ def vae(
         Positions of the held-out cells.
     ``adata.uns[key_added]["model"]``
         Trained weights as numpy arrays; rebuild with :func:`sc_vi_ext.get_model`.
-    ``adata.uns[key_added]["batch_categories"]``, ``["best_epoch"]``, ``["stopped_early"]``, ``["interrupted"]``
+    ``adata.uns[key_added]["batch_categories"]``, ``["covariate_categories"]``, ``["best_epoch"]``, ``["stopped_early"]``, ``["interrupted"]``
         Training bookkeeping.
     """
     params = {k: v for k, v in locals().items() if k not in ("adata", "copy")}
@@ -168,6 +175,7 @@ def vae(
     X = get_counts(adata, layer)
     what = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
     codes, categories = batch_codes(adata, batch_key)
+    cov, cov_categories = covariate_design(adata, categorical_covariate_keys, continuous_covariate_keys)
     totals = check_counts(X, what)
     log_lib = log_library(adata, totals, size_factor_key)
     adata = adata.copy() if copy else adata
@@ -179,16 +187,16 @@ def vae(
     max_epochs = default_max_epochs(n_obs) if max_epochs is None else int(max_epochs)
     warmup = max(1, max_epochs // 4) if n_epochs_kl_warmup is None else int(n_epochs_kl_warmup)
     params.update(n_genes=adata.n_vars, max_epochs=max_epochs, n_epochs_kl_warmup=warmup, device=dev,
-                  world_size=world)
+                  world_size=world, n_cov=0 if cov is None else cov.shape[1])
 
     rng = np.random.default_rng(random_state)
     train_idx, val_idx = split_indices(n_obs, train_size, rng)
-    common = {"log_library": log_lib, "batch": codes, "device": dev}
+    common = {"log_library": log_lib, "batch": codes, "cov": cov, "device": dev}
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(random_state)
         module = VAE(
-            adata.n_vars, n_batch=len(categories), n_latent=n_latent, n_hidden=n_hidden,
+            adata.n_vars, n_batch=len(categories), n_cov=0 if cov is None else cov.shape[1], n_latent=n_latent, n_hidden=n_hidden,
             n_layers=n_layers, dropout=dropout, likelihood=likelihood, dispersion=dispersion,
             encode_covariates=encode_covariates, library=library, latent_distribution=latent_distribution,
         )
@@ -215,6 +223,7 @@ def vae(
         "history": {k: np.asarray(v) for k, v in res.history.items()},
         "validation_indices": val_idx,
         "batch_categories": categories,
+        "covariate_categories": cov_categories,
         "model": state_to_numpy(module),
         "best_epoch": res.best_epoch,
         "stopped_early": res.stopped_early,
@@ -246,6 +255,9 @@ def _set_library_prior(module: VAE, log_totals: np.ndarray, codes: np.ndarray | 
         if len(v):
             module.library_prior_mean[b] = float(v.mean())
             module.library_prior_log_var[b] = float(np.log(max(v.var(), 1e-4)))
+    if module.library_encoder is not None:
+        # start q(l | x) at the data's scale rather than at log l = 0 (e^0 = one count per cell)
+        module.library_encoder.mean.bias.fill_(float(log_totals.mean()))
 
 
 @torch.no_grad()
@@ -254,7 +266,7 @@ def _latent_means(module: VAE, loader: Minibatches) -> np.ndarray:
     out = np.empty((len(loader.indices), module.n_latent), dtype=np.float32)
     pos = 0
     for mb in loader:
-        mean, _ = module.inference(mb.x, mb.batch)
+        mean, _ = module.inference(mb.x, mb.batch, mb.cov)
         out[pos:pos + len(mb.idx)] = module.representation(mean).cpu().numpy()
         pos += len(mb.idx)
     return out
