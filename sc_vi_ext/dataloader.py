@@ -70,11 +70,23 @@ def _rows_dense(X, idx: np.ndarray) -> np.ndarray:
     return out
 
 
-def row_totals(X) -> np.ndarray:
-    """Total counts per cell, read in chunks of rows."""
-    return np.concatenate([
-        np.asarray(X[i:i + _CHECK_ROWS].sum(axis=1)).ravel() for i in range(0, X.shape[0], _CHECK_ROWS)
-    ]).astype(np.float64)
+def align_genes(dense: np.ndarray, gene_index: np.ndarray) -> np.ndarray:
+    """Reorder the columns of a dense block to a model's genes; absent genes (-1) are zero."""
+    out = dense[:, np.maximum(gene_index, 0)]
+    out[:, gene_index < 0] = 0
+    return out
+
+
+def row_totals(X, gene_index=None) -> np.ndarray:
+    """Total counts per cell (over the columns ``gene_index`` >= 0 when given), read in chunks of rows."""
+    cols = None if gene_index is None else np.asarray(gene_index)[np.asarray(gene_index) >= 0]
+    out = []
+    for i in range(0, X.shape[0], _CHECK_ROWS):
+        block = X[i:i + _CHECK_ROWS]
+        if cols is not None:
+            block = block[:, cols]
+        out.append(np.asarray(block.sum(axis=1)).ravel())
+    return np.concatenate(out).astype(np.float64)
 
 
 def check_counts(X, what: str) -> np.ndarray:
@@ -181,8 +193,10 @@ class Minibatches:
     """
 
     def __init__(self, X, indices, *, log_library, batch=None, cov=None, batch_size=128,
-                 shuffle=False, rng=None, device="cpu", shard=(0, 1)):
+                 shuffle=False, rng=None, device="cpu", shard=(0, 1), gene_index=None):
         self.cov = cov
+        # query mapping: column j of a minibatch is column gene_index[j] of X (-1: absent, zeros)
+        self.gene_index = None if gene_index is None else np.asarray(gene_index)
         self.X, self.indices = X, np.asarray(indices)
         self.shard = shard  # (rank, world): each global minibatch is split across ranks
         self.log_library, self.batch = log_library, batch
@@ -204,7 +218,10 @@ class Minibatches:
         rank, world = self.shard
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             idx, r = order[lo:hi][rank::world], rows[lo:hi][rank::world]
-            x = torch.from_numpy(_rows_dense(X, r)).to(self.device)
+            dense = _rows_dense(X, r)
+            if self.gene_index is not None:
+                dense = align_genes(dense, self.gene_index)
+            x = torch.from_numpy(dense).to(self.device)
             bt = None if self.batch is None else torch.from_numpy(self.batch[idx]).to(self.device)
             ll = torch.from_numpy(self.log_library[idx]).to(self.device)
             cv = None if self.cov is None else torch.from_numpy(self.cov[idx]).to(self.device)

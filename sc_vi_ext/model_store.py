@@ -58,7 +58,9 @@ def stored_loader(adata: AnnData, key: str, indices=None, *, batch_size: int = 2
     """Minibatches of ``adata`` (in order) prepared as the model stored under ``key`` expects."""
     p = _stored(adata, key)["params"]
     X = get_counts(adata, p["layer"])
-    if X.shape[1] != int(p["n_genes"]):
+    gene_index = adata.uns[key].get("gene_index")  # set by tl.vae_map on a query AnnData
+    n_cols = X.shape[1] if gene_index is None else len(gene_index)
+    if n_cols != int(p["n_genes"]):
         raise ValueError(f"The model under {key!r} was trained on {p['n_genes']} genes, the data has {X.shape[1]}.")
     codes, cats = batch_codes(adata, p["batch_key"])
     if codes is not None:
@@ -68,9 +70,9 @@ def stored_loader(adata: AnnData, key: str, indices=None, *, batch_size: int = 2
         if unknown:
             raise ValueError(f"Batches {unknown} were not seen in training under {key!r}.")
         codes = np.array([lookup[c] for c in cats], dtype=np.int64)[codes]
-    log_lib = log_library(adata, row_totals(X), p.get("size_factor_key"))
+    log_lib = log_library(adata, row_totals(X, gene_index), p.get("size_factor_key"))
     cov, _ = covariate_design(adata, p.get("categorical_covariate_keys"), p.get("continuous_covariate_keys"),
                               adata.uns[key].get("covariate_categories") or None)
     indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
     return Minibatches(X, indices, log_library=log_lib, batch=codes, cov=cov,
-                       batch_size=batch_size, device=device)
+                       batch_size=batch_size, device=device, gene_index=gene_index)

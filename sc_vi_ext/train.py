@@ -78,15 +78,18 @@ def train(
     seed: int,
     progress: bool,
     callback=None,
+    freeze_batchnorm: bool = False,
 ) -> TrainResult:
     """Train ``module`` in place and load the weights of the best validation epoch.
 
     Early stopping watches the validation ELBO (the training ELBO without held-out cells)
     once the KL warm-up is over. Ctrl-C stops training, keeps the best weights so far and
     returns the partial history with ``interrupted=True``. ``callback(epoch, module)``
-    may return extra metrics for the history (a dict of floats).
+    may return extra metrics for the history (a dict of floats). Only parameters that
+    require gradients are optimised; ``freeze_batchnorm`` keeps BatchNorm layers on their
+    stored running statistics (query mapping).
     """
-    opt = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay, eps=0.01)
+    opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay, eps=0.01)
     model = wrap(module)  # DistributedDataParallel under torchrun, else the module itself
     rank, _ = rank_and_world()
     res = TrainResult()
@@ -97,6 +100,10 @@ def train(
     try:
         for epoch in bar:
             module.train()
+            if freeze_batchnorm:
+                for m in module.modules():
+                    if isinstance(m, torch.nn.BatchNorm1d):
+                        m.eval()
             # metrics accumulate on the device: no host sync per step
             sums = torch.zeros(3, dtype=torch.float64, device=train_loader.device)  # rec, kl, cells
             for mb in train_loader:

@@ -1,0 +1,207 @@
+"""``tl.vae_map``: map query cells onto a trained reference (scArches-style architecture surgery)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from anndata import AnnData
+from scanpy import logging as logg
+
+from .._docs import doc_params
+from ..dataloader import Minibatches, batch_codes, check_counts, get_counts, log_library, row_totals
+from ..model_store import get_model, state_to_numpy
+from ..module import VAE
+from ..train import train
+from ._vae import _latent_means, _set_library_prior, resolve_device, split_indices
+
+
+def _grow_batches(ref: VAE, n_new: int) -> tuple[VAE, list]:
+    """A copy of ``ref`` with ``n_new`` more batch categories; only their weights can train.
+
+    Covariate columns enter the first Linear layer of each network: the batch one-hot
+    block grows by ``n_new`` columns (initialised at zero, so a new batch starts as "no
+    batch effect"), and a gradient mask keeps every reference column fixed (Lotfollahi et
+    al. 2022, scArches). Per-batch dispersions and library priors get rows for the new
+    batches. All other parameters are frozen.
+    """
+    old_nb = ref.n_batch if ref.n_batch else 1
+    new_nb = old_nb + n_new
+    kw = {k: getattr(ref, k) for k in ("n_latent", "likelihood", "dispersion", "encode_covariates", "library",
+                                      "latent_distribution", "n_cov")}
+    first = ref.encoder.net.layers[0][0]
+    module = VAE(ref.n_genes, n_batch=new_nb, n_hidden=first.out_features,
+                 n_layers=len(ref.encoder.net.layers), dropout=_dropout(ref), **kw)
+    old_state, new_state = ref.state_dict(), module.state_dict()
+    masks = []
+    for name, new in new_state.items():
+        old = old_state.get(name)
+        if old is None or old.shape == new.shape:
+            new.copy_(old if old is not None else new)
+            continue
+        if name.endswith("weight") and new.dim() == 2 and new.shape[0] == old.shape[0]:
+            # a Linear whose input ends with the batch one-hot: grow that block
+            n_ref_cols = old.shape[1]
+            new.zero_()
+            new[:, :n_ref_cols] = old
+            mask = torch.zeros_like(new)
+            mask[:, n_ref_cols - (ref.n_batch or 0) + old_nb:] = 1  # only the new batches' columns
+            masks.append((name, mask))
+        else:  # per-batch rows: dispersion, library prior
+            new[:old.shape[0]] = old
+            new[old.shape[0]:] = old.mean(0)
+            if name == "log_theta":
+                mask = torch.zeros_like(new)
+                mask[old.shape[0]:] = 1
+                masks.append((name, mask))
+    module.load_state_dict(new_state)
+    params = dict(module.named_parameters())
+    for p in module.parameters():
+        p.requires_grad_(False)
+    for name, mask in masks:
+        p = params[name]
+        p.requires_grad_(True)
+        p.register_hook(lambda g, m=mask: g * m)
+    return module, [n for n, _ in masks]
+
+
+def _dropout(ref: VAE) -> float:
+    drop = ref.encoder.net.layers[0][2]
+    return float(getattr(drop, "p", 0.0))
+
+
+@doc_params()
+def vae_map(
+    adata: AnnData,
+    *,
+    reference: AnnData,
+    key: str = "vae",
+    max_epochs: int = 50,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    train_size: float = 0.9,
+    random_state: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+    copy: bool = False,
+) -> AnnData | None:
+    """Map query cells onto the latent space of a trained reference model.
+
+    Genes are aligned to the reference by name (reference genes missing from the query
+    are treated as zero counts and reported; query-only genes are ignored). Batches of
+    the query that the reference never saw get new batch weights, which are the only
+    parameters fine-tuned (for ``max_epochs`` with early stopping); everything else,
+    BatchNorm statistics included, stays as in the reference, so the query lands in the
+    reference's latent space. Without new batches, the reference encoder is applied as is.
+
+    Parameters
+    ----------
+    {adata}
+        The query, with raw counts in the reference's ``layer`` and its ``batch_key``.
+    reference
+        AnnData holding the trained model in ``uns[key]`` (and its genes in ``var_names``).
+    {key}
+    max_epochs
+        Fine-tuning epochs for new batches.
+    {batch_size}
+    lr
+        Learning rate of the fine-tuning.
+    train_size
+        Fraction of query cells for fine-tuning; the rest are held out for early stopping.
+    {random_state}
+    {device}
+    {progress}
+    {copy}
+
+    Returns
+    -------
+    None, or a copy of the query with ``copy=True``; writes
+
+    ``adata.obsm["X_" + key]``
+        Latent means in the reference's latent space.
+    ``adata.uns[key]``
+        The mapped model (as :func:`vae` writes it, so that :func:`get_model`,
+        :func:`amortization_gap` and :func:`log_likelihood` work on the query), with
+        ``gene_index`` (query column of each reference gene, -1 when absent) and
+        ``mapping``: ``n_genes_missing``, ``missing_genes`` (first 50), ``new_batches``,
+        ``trained_parameters`` and the fine-tuning ``history``.
+    """
+    ref_uns = reference.uns.get(key)
+    if ref_uns is None or "model" not in ref_uns:
+        raise KeyError(f"reference.uns[{key!r}] holds no trained model; run sv.tl.vae(reference, key_added={key!r}).")
+    p = dict(ref_uns["params"])
+    ref_module = get_model(reference, key)
+    gene_index = adata.var_names.get_indexer(reference.var_names)
+    n_missing = int((gene_index < 0).sum())
+    if n_missing == len(gene_index):
+        raise ValueError("The query shares no genes with the reference (compare var_names).")
+    X = get_counts(adata, p["layer"])
+    check_counts(X, "the query counts")
+    totals = row_totals(X, gene_index)
+    if (totals == 0).any():
+        raise ValueError(f"{int((totals == 0).sum())} query cell(s) have no counts in the reference's genes; "
+                         "remove them first.")
+    if p.get("n_cov"):
+        raise NotImplementedError("Mapping a model with extra covariates is not supported yet.")
+    ref_cats = list(ref_uns["batch_categories"])
+    codes, cats = batch_codes(adata, p["batch_key"])
+    new = [c for c in cats if c not in ref_cats] if codes is not None else []
+    adata = adata.copy() if copy else adata
+    start = logg.info(f"mapping {adata.n_obs} query cells onto {key!r}")
+    if n_missing:
+        logg.warning(f"{n_missing} of {len(gene_index)} reference genes are absent from the query; "
+                     "they are treated as zero counts.")
+    all_cats = ref_cats + new
+    if codes is not None:
+        lookup = {c: i for i, c in enumerate(all_cats)}
+        codes = np.array([lookup[c] for c in cats], dtype=np.int64)[codes]
+    dev = resolve_device(device)
+    log_lib = log_library(adata, totals, p.get("size_factor_key"))
+    common = {"log_library": log_lib, "batch": codes, "device": dev, "gene_index": gene_index}
+    history, trained = {}, []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(random_state)
+        if new:
+            module, trained = _grow_batches(ref_module, len(new))
+            if module.library == "latent":  # priors of the new batches from the query's cells
+                fresh = torch.isin(torch.as_tensor(codes), torch.arange(len(ref_cats), len(all_cats))).numpy()
+                keep = module.library_prior_mean[:len(ref_cats)].clone(), module.library_prior_log_var[:len(ref_cats)].clone()
+                _set_library_prior(module, np.log(totals[fresh]), codes[fresh])
+                module.library_prior_mean[:len(ref_cats)], module.library_prior_log_var[:len(ref_cats)] = keep
+            rng = np.random.default_rng(random_state)
+            tr_idx, va_idx = split_indices(adata.n_obs, train_size, rng)
+            res = train(
+                module.to(dev),
+                Minibatches(X, tr_idx, batch_size=batch_size, shuffle=True, rng=rng, **common),
+                Minibatches(X, va_idx, batch_size=1024, **common) if len(va_idx) else None,
+                max_epochs=max_epochs, lr=lr, weight_decay=0.0, n_epochs_kl_warmup=0, early_stopping=True,
+                patience=10, seed=random_state, progress=progress, freeze_batchnorm=True,
+            )
+            history = {k: np.asarray(v) for k, v in res.history.items()}
+            for prm in module.parameters():
+                prm.requires_grad_(True)
+        else:
+            module, va_idx = ref_module.to(dev), np.array([], dtype=int)
+        latent = _latent_means(module, Minibatches(X, np.arange(adata.n_obs), batch_size=1024, **common))
+    adata.obsm[f"X_{key}"] = latent
+    adata.uns[key] = {
+        "params": p,
+        "history": dict(ref_uns["history"]),
+        "validation_indices": va_idx,
+        "batch_categories": all_cats,
+        "covariate_categories": ref_uns.get("covariate_categories", {}),
+        "model": state_to_numpy(module),
+        "best_epoch": ref_uns["best_epoch"],
+        "stopped_early": ref_uns["stopped_early"],
+        "interrupted": ref_uns["interrupted"],
+        "gene_index": gene_index,
+        "mapping": {
+            "n_genes_missing": n_missing,
+            "missing_genes": list(reference.var_names[gene_index < 0][:50]),
+            "new_batches": new,
+            "trained_parameters": trained,
+            "history": history,
+        },
+    }
+    logg.info("    finished", time=start, deep=f"added\n    'X_{key}', latent means (adata.obsm)\n"
+              f"    '{key}', the mapped model (adata.uns)")
+    return adata if copy else None
