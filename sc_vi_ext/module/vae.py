@@ -164,6 +164,10 @@ class VAE(nn.Module):
                 out["theta"] = torch.exp(self.log_theta)[batch.long()]
         return out
 
+    def scale(self, z: torch.Tensor, batch: torch.Tensor | None, cov: torch.Tensor | None = None) -> torch.Tensor:
+        """Gene proportions (the decoder's softmax) for latent samples ``z``: normalised expression."""
+        return torch.exp(self.decoder(self.representation(z), self._covariates(batch, cov))[0])
+
     def log_px_z(self, x: torch.Tensor, params: dict) -> torch.Tensor:
         """log p(x | z) summed over genes, (..., cells)."""
         return log_likelihood(x, self.likelihood, params["mu"], params["theta"], params["zi_logits"])

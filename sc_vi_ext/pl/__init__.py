@@ -3,5 +3,6 @@
 from ._elbo import elbo
 from ._gap import amortization_gap, gap_history
 from ._latent import latent
+from ._ppc import posterior_predictive
 
-__all__ = ["amortization_gap", "elbo", "gap_history", "latent"]
+__all__ = ["amortization_gap", "elbo", "gap_history", "latent", "posterior_predictive"]

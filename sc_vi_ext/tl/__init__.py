@@ -1,6 +1,13 @@
 """Tools: train the VAE and diagnose its inference; results go to ``obsm``, ``obs`` and ``uns``."""
 
+from ._de import differential_expression
+from ._expression import normalized_expression
 from ._gap import amortization_gap, log_likelihood, refine
+from ._map import vae_map
+from ._ppc import posterior_predictive
 from ._vae import vae
 
-__all__ = ["amortization_gap", "log_likelihood", "refine", "vae"]
+__all__ = [
+    "amortization_gap", "differential_expression", "log_likelihood", "normalized_expression",
+    "posterior_predictive", "refine", "vae", "vae_map",
+]

@@ -13,17 +13,19 @@ from ..diagnostics import COLUMNS, decompose, elbo_paired, iwae, optimize_q, sum
 from ..model_store import get_model, stored_loader
 from ._vae import resolve_device
 
-_OPT_DOC = """init
-        Start of the per-cell optimisation: ``"encoder"`` (q(z|x)) or ``"prior"`` (N(0, I)).
-    max_steps
-        Cap on Adam steps per cell.
-    lr
-        Adam learning rate of the per-cell optimisation.
-    n_samples_step
-        Reparameterised samples per step.
-    window, patience, tol
-        A cell stops when the mean ELBO of a window of ``window`` steps has not improved
-        by ``tol`` nats for ``patience`` windows."""
+_OPT_DOC = """\
+max_steps
+    Cap on Adam steps per cell.
+lr
+    Adam learning rate of the per-cell optimisation.
+n_samples_step
+    Reparameterised samples per step.
+window
+    Steps per window; a cell's ELBO estimates are averaged over a window.
+patience
+    A cell stops after this many windows without improvement.
+tol
+    Improvement (nats) that counts."""
 
 
 def _subset(adata: AnnData, n_cells: int | None, rng: np.random.Generator, subset=None) -> np.ndarray:
@@ -98,6 +100,8 @@ def amortization_gap(
         Importance samples K for log p(x).
     n_samples_elbo
         Samples for the final estimates of L[q] and L[q*].
+    init
+        Start of the per-cell optimisation: ``"encoder"`` (q(z|x)) or ``"prior"``.
     {opt}
     {batch_size}
     {random_state}
