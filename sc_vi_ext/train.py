@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ from .module import VAE
 
 HISTORY_KEYS = (
     "epoch", "elbo_train", "elbo_validation", "reconstruction_train", "reconstruction_validation",
-    "kl_train", "kl_validation", "kl_weight",
+    "kl_train", "kl_validation", "kl_weight", "seconds",
 )
 
 
@@ -99,6 +100,7 @@ def train(
     bar = tqdm(range(max_epochs), desc="training VAE", unit="epoch", disable=not progress or rank > 0, leave=False)
     try:
         for epoch in bar:
+            t0 = time.perf_counter()
             module.train()
             if freeze_batchnorm:
                 for m in module.modules():
@@ -120,7 +122,8 @@ def train(
             tr = {"reconstruction": rec / n, "kl": kl / n}
             tr["elbo"] = tr["reconstruction"] - tr["kl"]
             va = evaluate(module, val_loader, seed=seed) if val_loader is not None else None
-            row = {"epoch": epoch + 1, "kl_weight": kl_weight(step, warmup_steps)}
+            row = {"epoch": epoch + 1, "kl_weight": kl_weight(step, warmup_steps),
+                   "seconds": time.perf_counter() - t0}  # training + validation, before callbacks
             for name in ("elbo", "reconstruction", "kl"):
                 row[f"{name}_train"] = tr[name]
                 row[f"{name}_validation"] = va[name] if va else np.nan

@@ -155,7 +155,8 @@ def vae(
     ``adata.uns[key_added]["history"]``
         Per epoch: ``epoch``, ``elbo_train``, ``elbo_validation``, ``reconstruction_train``,
         ``reconstruction_validation``, ``kl_train``, ``kl_validation`` (nats per cell,
-        unweighted) and ``kl_weight``; with ``gap_every`` also the gap columns.
+        unweighted), ``kl_weight`` and ``seconds`` (wall time of the epoch); with
+        ``gap_every`` also the gap columns.
     ``adata.uns[key_added]["validation_indices"]``
         Positions of the held-out cells.
     ``adata.uns[key_added]["model"]``
