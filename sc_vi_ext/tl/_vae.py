@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -29,7 +28,8 @@ def split_indices(n_obs: int, train_size: float, rng: np.random.Generator) -> tu
         raise ValueError(f"train_size must be in (0, 1], not {train_size}.")
     if n_obs < 2:
         raise ValueError(f"Training needs at least 2 cells, the AnnData has {n_obs}.")
-    n_val = min(int(math.floor((1 - train_size) * n_obs)), n_obs - 2)
+    n_train = min(n_obs, max(2, round(train_size * n_obs)))  # round: 0.9 * 200 is 179.99...
+    n_val = n_obs - n_train
     perm = rng.permutation(n_obs)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 

@@ -1,0 +1,86 @@
+"""API conventions, checked for every public function (new ones included automatically)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+import sc_vi_ext as sv
+
+TL = [getattr(sv.tl, name) for name in sv.tl.__all__]
+PL = [getattr(sv.pl, name) for name in sv.pl.__all__]
+# tl functions that only read adata and therefore need no ``copy`` (none so far)
+TL_READ_ONLY: set[str] = set()
+
+
+def _params(func):
+    return list(inspect.signature(func).parameters.values())
+
+
+def test_public_names_exist():
+    for mod in (sv, sv.tl, sv.pl, sv.datasets):
+        for name in mod.__all__:
+            assert hasattr(mod, name), f"{mod.__name__}.{name}"
+    assert TL and PL
+
+
+@pytest.mark.parametrize("func", TL + PL, ids=lambda f: f"{f.__module__.split('.')[1]}.{f.__name__}")
+def test_sig_conventions(func):
+    params = _params(func)
+    assert params[0].name == "adata"
+    assert params[0].kind == inspect.Parameter.POSITIONAL_OR_KEYWORD
+    for p in params[1:]:
+        assert p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD), (
+            f"{func.__name__}: {p.name} must be keyword-only"
+        )
+
+
+def _documented_params(doc: str) -> list[str]:
+    """Names in the numpydoc Parameters section: the unindented lines (``a, b`` names both)."""
+    lines = inspect.cleandoc(doc).splitlines()
+    start = lines.index("Parameters") + 2
+    names = []
+    for line in lines[start:]:
+        if line in ("Returns", "Yields", "Raises", "See Also", "Notes", "Examples"):
+            break
+        if line and not line[0].isspace():
+            names += [n.strip().lstrip("*") for n in line.split(",")]
+    return names
+
+
+@pytest.mark.parametrize("func", TL + PL, ids=lambda f: f"{f.__module__.split('.')[1]}.{f.__name__}")
+def test_parameters_documented(func):
+    """Every parameter has its own top-level entry in the Parameters section (numpydoc)."""
+    assert func.__doc__, f"{func.__name__} has no docstring"
+    assert "{" not in func.__doc__.split("Returns")[0], "unformatted {field} in the docstring"
+    documented = _documented_params(func.__doc__)
+    names = [p.name for p in _params(func)]
+    missing = [n for n in names if n not in documented]
+    assert not missing, f"{func.__name__}: not documented at the top level of Parameters: {missing}"
+    unknown = [n for n in documented if n not in names]
+    assert not unknown, f"{func.__name__}: documents parameters it does not have: {unknown}"
+
+
+@pytest.mark.parametrize("func", TL, ids=lambda f: f"tl.{f.__name__}")
+def test_tl_has_copy(func):
+    if func.__name__ in TL_READ_ONLY:
+        pytest.skip("read-only tool")
+    params = {p.name: p for p in _params(func)}
+    assert "copy" in params, f"tl.{func.__name__} writes to adata and needs copy="
+    assert params["copy"].default is False
+
+
+@pytest.mark.parametrize("func", PL, ids=lambda f: f"pl.{f.__name__}")
+def test_pl_has_ax_show_return_fig(func):
+    params = {p.name: p for p in _params(func)}
+    assert params["ax"].default is None
+    assert params["show"].default is None
+    assert params["return_fig"].default is False
+
+
+def test_tl_pl_in_all():
+    """Nothing public is missing from __all__ (so the checks above see every function)."""
+    for mod in (sv.tl, sv.pl):
+        public = {n for n, v in vars(mod).items() if inspect.isfunction(v) and not n.startswith("_")}
+        assert public <= set(mod.__all__), public - set(mod.__all__)

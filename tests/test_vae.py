@@ -1,0 +1,382 @@
+"""``sv.tl.vae``: training behaviour, outputs, reproducibility, storage and edge cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scanpy as sc
+import scipy.sparse as sp
+import torch
+from anndata import read_h5ad
+
+import sc_vi_ext as sv
+import sc_vi_ext.train
+from sc_vi_ext.dataloader import Minibatches
+from sc_vi_ext.model_store import stored_loader
+from sc_vi_ext.train import HISTORY_KEYS, evaluate
+
+
+def _stored_latent(adata, key="vae"):
+    """Latent means recomputed from the model stored in ``adata.uns[key]``."""
+    module = sv.get_model(adata, key)
+    with torch.no_grad():
+        means = [module.inference(mb.x, mb.batch)[0] for mb in stored_loader(adata, key)]
+        return np.concatenate([module.representation(m).numpy() for m in means])
+
+
+def _assert_history_consistent(h, n_epochs=None):
+    lengths = {k: len(v) for k, v in h.items()}
+    assert len(set(lengths.values())) == 1, lengths
+    assert set(HISTORY_KEYS) <= set(h)
+    if n_epochs is not None:
+        assert lengths["epoch"] == n_epochs
+    np.testing.assert_array_equal(h["epoch"], np.arange(1, lengths["epoch"] + 1))
+
+
+# --- the trained session model -------------------------------------------------------------
+
+
+def test_outputs(trained_session, sim_session):
+    ad = trained_session
+    z = ad.obsm["X_vae"]
+    assert z.shape == (sim_session.n_obs, 10)
+    assert z.dtype == np.float32
+    assert np.isfinite(z).all()
+    assert z.std(0).min() > 1e-3  # not collapsed onto a constant
+    uns = ad.uns["vae"]
+    assert {"params", "history", "validation_indices", "model", "batch_categories", "best_epoch",
+            "stopped_early", "interrupted"} <= set(uns)
+    assert 19 <= len(uns["validation_indices"]) <= 20  # about 10% of 200 cells held out (see test below)
+    assert uns["interrupted"] is False
+    assert 1 <= uns["best_epoch"] <= 20
+
+
+@pytest.mark.parametrize(
+    ("n_obs", "train_size", "n_val"),
+    [(200, 0.9, 20), (1000, 0.9, 100), (10, 0.7, 3), (143, 0.9, 14), (50, 1.0, 0)],
+)
+def test_validation_split_size(n_obs, train_size, n_val):
+    """train_size is the fraction of training cells: 0.9 of 200 cells trains on 180, validates on 20."""
+    from sc_vi_ext.tl._vae import split_indices
+
+    train_idx, val_idx = split_indices(n_obs, train_size, np.random.default_rng(0))
+    assert len(val_idx) == n_val
+    assert len(train_idx) == n_obs - n_val
+    np.testing.assert_array_equal(np.sort(np.concatenate([train_idx, val_idx])), np.arange(n_obs))
+
+
+def test_elbo_improves_and_is_finite(trained_session):
+    h = trained_session.uns["vae"]["history"]
+    for k, v in h.items():
+        assert np.isfinite(v).all(), k
+    assert h["elbo_validation"][-1] > h["elbo_validation"][0]
+    assert h["elbo_train"][-1] > h["elbo_train"][0]
+    # the columns are what they claim: ELBO = reconstruction - KL, KL >= 0
+    for split in ("train", "validation"):
+        np.testing.assert_allclose(h[f"elbo_{split}"], h[f"reconstruction_{split}"] - h[f"kl_{split}"], rtol=1e-6)
+        assert (h[f"kl_{split}"] >= 0).all()
+        assert (h[f"reconstruction_{split}"] < 0).all()  # log-probability of counts
+
+
+def test_history_lengths_and_kl_warmup(trained_session):
+    uns = trained_session.uns["vae"]
+    h = uns["history"]
+    _assert_history_consistent(h, n_epochs=20)
+    w = np.asarray(h["kl_weight"])
+    warmup = uns["params"]["n_epochs_kl_warmup"]
+    assert warmup == 5  # a quarter of max_epochs by default
+    assert 0 < w[0] < 1
+    assert (np.diff(w) >= 0).all()
+    assert w.max() == 1.0
+    first_full = int(np.argmax(w == 1.0)) + 1
+    assert first_full == warmup  # 1.0 from the end of the warm-up on, well before the end
+    assert (w[first_full - 1:] == 1.0).all()
+
+
+def test_best_weights_are_kept(trained_session):
+    """The stored model is the best-validation epoch's: its validation ELBO is the recorded one."""
+    ad = trained_session
+    uns = ad.uns["vae"]
+    h, best = uns["history"], uns["best_epoch"]
+    warm = uns["params"]["n_epochs_kl_warmup"]
+    assert h["elbo_validation"][best - 1] >= np.max(h["elbo_validation"][warm:]) - 1e-9
+    loader = stored_loader(ad, "vae", uns["validation_indices"], batch_size=1024)
+    val = evaluate(sv.get_model(ad), loader, seed=uns["params"]["random_state"])
+    assert val["elbo"] == pytest.approx(h["elbo_validation"][best - 1], rel=1e-5)
+
+
+def test_latent_separates_cell_types(trained_session):
+    from sc_vi_ext.metrics import knn_accuracy
+
+    acc = knn_accuracy(trained_session.obsm["X_vae"], trained_session.obs["cell_type"])
+    assert acc > 0.6  # 5 types: chance is about 0.2
+
+
+def test_neighbors_and_leiden_run_on_output(trained):
+    sc.pp.neighbors(trained, use_rep="X_vae")
+    sc.tl.leiden(trained, flavor="igraph", n_iterations=2)
+    assert trained.uns["neighbors"]["params"]["use_rep"] == "X_vae"
+    assert trained.obs["leiden"].nunique() >= 2
+
+
+# --- reproducibility, copy, storage -----------------------------------------------------------
+
+
+def test_reproducible_with_random_state(sim_session, trained_session, fast):
+    again = sv.tl.vae(sim_session, copy=True, **fast)
+    np.testing.assert_array_equal(again.obsm["X_vae"], trained_session.obsm["X_vae"])
+    np.testing.assert_array_equal(again.uns["vae"]["history"]["elbo_train"],
+                                  trained_session.uns["vae"]["history"]["elbo_train"])
+    other = sv.tl.vae(sim_session, copy=True, random_state=1, **fast)
+    assert not np.allclose(other.obsm["X_vae"], trained_session.obsm["X_vae"])
+    assert not np.array_equal(other.uns["vae"]["validation_indices"], trained_session.uns["vae"]["validation_indices"])
+
+
+def test_copy_true_leaves_input_untouched(sim, fast):
+    before = (set(sim.obsm), set(sim.uns), sim.X.copy())
+    out = sv.tl.vae(sim, copy=True, **fast)
+    assert out is not sim
+    assert "X_vae" in out.obsm and "vae" in out.uns
+    assert (set(sim.obsm), set(sim.uns)) == before[:2]
+    assert (sim.X != before[2]).nnz == 0
+
+
+def test_copy_false_writes_in_place(sim, fast):
+    assert sv.tl.vae(sim, copy=False, key_added="mine", **fast) is None
+    assert "X_mine" in sim.obsm and "mine" in sim.uns
+    assert "X_vae" not in sim.obsm
+    np.testing.assert_array_equal(_stored_latent(sim, "mine"), sim.obsm["X_mine"])
+
+
+def test_h5ad_round_trip(trained, tmp_path):
+    path = tmp_path / "trained.h5ad"
+    trained.write_h5ad(path)
+    back = read_h5ad(path)
+    p = back.uns["vae"]["params"]
+    assert "layer" in p and "batch_key" in p
+    assert p["likelihood"] == "zinb" and int(p["n_hidden"]) == 32
+    np.testing.assert_array_equal(back.obsm["X_vae"], trained.obsm["X_vae"])
+    np.testing.assert_allclose(_stored_latent(back), trained.obsm["X_vae"], rtol=1e-5, atol=1e-5)
+
+
+def test_h5ad_round_trip_with_layer_and_batches(sim, tmp_path, fast):
+    sim.layers["counts"] = sim.X.copy()
+    sc.pp.normalize_total(sim)
+    sc.pp.log1p(sim)
+    sv.tl.vae(sim, layer="counts", batch_key="batch", encode_covariates=True, **fast)
+    sim.write_h5ad(tmp_path / "b.h5ad")
+    back = read_h5ad(tmp_path / "b.h5ad")
+    assert back.uns["vae"]["params"]["layer"] == "counts"
+    assert back.uns["vae"]["params"]["batch_key"] == "batch"
+    assert list(back.uns["vae"]["batch_categories"]) == ["batch_0", "batch_1"]
+    np.testing.assert_allclose(_stored_latent(back), sim.obsm["X_vae"], rtol=1e-5, atol=1e-5)
+
+
+def test_get_model_without_model_raises(sim):
+    with pytest.raises(KeyError, match="tl.vae"):
+        sv.get_model(sim)
+
+
+# --- input formats -----------------------------------------------------------------------------
+
+
+FORMATS = {
+    "dense-float32": lambda X: X.toarray(),
+    "dense-int64": lambda X: X.toarray().astype(np.int64),
+    "csr-int32": lambda X: sp.csr_matrix(X.astype(np.int32)),
+    "csc-float32": lambda X: sp.csc_matrix(X),
+    "csc-float64": lambda X: sp.csc_matrix(X.astype(np.float64)),
+}
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_matrix_formats_give_same_latent(fmt, sim, trained_session, fast):
+    """The reference is CSR float32 (the simulator's format); every format gives its latent."""
+    sim.X = FORMATS[fmt](sim.X)
+    out = sv.tl.vae(sim, copy=True, **fast)
+    np.testing.assert_allclose(out.obsm["X_vae"], trained_session.obsm["X_vae"], rtol=1e-5, atol=1e-5)
+
+
+def test_layer_is_used(sim, trained_session, fast):
+    """Counts in a layer with log-normalised X give the same latent as counts in X."""
+    sim.layers["counts"] = sim.X.copy()
+    sc.pp.normalize_total(sim)
+    sc.pp.log1p(sim)
+    out = sv.tl.vae(sim, layer="counts", copy=True, **fast)
+    np.testing.assert_allclose(out.obsm["X_vae"], trained_session.obsm["X_vae"], rtol=1e-5, atol=1e-5)
+
+
+# --- minibatch edge cases ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n_obs", "train_size", "batch_size"),
+    [(129, 1.0, 128), (143, 0.9, 128), (34, 0.5, 8)],
+    ids=["129-train-cells-no-val", "129-train-cells-with-val", "17-train-cells-bs8"],
+)
+def test_last_minibatch_of_one_cell(n_obs, train_size, batch_size, sim_session):
+    ad = sim_session[:n_obs].copy()
+    out = sv.tl.vae(ad, train_size=train_size, batch_size=batch_size, max_epochs=3, n_hidden=16,
+                    progress=False, copy=True)
+    n_train = n_obs - len(out.uns["vae"]["validation_indices"])
+    assert n_train % batch_size == 1  # the case under test really happened
+    assert np.isfinite(out.obsm["X_vae"]).all()
+    assert np.isfinite(out.uns["vae"]["history"]["elbo_train"]).all()
+
+
+@pytest.mark.parametrize("n", [2, 3, 129, 257, 300])
+def test_minibatches_cover_every_cell_once_without_singletons(n):
+    X = sp.random(n, 5, density=0.5, format="csr", random_state=0, dtype=np.float32)
+    X.data[:] = 1
+    idx = np.arange(n)
+    mbs = Minibatches(X, idx, log_library=np.zeros(n, np.float32), batch_size=128, shuffle=True,
+                      rng=np.random.default_rng(0))
+    batches = list(mbs)
+    assert len(batches) == len(mbs)
+    assert all(len(b.idx) >= 2 for b in batches)
+    seen = np.concatenate([b.idx for b in batches])
+    np.testing.assert_array_equal(np.sort(seen), idx)
+    for b in batches:  # rows are the right rows
+        np.testing.assert_array_equal(b.x.numpy(), X[b.idx].toarray())
+
+
+def test_fewer_cells_than_batch_size(sim_session):
+    ad = sim_session[:40].copy()
+    out = sv.tl.vae(ad, batch_size=128, max_epochs=5, n_hidden=16, progress=False, copy=True)
+    assert out.obsm["X_vae"].shape == (40, 10)
+    assert np.isfinite(out.obsm["X_vae"]).all()
+
+
+def test_train_size_one(sim, fast):
+    sv.tl.vae(sim, train_size=1.0, **fast)
+    uns = sim.uns["vae"]
+    assert len(uns["validation_indices"]) == 0
+    h = uns["history"]
+    _assert_history_consistent(h, n_epochs=20)
+    assert np.isnan(h["elbo_validation"]).all()
+    assert np.isfinite(h["elbo_train"]).all()
+    assert np.isfinite(sim.obsm["X_vae"]).all()
+
+
+# --- model variants --------------------------------------------------------------------------------
+
+
+def test_single_batch_category(sim, fast):
+    sim.obs["one"] = "only"
+    sv.tl.vae(sim, batch_key="one", **fast)
+    assert list(sim.uns["vae"]["batch_categories"]) == ["only"]
+    assert np.isfinite(sim.obsm["X_vae"]).all()
+    np.testing.assert_allclose(_stored_latent(sim), sim.obsm["X_vae"], rtol=1e-5, atol=1e-5)
+
+
+def test_three_batches_gene_batch_dispersion(fast):
+    ad = sv.datasets.simulate(200, 60, n_batches=3, random_state=2)
+    sv.tl.vae(ad, batch_key="batch", dispersion="gene-batch", encode_covariates=True, **fast)
+    uns = ad.uns["vae"]
+    assert list(uns["batch_categories"]) == ["batch_0", "batch_1", "batch_2"]
+    assert uns["model"]["log_theta"].shape == (3, 60)
+    assert np.isfinite(ad.obsm["X_vae"]).all()
+    np.testing.assert_allclose(_stored_latent(ad), ad.obsm["X_vae"], rtol=1e-5, atol=1e-5)
+    # the encoder sees the batch: relabelling the batches changes the latent means
+    flipped = ad.copy()
+    flipped.obs["batch"] = flipped.obs["batch"].map(
+        {"batch_0": "batch_1", "batch_1": "batch_2", "batch_2": "batch_0"}).astype("category")
+    assert not np.allclose(_stored_latent(flipped), ad.obsm["X_vae"], atol=1e-4)
+
+
+@pytest.mark.parametrize("likelihood", ["zinb", "nb", "poisson"])
+def test_likelihoods_train(likelihood, sim, fast):
+    sv.tl.vae(sim, likelihood=likelihood, **fast)
+    model = sim.uns["vae"]["model"]
+    assert ("log_theta" in model) == (likelihood != "poisson")
+    assert any(k.startswith("decoder.zi_logits") for k in model) == (likelihood == "zinb")
+    h = sim.uns["vae"]["history"]
+    assert np.isfinite(h["elbo_validation"]).all()
+    assert h["elbo_validation"][-1] > h["elbo_validation"][0]
+    assert np.isfinite(sim.obsm["X_vae"]).all()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"library": "latent"}, {"latent_distribution": "ln"}, {"dispersion": "gene-cell"},
+     {"library": "latent", "batch_key": "batch", "likelihood": "nb"}],
+    ids=["latent-library", "logistic-normal", "gene-cell-dispersion", "latent-library-batches-nb"],
+)
+def test_model_options_train_and_round_trip(options, sim, fast, tmp_path):
+    sv.tl.vae(sim, **options, **fast)
+    z = sim.obsm["X_vae"]
+    assert z.shape == (sim.n_obs, 10)
+    assert np.isfinite(z).all()
+    h = sim.uns["vae"]["history"]
+    assert h["elbo_validation"][-1] > h["elbo_validation"][0]
+    if options.get("latent_distribution") == "ln":  # softmax of z: points on the simplex
+        np.testing.assert_allclose(z.sum(1), 1, rtol=1e-5)
+        assert (z > 0).all()
+    sim.write_h5ad(tmp_path / "o.h5ad")
+    np.testing.assert_allclose(_stored_latent(read_h5ad(tmp_path / "o.h5ad")), z, rtol=1e-5, atol=1e-5)
+
+
+def test_two_layers(sim, fast):
+    sv.tl.vae(sim, n_layers=2, n_latent=5, **fast)
+    assert sim.obsm["X_vae"].shape == (sim.n_obs, 5)
+    assert "encoder.net.layers.1.0.weight" in sim.uns["vae"]["model"]
+    assert "decoder.net.layers.1.0.weight" in sim.uns["vae"]["model"]
+    np.testing.assert_allclose(_stored_latent(sim), sim.obsm["X_vae"], rtol=1e-5, atol=1e-5)
+
+
+# --- training control ------------------------------------------------------------------------------
+
+
+def test_early_stopping_stops(sim):
+    sv.tl.vae(sim, max_epochs=300, n_hidden=16, early_stopping_patience=1, n_epochs_kl_warmup=2, progress=False)
+    uns = sim.uns["vae"]
+    assert uns["stopped_early"]
+    n = len(uns["history"]["epoch"])
+    assert n < 300
+    _assert_history_consistent(uns["history"], n_epochs=n)
+    # stopping with patience 1 means the last epoch was worse than the best one
+    h = uns["history"]["elbo_validation"]
+    assert h[-1] <= h[uns["best_epoch"] - 1]
+
+
+def test_no_early_stopping_runs_all_epochs(sim):
+    sv.tl.vae(sim, max_epochs=30, n_hidden=16, early_stopping=False, n_epochs_kl_warmup=2, progress=False)
+    assert not sim.uns["vae"]["stopped_early"]
+    assert len(sim.uns["vae"]["history"]["epoch"]) == 30
+
+
+@pytest.mark.parametrize("raise_on_call", [1, 3], ids=["during-epoch-1", "at-epoch-3"])
+def test_keyboard_interrupt(raise_on_call, sim, fast, monkeypatch):
+    calls = {"n": 0}
+
+    def interrupting_evaluate(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == raise_on_call:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(sc_vi_ext.train, "evaluate", interrupting_evaluate)
+    with pytest.warns(UserWarning, match="interrupted"):
+        sv.tl.vae(sim, **fast)
+    uns = sim.uns["vae"]
+    assert uns["interrupted"] is True
+    assert not uns["stopped_early"]
+    n_done = raise_on_call - 1  # the epoch whose evaluation was cut off is not recorded
+    _assert_history_consistent(uns["history"], n_epochs=n_done)
+    assert sim.obsm["X_vae"].shape == (sim.n_obs, 10)
+    assert np.isfinite(sim.obsm["X_vae"]).all()
+    assert uns["best_epoch"] <= n_done
+    np.testing.assert_allclose(_stored_latent(sim), sim.obsm["X_vae"], rtol=1e-5, atol=1e-5)
+
+
+def test_progress_false_is_silent(sim, capsys):
+    sv.tl.vae(sim, max_epochs=3, n_hidden=16, progress=False)
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == ""
+
+
+def test_progress_true_shows_bar(sim, capsys):
+    """Positive control for the test above: the bar does write to stderr."""
+    sv.tl.vae(sim, max_epochs=3, n_hidden=16, progress=True)
+    assert "training VAE" in capsys.readouterr().err
