@@ -126,12 +126,15 @@ def test_pmf_sums_to_one(likelihood, mu, theta, logit):
 
 
 def _naive(x, likelihood, mu, theta=None, logits=None, eps=1e-8):
-    """Textbook elementwise log-likelihoods on every entry, summed over genes (same eps)."""
+    """Textbook elementwise log-likelihoods on every entry, summed over genes.
+
+    The same eps as the implementation inside log(theta) and log(mu); log(theta + mu) has
+    none (theta > 0)."""
     if likelihood == "poisson":
         return (x * torch.log(mu + eps) - mu - torch.lgamma(x + 1)).sum(-1)
     log_nb = (
-        theta * (torch.log(theta + eps) - torch.log(theta + mu + eps))
-        + x * (torch.log(mu + eps) - torch.log(theta + mu + eps))
+        theta * (torch.log(theta + eps) - torch.log(theta + mu))
+        + x * (torch.log(mu + eps) - torch.log(theta + mu))
         + torch.lgamma(x + theta)
         - torch.lgamma(theta)
         - torch.lgamma(x + 1)

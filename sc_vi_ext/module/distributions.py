@@ -41,29 +41,39 @@ def _scatter_rows(values: torch.Tensor, idx: torch.Tensor, n_genes: int, n_cells
     return out.index_add_(-1, rows, values)
 
 
-def log_poisson(x: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+def log_poisson(x: torch.Tensor, mu: torch.Tensor, log_mu: torch.Tensor | None = None) -> torch.Tensor:
     """Poisson log-likelihood summed over genes.
 
-    ``x`` is (cells, genes); ``mu`` is (..., cells, genes). Returns (..., cells).
+    ``x`` is (cells, genes); ``mu`` is (..., cells, genes); ``log_mu`` (optional, same
+    shape) spares a log when the caller has it. Returns (..., cells).
     """
     idx, xv = _nonzero(x)
     dense = -mu.sum(-1)
-    mu_nz = _gather(mu, idx, x.shape)
-    nz = xv * torch.log(mu_nz + _EPS) - torch.lgamma(xv + 1)
+    nz = xv * _log_mu_at(mu, log_mu, idx, x.shape) - torch.lgamma(xv + 1)
     return dense + _scatter_rows(nz, idx, x.shape[-1], x.shape[0])
 
 
-def log_nb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+def _log_mu_at(mu, log_mu, idx, shape) -> torch.Tensor:
+    if log_mu is not None:
+        return _gather(log_mu, idx, shape)
+    return torch.log(_gather(mu, idx, shape) + _EPS)
+
+
+def log_nb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, log_mu: torch.Tensor | None = None) -> torch.Tensor:
     """Negative-binomial log-likelihood (mean ``mu``, inverse dispersion ``theta``).
 
     NB(x; mu, theta) = Gamma(x + theta) / (Gamma(theta) x!) (theta / (theta + mu))^theta
     (mu / (theta + mu))^x. ``theta`` broadcasts against ``mu``. Returns (..., cells).
     """
-    return log_zinb(x, mu, theta, None)
+    return log_zinb(x, mu, theta, None, log_mu)
 
 
 def log_zinb(
-    x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor | None
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    theta: torch.Tensor,
+    zi_logits: torch.Tensor | None,
+    log_mu: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Zero-inflated NB log-likelihood; ``zi_logits`` are the logits of the dropout mass.
 
@@ -72,24 +82,28 @@ def log_zinb(
     """
     idx, xv = _nonzero(x)
     log_theta = torch.log(theta + _EPS)
-    log_theta_mu = torch.log(theta + mu + _EPS)
-    nb_zero = theta * (log_theta - log_theta_mu)  # log NB(0), dense
+    log_theta_mu = torch.log(theta + mu)  # theta > 0: no epsilon needed on this dense pass
     theta_nz = _gather(theta, idx, x.shape)
     nz = (
-        xv * (torch.log(_gather(mu, idx, x.shape) + _EPS) - _gather(log_theta_mu, idx, x.shape))
+        xv * (_log_mu_at(mu, log_mu, idx, x.shape) - _gather(log_theta_mu, idx, x.shape))
         + torch.lgamma(xv + theta_nz)
         - torch.lgamma(theta_nz)
         - torch.lgamma(xv + 1)
     )
-    if zi_logits is None:
-        dense = nb_zero.sum(-1)  # the x > 0 entries share the theta * log(...) term
+    if zi_logits is None and theta.dim() == 1:
+        # per-gene theta: sum_g theta_g (log theta_g - log(theta_g + mu_g)) is a matrix-vector product
+        dense = (theta * log_theta).sum() - log_theta_mu @ theta
     else:
-        log_1m_pi = -F.softplus(zi_logits)  # log(1 - pi)
-        # x = 0: log(pi + (1 - pi) NB(0)) = logaddexp(logit, log NB(0)) + log(1 - pi)
-        zero_case = torch.logaddexp(zi_logits, nb_zero) + log_1m_pi
-        dense = zero_case.sum(-1)
-        # x > 0: log(1 - pi) + log NB(x); swap out the zero case counted densely above
-        nz = nz + _gather(log_1m_pi + nb_zero - zero_case, idx, x.shape)
+        nb_zero = theta * (log_theta - log_theta_mu)  # log NB(0), dense
+        if zi_logits is None:
+            dense = nb_zero.sum(-1)  # the x > 0 entries share the theta * log(...) term
+        else:
+            sp = F.softplus(zi_logits)  # -log(1 - pi)
+            # x = 0: log(pi + (1 - pi) NB(0)) = logaddexp(logit, log NB(0)) + log(1 - pi)
+            zero_case = torch.logaddexp(zi_logits, nb_zero) - sp
+            dense = zero_case.sum(-1)
+            # x > 0: log(1 - pi) + log NB(x); swap out the zero case counted densely above
+            nz = nz + _gather(nb_zero, idx, x.shape) - _gather(sp, idx, x.shape) - _gather(zero_case, idx, x.shape)
     return dense + _scatter_rows(nz, idx, x.shape[-1], x.shape[0])
 
 
@@ -99,14 +113,15 @@ def log_likelihood(
     mu: torch.Tensor,
     theta: torch.Tensor | None = None,
     zi_logits: torch.Tensor | None = None,
+    log_mu: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dispatch on ``likelihood`` in {"zinb", "nb", "poisson"}; per-cell sum over genes."""
     if likelihood == "poisson":
-        return log_poisson(x, mu)
+        return log_poisson(x, mu, log_mu)
     if likelihood == "nb":
-        return log_zinb(x, mu, theta, None)
+        return log_zinb(x, mu, theta, None, log_mu)
     if likelihood == "zinb":
-        return log_zinb(x, mu, theta, zi_logits)
+        return log_zinb(x, mu, theta, zi_logits, log_mu)
     raise ValueError(f"likelihood must be 'zinb', 'nb' or 'poisson', not {likelihood!r}")
 
 

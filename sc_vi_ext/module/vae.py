@@ -154,7 +154,8 @@ class VAE(nn.Module):
         if self.library == "latent":
             log_library = z[..., -1]
         log_scale, zi, cell_log_theta = self.decoder(self.representation(z), self._covariates(batch, cov))
-        out = {"mu": torch.exp(log_scale + log_library[..., None]), "zi_logits": zi, "theta": None}
+        log_mu = log_scale + log_library[..., None]
+        out = {"mu": torch.exp(log_mu), "log_mu": log_mu, "zi_logits": zi, "theta": None}
         if cell_log_theta is not None:
             out["theta"] = torch.exp(cell_log_theta)
         elif self.likelihood != "poisson":
@@ -170,7 +171,8 @@ class VAE(nn.Module):
 
     def log_px_z(self, x: torch.Tensor, params: dict) -> torch.Tensor:
         """log p(x | z) summed over genes, (..., cells)."""
-        return log_likelihood(x, self.likelihood, params["mu"], params["theta"], params["zi_logits"])
+        return log_likelihood(x, self.likelihood, params["mu"], params["theta"], params["zi_logits"],
+                              params.get("log_mu"))
 
     def forward(self, x, batch, log_library, cov=None, generator: torch.Generator | None = None) -> LossOutput:
         """The per-cell loss terms (``forward`` so that DistributedDataParallel can wrap it)."""
