@@ -55,7 +55,17 @@ def rss_mib() -> float:
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far (MiB; ru_maxrss is KiB on Linux)."""
+    """Peak resident set size of this process since it started (MiB).
+
+    VmHWM from /proc/self/status: the high-water mark of this program's address space. Not
+    ru_maxrss, which on Linux carries the parent's RSS at fork into a child across exec.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:  # pragma: no cover
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -108,11 +118,11 @@ def ours_train(adata, *, epoch_times: list | None = None, **kw):
 
     def timed_train(*a, callback=None, **k):
         if epoch_times is not None:
-            epoch_times.append(time.perf_counter())
+            epoch_times.append((time.perf_counter(), time.process_time()))
 
         def cb(epoch, module):
             if epoch_times is not None:
-                epoch_times.append(time.perf_counter())
+                epoch_times.append((time.perf_counter(), time.process_time()))
             return callback(epoch, module) if callback is not None else None
 
         return orig(*a, callback=cb, **k)
@@ -136,7 +146,8 @@ def ours_latent(adata, key="vae", batch_size=1024) -> np.ndarray:
     with torch.inference_mode():
         for mb in stored_loader(adata, key, batch_size=batch_size):
             mean, _ = module.inference(mb.x, mb.batch)
-            out[pos:pos + len(mb.idx)] = mean.numpy()
+            rep = module.representation(mean) if hasattr(module, "representation") else mean
+            out[pos:pos + len(mb.idx)] = rep.numpy()
             pos += len(mb.idx)
     return out
 
@@ -153,8 +164,13 @@ def ours_iwae(adata, indices, *, key="vae", k=K_IWAE, batch_size=128, seed=0) ->
     from sc_vi_ext.model_store import stored_loader
     from sc_vi_ext.module.distributions import log_normal, log_normal_std
 
-    if hasattr(sv.tl, "log_likelihood"):
-        pass  # TODO: switch to sv.tl.log_likelihood once its signature is settled
+    if hasattr(sv.tl, "log_likelihood"):  # the library's own IWAE (sv.tl.log_likelihood)
+        indices = np.asarray(indices)
+        mask = np.zeros(adata.n_obs, dtype=bool)
+        mask[indices] = True
+        sv.tl.log_likelihood(adata, key=key, n_samples=k, subset=mask, batch_size=batch_size,
+                             random_state=seed, device="cpu", progress=False)
+        return adata.obs[f"{key}_log_px"].to_numpy()[np.sort(indices)].astype(np.float64)
     module = sv.get_model(adata, key)
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -185,13 +201,16 @@ def scvi_timer():
             self.starts, self.end = [], None
 
         def on_train_epoch_start(self, trainer, pl_module):
-            self.starts.append(time.perf_counter())
+            self.starts.append((time.perf_counter(), time.process_time()))
 
         def on_train_end(self, trainer, pl_module):
-            self.end = time.perf_counter()
+            self.end = (time.perf_counter(), time.process_time())
+
+        def stamps(self) -> np.ndarray:
+            return np.array(self.starts + [self.end])
 
         def epochs(self) -> list[float]:
-            return list(np.diff(self.starts + [self.end]))
+            return list(np.diff(self.stamps()[:, 0]))
 
     return EpochTimer()
 
@@ -202,15 +221,20 @@ def worker(args) -> dict:
     quiet()
     import anndata as ad
     import torch
+    import torch._dynamo  # noqa: F401  imported lazily by the first torch.optim.Adam (~1-2 s); scvi-tools
+    # pays it at import time, so import it here for both tools: imports are outside every timer
 
     if args.threads:
         torch.set_num_threads(args.threads)
     adata = ad.read_h5ad(args._data)
     batch_key = args._batch_key or None
-    res = {"task": args._worker, "torch_threads": torch.get_num_threads(), "rss_after_load_mib": rss_mib()}
+    res = {"task": args._worker, "torch_threads": torch.get_num_threads(), "rss_after_load_mib": rss_mib(),
+           "load_start": os.getloadavg()[0]}
     train_idx, val_idx = shared_split(adata.n_obs, 0.9, 0)
     split = {"datasplitter_kwargs": {"external_indexing": [train_idx, val_idx]}}
     tool, mode = args._worker.split("-")
+    tool = "ours" if tool == "alt" else tool
+    res["sc_vi_ext_file"] = __import__("sc_vi_ext").__file__
 
     if mode == "epochs":
         E = args.epochs
@@ -221,7 +245,7 @@ def worker(args) -> dict:
                        early_stopping=False, train_size=0.9, progress=False, batch_key=batch_key,
                        random_state=0)
             total = time.perf_counter() - t0
-            epochs = list(np.diff(stamps))
+            stamps = np.array(stamps)
         else:
             import scvi
 
@@ -233,8 +257,10 @@ def worker(args) -> dict:
                     check_val_every_n_epoch=1, accelerator="cpu", enable_progress_bar=False,
                     enable_model_summary=False, callbacks=[timer], **split)
             total = time.perf_counter() - t0
-            epochs = timer.epochs()
-        res.update(epoch_s=epochs, train_call_s=total, overhead_s=total - sum(epochs),
+            stamps = timer.stamps()
+        epochs = list(np.diff(stamps[:, 0]))
+        res["peak_rss_train_mib"] = peak_rss_mib()
+        res.update(epoch_s=epochs, epoch_cpu_s=list(np.diff(stamps[:, 1])), train_call_s=total, overhead_s=total - sum(epochs),
                    n_train=len(train_idx), n_val=len(val_idx))
         # c. inference on the model just trained
         sub = np.random.default_rng(1).choice(adata.n_obs, min(args.iwae_cells, adata.n_obs), replace=False)
@@ -261,9 +287,9 @@ def worker(args) -> dict:
         if tool == "ours":
             import sc_vi_ext as sv
 
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             sv.tl.vae(adata, batch_key=batch_key, progress=False)  # defaults (random_state=0)
-            res["wall_s"] = time.perf_counter() - t0
+            res["wall_s"], res["cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
             h = adata.uns["vae"]["history"]
             res.update(epochs=int(len(h["epoch"])), max_epochs=int(adata.uns["vae"]["params"]["max_epochs"]),
                        stopped_early=bool(adata.uns["vae"]["stopped_early"]),
@@ -271,38 +297,42 @@ def worker(args) -> dict:
             val = np.asarray(adata.uns["vae"]["validation_indices"])
             assert np.array_equal(np.sort(val), val_idx)
             latent = adata.obsm["X_vae"]
+            peak_rss_train = peak_rss_mib()
             t0 = time.perf_counter()
             ll = ours_iwae(adata, val)
             res["iwae_s"] = time.perf_counter() - t0
         else:
             import scvi
-            from scvi.model import get_max_epochs_heuristic
+            from scvi.model._utils import get_max_epochs_heuristic
 
             default_epochs = get_max_epochs_heuristic(adata.n_obs)
             cap = args.scvi_max_epochs
             kw = {} if not cap or cap >= default_epochs else {"max_epochs": cap}
             timer = scvi_timer()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             scvi_setup(adata, batch_key)
             m = scvi.model.SCVI(adata)
             m.train(accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
                     callbacks=[timer], **split, **kw)
             adata.obsm["X_scVI"] = latent = m.get_latent_representation()
-            res["wall_s"] = time.perf_counter() - t0
+            res["wall_s"], res["cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
             ep = timer.epochs()
             res.update(epochs=len(ep), max_epochs=default_epochs, capped=bool(kw), epoch_s=ep)
             if kw:  # extrapolate: measured wall + the missing epochs at the measured mean rate
                 rate = float(np.mean(ep[1:] if len(ep) > 1 else ep))
                 res["wall_extrapolated_s"] = res["wall_s"] + rate * (default_epochs - len(ep))
+            peak_rss_train = peak_rss_mib()
             t0 = time.perf_counter()
             ll = m.get_marginal_ll(indices=val_idx, n_mc_samples=K_IWAE, return_mean=False).numpy()
             res["iwae_s"] = time.perf_counter() - t0
+        res["peak_rss_train_mib"] = peak_rss_train
         res["iwae_heldout"] = float(np.mean(ll))
         res["n_heldout"] = len(val_idx)
         np.save(args._out + ".latent.npy", np.asarray(latent, dtype=np.float32))
         res["latent_file"] = args._out + ".latent.npy"
         res["label_key"] = label_key
     res["peak_rss_mib"] = peak_rss_mib()
+    res["load_end"] = os.getloadavg()[0]
     return res
 
 
@@ -317,13 +347,22 @@ def run_worker(task, data, args, tmp, label_key=None, batch_key=None) -> dict | 
         cmd += ["--_batch_key", batch_key]
     print(f"# running {task} on {Path(data).name} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if task.startswith("alt-"):
+        env["PYTHONPATH"] = os.pathsep.join([args.ours_alt] + [p for p in [env.get("PYTHONPATH")] if p])
+    if args.omp_passive:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         print(f"# {task} FAILED (rc={proc.returncode}):\n{proc.stderr[-4000:]}", file=sys.stderr)
         return None
     res = json.loads(Path(out).read_text())
     print(f"#   done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
     return res
+
+
+def r_n_train(runs) -> str:
+    return next((str(vs[0]["n_train"]) for vs in runs.values() if vs), "?")
 
 
 def quality(adata, latent: np.ndarray, label_key: str, batch_key: str | None) -> dict:
@@ -365,9 +404,10 @@ def main(argv=None):
     p.add_argument("--n-cells", type=int, default=20000)
     p.add_argument("--n-genes", type=int, default=2000)
     p.add_argument("--epochs", type=int, default=3, help="epochs for the throughput runs (a, c)")
-    p.add_argument("--dispersion", type=float, default=0.5,
-                   help="simulate(dispersion=); 0.5 gives ~37%% non-zeros at 20k x 2000 "
-                        "(simulate's default 5.0 gives ~51%%)")
+    p.add_argument("--dispersion", type=float, default=None,
+                   help="simulate(dispersion=); default: simulate's own (5.0)")
+    p.add_argument("--mean-library", type=float, default=None,
+                   help="simulate(mean_library=); default: simulate's own (1500: ~36%% non-zero at 20k x 2000)")
     p.add_argument("--batch", action="store_true", help='use batch_key="batch" for both tools')
     p.add_argument("--end-to-end", action="store_true", help="(b) defaults, quality and IWAE")
     p.add_argument("--pbmc", action="store_true", help="(d) end-to-end on sv.datasets.pbmc68k()")
@@ -376,7 +416,12 @@ def main(argv=None):
     p.add_argument("--scvi-max-epochs", type=int, default=0,
                    help="cap scvi's end-to-end epochs (0: its default) and extrapolate its wall time")
     p.add_argument("--iwae-cells", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=1, help="throughput runs per tool, alternating")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in the workers (0: default)")
+    p.add_argument("--omp-passive", action="store_true",
+                   help="OMP_WAIT_POLICY=PASSIVE in the workers (avoids spin-waiting on a loaded machine)")
+    p.add_argument("--ours-alt", metavar="PATH",
+                   help="also run a modified copy of sc_vi_ext found at PATH (put first on PYTHONPATH) as a column")
     p.add_argument("--markdown", help="also write the table to this file")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     p.add_argument("--_data", help=argparse.SUPPRESS)
@@ -394,54 +439,96 @@ def main(argv=None):
     import sc_vi_ext as sv
     import anndata as ad
 
-    tools = ["ours"] + (["scvi"] if have_scvi() and not args.no_scvi else [])
+    tools = ["ours"] + (["alt"] if args.ours_alt else []) + (["scvi"] if have_scvi() and not args.no_scvi else [])
     batch_key = "batch" if args.batch else None
-    rows: list[tuple[str, object, object, str]] = []  # metric, ours, scvi, ratio
+    # rows: (metric, {tool: formatted value}, {ratio name: text}); a ratio is other / ours
+    rows: list[tuple[str, dict, dict]] = []
+    ratio_cols = [t for t in tools if t != "ours"]
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="svbench") as tmp:
-        t0 = time.perf_counter()
-        adata = sv.datasets.simulate(args.n_cells, args.n_genes, n_batches=3, n_types=8,
-                                     dispersion=args.dispersion, random_state=0)
-        nnz = adata.X.nnz / (adata.n_obs * adata.n_vars)
-        sim_path = os.path.join(tmp, "sim.h5ad")
-        adata.write_h5ad(sim_path)
-        print(f"# simulated {adata.n_obs} x {adata.n_vars} in {time.perf_counter() - t0:.1f}s, "
-              f"{nnz:.1%} non-zero", file=sys.stderr)
-        data_desc = (f"simulate({args.n_cells}, {args.n_genes}, n_batches=3, n_types=8, "
-                     f"dispersion={args.dispersion}, random_state=0): {nnz:.1%} non-zero, "
-                     f"mean total count {adata.X.sum() / adata.n_obs:.0f}")
+        sim_kw = {k: v for k, v in (("dispersion", args.dispersion), ("mean_library", args.mean_library))
+                  if v is not None}
+        need_sim = not args.no_throughput or args.end_to_end
+        data_desc = []
+        if need_sim:
+            t0 = time.perf_counter()
+            adata = sv.datasets.simulate(args.n_cells, args.n_genes, n_batches=3, n_types=8, random_state=0,
+                                         **sim_kw)
+            nnz = adata.X.nnz / (adata.n_obs * adata.n_vars)
+            sim_path = os.path.join(tmp, "sim.h5ad")
+            adata.write_h5ad(sim_path)
+            print(f"# simulated {adata.n_obs} x {adata.n_vars} in {time.perf_counter() - t0:.1f}s, "
+                  f"{nnz:.1%} non-zero", file=sys.stderr)
+            data_desc.append(f"simulate({args.n_cells}, {args.n_genes}, n_batches=3, n_types=8, "
+                             + "".join(f"{k}={v}, " for k, v in sim_kw.items())
+                             + f"random_state=0): {nnz:.1%} non-zero, "
+                             f"mean total count {adata.X.sum() / adata.n_obs:.0f}")
 
         def add(metric, r, key, spec=".2f", better=None, show_ratio=False):
-            o = r.get("ours", {}).get(key) if r.get("ours") else None
-            s = r.get("scvi", {}).get(key) if r.get("scvi") else None
-            rows.append((metric, fmt(o, spec), fmt(s, spec), ratio(o, s) if show_ratio else ""))
+            val = {t: (r.get(t) or {}).get(key) for t in tools}
+            rows.append((metric, {t: fmt(v, spec) for t, v in val.items()},
+                         {t: ratio(val["ours"], val[t]) if show_ratio else "" for t in ratio_cols}))
+
+        def section(title):
+            rows.append((title, {t: "" for t in tools}, {t: "" for t in ratio_cols}))
 
         if not args.no_throughput:
-            r = {t: run_worker(f"{t}-epochs", sim_path, args, tmp, batch_key=batch_key) for t in tools}
-            for t, v in r.items():
-                if v:
-                    ep = v["epoch_s"]
-                    v["s_per_epoch"] = float(np.mean(ep[1:])) if len(ep) > 1 else float(ep[0])
-                    v["epoch1_s"] = float(ep[0])
-                    v["cells_per_s"] = v["n_train"] / v["s_per_epoch"]
-                    v["epochs_str"] = " / ".join(f"{e:.1f}" for e in ep)
-            rows.append((f"**a. training, {args.epochs} epochs, batch 128, ZINB, batch_key={batch_key}**", "", "", ""))
-            add("seconds per epoch (mean of epochs 2..E, incl. validation)", r, "s_per_epoch", ".2f", show_ratio=True)
-            add("epoch times (s)", r, "epochs_str", "")
-            add("training cells / second", r, "cells_per_s", ".0f")
+            runs = {t: [] for t in tools}
+            for _ in range(args.repeats):  # alternate the tools so that load drifts hit both
+                for t in tools:
+                    v = run_worker(f"{t}-epochs", sim_path, args, tmp, batch_key=batch_key)
+                    if v:
+                        runs[t].append(v)
+            r = {}
+            for t, vs in runs.items():
+                if not vs:
+                    r[t] = None
+                    continue
+                later = [e for v in vs for e in (v["epoch_s"][1:] or v["epoch_s"])]
+                later_cpu = [e for v in vs for e in (v["epoch_cpu_s"][1:] or v["epoch_cpu_s"])]
+                s_ep = float(np.median(later))
+                r[t] = {
+                    "s_per_epoch": s_ep, "min_s_per_epoch": float(np.min(later)),
+                    "cpu_per_epoch": float(np.median(later_cpu)),
+                    "epoch1_s": float(np.median([v["epoch_s"][0] for v in vs])),
+                    "cells_per_s": vs[0]["n_train"] / s_ep,
+                    "epochs_str": " ; ".join(" / ".join(f"{e:.1f}" for e in v["epoch_s"]) for v in vs),
+                    "overhead_s": float(np.median([v["overhead_s"] for v in vs])),
+                    "peak_rss_mib": float(np.max([v["peak_rss_mib"] for v in vs])),
+                    "peak_rss_train_mib": float(np.max([v["peak_rss_train_mib"] for v in vs])),
+                    "rss_after_load_mib": float(np.max([v["rss_after_load_mib"] for v in vs])),
+                    "torch_threads": vs[0]["torch_threads"],
+                    "latent_s": float(np.min([v["latent_s"] for v in vs])),
+                    "iwae_s": float(np.min([v["iwae_s"] for v in vs])),
+                    "iwae_after_E": vs[0]["iwae_after_E"],
+                    "load": " ; ".join(f"{v['load_start']:.1f}->{v['load_end']:.1f}" for v in vs),
+                }
+            section(f"**a. training, {args.epochs} epochs x {args.repeats} repeat(s), batch 128, ZINB, "
+                    f"batch_key={batch_key}, {r_n_train(runs)} training cells**")
+            add("seconds per epoch (median of epochs 2..E, incl. validation)", r, "s_per_epoch", ".2f", show_ratio=True)
+            add("fastest epoch (s)", r, "min_s_per_epoch", ".2f", show_ratio=True)
+            add("CPU seconds per epoch (user+sys, all threads; median)", r, "cpu_per_epoch", ".2f", show_ratio=True)
+            add("epoch 1 (s, median over repeats)", r, "epoch1_s", ".2f")
+            add("all epoch times (s; repeats separated by ;)", r, "epochs_str", "")
+            add("training cells / second (at the median epoch)", r, "cells_per_s", ".0f")
             add("fixed overhead of the training call (s)", r, "overhead_s", ".2f")
-            add("peak RSS of the process (MiB)", r, "peak_rss_mib", ".0f")
+            add("RSS after imports + reading the data (MiB)", r, "rss_after_load_mib", ".0f")
+            add("peak RSS up to the end of training (MiB)", r, "peak_rss_train_mib", ".0f")
+            add("peak RSS incl. inference of c (MiB)", r, "peak_rss_mib", ".0f")
             add("torch threads", r, "torch_threads", "d")
-            rows.append((f"**c. inference (model of a)**", "", "", ""))
+            add("1-min load average, start->end of each run", r, "load", "")
+            section("**c. inference (model of a; fastest repeat)**")
             add(f"latent of all {args.n_cells} cells into obsm (s)", r, "latent_s", ".2f", show_ratio=True)
             add(f"IWAE K={K_IWAE} on {args.iwae_cells} cells (s)", r, "iwae_s", ".2f", show_ratio=True)
-            add(f"IWAE log p(x) per cell after {args.epochs} epochs", r, "iwae_after_E", ".1f")
+            add(f"IWAE log p(x) per cell after {args.epochs} epochs (nats)", r, "iwae_after_E", ".1f")
 
         datasets = []
         if args.end_to_end:
             datasets.append(("simulated", sim_path, adata, "cell_type", batch_key or "batch", batch_key))
         if args.pbmc:
             pb = sv.datasets.pbmc68k()
+            data_desc.append(f"sv.datasets.pbmc68k(): {pb.n_obs} x {pb.n_vars}, "
+                             f"{pb.X.nnz / (pb.n_obs * pb.n_vars):.1%} non-zero")
             pb_path = os.path.join(tmp, "pbmc.h5ad")
             pb.write_h5ad(pb_path)
             datasets.append(("pbmc68k", pb_path, pb, "bulk_labels", None, None))
@@ -451,46 +538,69 @@ def main(argv=None):
                 if v:
                     v.update(quality(data, np.load(v["latent_file"]), label_key, mix_key))
                     v["epochs_str"] = f"{v['epochs']} (max {v['max_epochs']})"
-                    if v.get("capped"):
+                    v["load"] = f"{v['load_start']:.1f}->{v['load_end']:.1f}"
+                    if t == "scvi" and v.get("capped"):
                         v["epochs_str"] += " CAPPED"
                         notes.append(
                             f"{name}: scvi-tools was capped at {v['epochs']} of its default {v['max_epochs']} "
                             f"epochs; its wall time to defaults is extrapolated as measured wall + "
                             f"{v['max_epochs'] - v['epochs']} x mean epoch time; its quality columns "
                             f"are for the capped model.")
-            rows.append((f"**{'b' if name == 'simulated' else 'd'}. end-to-end defaults, {name} "
-                         f"({data.n_obs} x {data.n_vars}), batch_key={bkey}**", "", "", ""))
+            section(f"**{'b' if name == 'simulated' else 'd'}. end-to-end defaults, {name} "
+                    f"({data.n_obs} x {data.n_vars}), batch_key={bkey}**")
             add("wall time call -> latent in obsm (s)", r, "wall_s", ".1f", show_ratio=True)
+            add("CPU time of that call (s)", r, "cpu_s", ".1f", show_ratio=True)
             if any(v and v.get("wall_extrapolated_s") for v in r.values()):
                 for v in r.values():
                     if v and "wall_extrapolated_s" not in v:
                         v["wall_extrapolated_s"] = v["wall_s"]
                 add("wall time extrapolated to default epochs (s)", r, "wall_extrapolated_s", ".0f", show_ratio=True)
             add("epochs run", r, "epochs_str", "")
-            add(f"held-out IWAE log p(x) per cell (K={K_IWAE}, nats)", r, "iwae_heldout", ".2f")
+            add(f"held-out IWAE log p(x) per cell (K={K_IWAE}, nats; higher is better)", r, "iwae_heldout", ".2f")
+            add(f"IWAE time on the held-out cells (s)", r, "iwae_s", ".1f", show_ratio=True)
             add("held-out cells (same split for both)", r, "n_heldout", "d")
             add(f"kNN accuracy of {label_key} (5-fold, k=15)", r, "knn_acc", ".3f")
             add(f"ARI Leiden vs {label_key}", r, "ari", ".3f")
             add("Leiden clusters", r, "n_leiden", "d")
-            add(f"batch mixing ({mix_key})", r, "mixing", ".3f")
-            add("peak RSS of the process (MiB)", r, "peak_rss_mib", ".0f")
+            add(f"batch mixing of {mix_key} (1 = fully mixed)" if mix_key else "batch mixing (no batch column)",
+                r, "mixing", ".3f")
+            add("peak RSS up to the latent (MiB)", r, "peak_rss_train_mib", ".0f")
+            add("peak RSS incl. IWAE (MiB)", r, "peak_rss_mib", ".0f")
+            add("1-min load average, start->end", r, "load", "")
 
     m = machine()
     if args.threads:
         m["torch_threads"] = args.threads
+    if args.omp_passive:
+        m["torch_threads"] = f"{m['torch_threads']} (OMP_WAIT_POLICY=PASSIVE)"
+    try:
+        rev = subprocess.run(["git", "-C", str(HERE.parent), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True).stdout.strip()
+    except OSError:
+        rev = "?"
+    import scanpy
+
+    pkgs = f"sc_vi_ext {sv.__version__} (git {rev or '?'}), scanpy {scanpy.__version__}"
+    if "scvi" in tools:
+        import importlib.metadata as md
+
+        pkgs += f", scvi-tools {md.version('scvi-tools')}, lightning {md.version('lightning')}"
     lines = [
+        f"Packages: {pkgs}",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, torch.get_num_threads()={m['torch_threads']}, "
         f"Python {m['python']}; {m['date']}",
-        f"Data: {data_desc}",
+        f"Data: {'; '.join(data_desc)}",
         "Command: python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "",
-        "| metric | sc_vi_ext | scvi-tools | scvi / ours |",
-        "|---|---|---|---|",
     ]
-    if "scvi" not in tools:
-        lines[-2:] = ["| metric | sc_vi_ext |", "|---|---|"]
-    for metric, o, s, rt in rows:
-        lines.append(f"| {metric} | {o} | {s} | {rt} |" if "scvi" in tools else f"| {metric} | {o} |")
+    names = {"ours": "sc_vi_ext", "alt": f"sc_vi_ext @ {args.ours_alt}", "scvi": "scvi-tools"}
+    head = ["metric"] + [names[t] for t in tools] + [f"{'alt' if t == 'alt' else 'scvi'} / ours (time)" for t in ratio_cols]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for metric, vals, rats in rows:
+        lines.append("| " + " | ".join([metric] + [vals[t] for t in tools] + [rats[t] for t in ratio_cols]) + " |")
+    if ratio_cols:
+        notes.insert(0, "ratio columns are the other column's value / sc_vi_ext's (times: > 1 means sc_vi_ext "
+                        "is faster).")
     if notes:
         lines += [""] + [f"Note: {n}" for n in notes]
     text = "\n".join(lines)

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="train on the bundled PBMC data; write the h5ad and figures")
     d.add_argument("--out", default="sc_vi_ext_demo", help="output folder (default: %(default)s)")
     d.add_argument("--max-epochs", type=int, default=None)
-    d.add_argument("--gap-cells", type=int, default=700, help="cells for the amortization-gap diagnostics")
+    d.add_argument("--gap-cells", type=int, default=256, help="cells for the amortization-gap diagnostics")
     d.add_argument("--no-gap", action="store_true", help="skip the amortization-gap diagnostics")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_demo)
