@@ -59,15 +59,24 @@ def _rows_dense(X, idx: np.ndarray) -> np.ndarray:
         out = np.empty((len(idx), X.shape[1]), dtype=np.float32)
         out[order] = sub.toarray() if sp.issparse(sub) else sub
         return out
+    return _csr_rows(X, idx)[0]
+
+
+def _csr_rows(X, idx: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Rows ``idx`` of a CSR matrix as a dense float32 block, plus the flat indices
+    (row * genes + gene) and values of its non-zeros, read straight from the CSR arrays."""
     indptr, indices, data = X.indptr, X.indices, X.data
-    starts, ends = indptr[idx], indptr[idx + 1]
-    lens = ends - starts
+    starts = indptr[idx]
+    lens = indptr[idx + 1] - starts
     out = np.zeros((len(idx), X.shape[1]), dtype=np.float32)
     total = int(lens.sum())
-    if total:
-        offsets = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(total)
-        out[np.repeat(np.arange(len(idx)), lens), indices[offsets]] = data[offsets]
-    return out
+    offsets = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(total)
+    rows = np.repeat(np.arange(len(idx), dtype=np.int64), lens)
+    cols = indices[offsets]
+    vals = data[offsets].astype(np.float32, copy=False)
+    out[rows, cols] = vals
+    keep = vals != 0  # explicitly stored zeros are not non-zeros
+    return out, ((rows * X.shape[1] + cols)[keep], vals[keep])
 
 
 def align_genes(dense: np.ndarray, gene_index: np.ndarray) -> np.ndarray:
@@ -183,6 +192,7 @@ class Minibatch:
     log_library: torch.Tensor  # (cells,) log total counts
     idx: np.ndarray  # positions in the AnnData
     cov: torch.Tensor | None = None  # (cells, n_cov) extra covariate design
+    nz: tuple[torch.Tensor, torch.Tensor] | None = None  # flat indices and values of x's non-zeros
 
 
 class Minibatches:
@@ -218,14 +228,19 @@ class Minibatches:
         rank, world = self.shard
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             idx, r = order[lo:hi][rank::world], rows[lo:hi][rank::world]
-            dense = _rows_dense(X, r)
+            nz = None
             if self.gene_index is not None:
-                dense = align_genes(dense, self.gene_index)
+                dense = align_genes(_rows_dense(X, r), self.gene_index)
+            elif sp.issparse(X):  # CSR: the non-zeros come for free
+                dense, (flat, vals) = _csr_rows(X, r)
+                nz = (torch.from_numpy(flat).to(self.device), torch.from_numpy(vals).to(self.device))
+            else:
+                dense = _rows_dense(X, r)
             x = torch.from_numpy(dense).to(self.device)
             bt = None if self.batch is None else torch.from_numpy(self.batch[idx]).to(self.device)
             ll = torch.from_numpy(self.log_library[idx]).to(self.device)
             cv = None if self.cov is None else torch.from_numpy(self.cov[idx]).to(self.device)
-            yield Minibatch(x, bt, ll, idx, cv)
+            yield Minibatch(x, bt, ll, idx, cv, nz)
 
     def __iter__(self) -> Iterator[Minibatch]:
         if isinstance(self.X, CSRDataset):

@@ -57,7 +57,7 @@ def evaluate(module: VAE, loader: Minibatches, *, seed: int) -> dict[str, float]
     rec = kl = 0.0
     n = 0
     for mb in loader:
-        out = module.loss(mb.x, mb.batch, mb.log_library, cov=mb.cov, generator=gen)
+        out = module.loss(mb.x, mb.batch, mb.log_library, cov=mb.cov, nz=mb.nz, generator=gen)
         rec += out.reconstruction.sum().item()
         kl += out.kl.sum().item()
         n += len(mb.idx)
@@ -110,7 +110,7 @@ def train(
             sums = torch.zeros(3, dtype=torch.float64, device=train_loader.device)  # rec, kl, cells
             for mb in train_loader:
                 w = kl_weight(step, warmup_steps)
-                out = model(mb.x, mb.batch, mb.log_library, mb.cov)
+                out = model(mb.x, mb.batch, mb.log_library, mb.cov, mb.nz)
                 opt.zero_grad(set_to_none=True)
                 out.loss(w).backward()
                 opt.step()

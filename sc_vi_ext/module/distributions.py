@@ -41,13 +41,14 @@ def _scatter_rows(values: torch.Tensor, idx: torch.Tensor, n_genes: int, n_cells
     return out.index_add_(-1, rows, values)
 
 
-def log_poisson(x: torch.Tensor, mu: torch.Tensor, log_mu: torch.Tensor | None = None) -> torch.Tensor:
+def log_poisson(x: torch.Tensor, mu: torch.Tensor, log_mu: torch.Tensor | None = None, nz=None) -> torch.Tensor:
     """Poisson log-likelihood summed over genes.
 
     ``x`` is (cells, genes); ``mu`` is (..., cells, genes); ``log_mu`` (optional, same
-    shape) spares a log when the caller has it. Returns (..., cells).
+    shape) spares a log when the caller has it; ``nz`` (flat indices, values) of the
+    non-zeros of ``x`` spares a search when the caller has them. Returns (..., cells).
     """
-    idx, xv = _nonzero(x)
+    idx, xv = _nonzero(x) if nz is None else nz
     dense = -mu.sum(-1)
     nz = xv * _log_mu_at(mu, log_mu, idx, x.shape) - torch.lgamma(xv + 1)
     return dense + _scatter_rows(nz, idx, x.shape[-1], x.shape[0])
@@ -74,20 +75,24 @@ def log_zinb(
     theta: torch.Tensor,
     zi_logits: torch.Tensor | None,
     log_mu: torch.Tensor | None = None,
+    nz: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Zero-inflated NB log-likelihood; ``zi_logits`` are the logits of the dropout mass.
 
     p(x) = pi 1[x = 0] + (1 - pi) NB(x; mu, theta), pi = sigmoid(zi_logits). With
-    ``zi_logits=None`` this is the plain NB. Returns (..., cells).
+    ``zi_logits=None`` this is the plain NB. ``log_mu`` and ``nz`` as in :func:`log_poisson`.
+    Returns (..., cells).
     """
-    idx, xv = _nonzero(x)
+    idx, xv = _nonzero(x) if nz is None else nz
     log_theta = torch.log(theta + _EPS)
     log_theta_mu = torch.log(theta + mu)  # theta > 0: no epsilon needed on this dense pass
     theta_nz = _gather(theta, idx, x.shape)
+    # per-gene theta: lgamma on the (genes,) vector, then gathered, not once per non-zero
+    lgamma_theta_nz = _gather(torch.lgamma(theta), idx, x.shape) if theta.dim() == 1 else torch.lgamma(theta_nz)
     nz = (
         xv * (_log_mu_at(mu, log_mu, idx, x.shape) - _gather(log_theta_mu, idx, x.shape))
         + torch.lgamma(xv + theta_nz)
-        - torch.lgamma(theta_nz)
+        - lgamma_theta_nz
         - torch.lgamma(xv + 1)
     )
     if zi_logits is None and theta.dim() == 1:
@@ -114,14 +119,15 @@ def log_likelihood(
     theta: torch.Tensor | None = None,
     zi_logits: torch.Tensor | None = None,
     log_mu: torch.Tensor | None = None,
+    nz: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Dispatch on ``likelihood`` in {"zinb", "nb", "poisson"}; per-cell sum over genes."""
     if likelihood == "poisson":
-        return log_poisson(x, mu, log_mu)
+        return log_poisson(x, mu, log_mu, nz)
     if likelihood == "nb":
-        return log_zinb(x, mu, theta, None, log_mu)
+        return log_zinb(x, mu, theta, None, log_mu, nz)
     if likelihood == "zinb":
-        return log_zinb(x, mu, theta, zi_logits, log_mu)
+        return log_zinb(x, mu, theta, zi_logits, log_mu, nz)
     raise ValueError(f"likelihood must be 'zinb', 'nb' or 'poisson', not {likelihood!r}")
 
 

@@ -169,19 +169,23 @@ class VAE(nn.Module):
         """Gene proportions (the decoder's softmax) for latent samples ``z``: normalised expression."""
         return torch.exp(self.decoder(self.representation(z), self._covariates(batch, cov))[0])
 
-    def log_px_z(self, x: torch.Tensor, params: dict) -> torch.Tensor:
-        """log p(x | z) summed over genes, (..., cells)."""
+    def log_px_z(self, x: torch.Tensor, params: dict, nz=None) -> torch.Tensor:
+        """log p(x | z) summed over genes, (..., cells); ``nz``: x's non-zeros if known."""
         return log_likelihood(x, self.likelihood, params["mu"], params["theta"], params["zi_logits"],
-                              params.get("log_mu"))
+                              params.get("log_mu"), nz)
 
-    def forward(self, x, batch, log_library, cov=None, generator: torch.Generator | None = None) -> LossOutput:
+    def forward(self, x, batch, log_library, cov=None, nz=None, generator=None) -> LossOutput:
         """The per-cell loss terms (``forward`` so that DistributedDataParallel can wrap it)."""
-        return self.loss(x, batch, log_library, cov=cov, generator=generator)
+        return self.loss(x, batch, log_library, cov=cov, nz=nz, generator=generator)
 
-    def loss(self, x, batch, log_library, *, cov=None, generator: torch.Generator | None = None) -> LossOutput:
-        """One-sample reparameterised ELBO terms for a minibatch."""
+    def loss(self, x, batch, log_library, *, cov=None, nz=None, generator=None) -> LossOutput:
+        """One-sample reparameterised ELBO terms for a minibatch.
+
+        ``nz`` = (flat indices, values) of the non-zeros of ``x``, when the data layer has
+        them from the sparse matrix (saves a search over the dense block).
+        """
         mean, log_var = self.inference(x, batch, cov)
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = mean + torch.exp(0.5 * log_var) * eps
-        rec = self.log_px_z(x, self.generative(z, batch, log_library, cov))
+        rec = self.log_px_z(x, self.generative(z, batch, log_library, cov), nz)
         return LossOutput(reconstruction=rec, kl=self.kl(mean, log_var, batch))
