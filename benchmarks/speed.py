@@ -375,8 +375,19 @@ def quality(adata, latent: np.ndarray, label_key: str, batch_key: str | None) ->
     labels = adata.obs[label_key].astype(str).to_numpy()
     b = adata[:, :0].copy()
     b.obsm["X_lat"] = latent
-    sc.pp.neighbors(b, use_rep="X_lat", random_state=0)
-    sc.tl.leiden(b, flavor="igraph", n_iterations=2, directed=False, random_state=0)
+    # the kNN graph by exact search, then scanpy's UMAP connectivities (what sc.pp.neighbors
+    # computes); done by hand because scanpy 1.11's sparse-kNN path fails on scipy >= 1.17
+    try:
+        from scanpy.neighbors._connectivity import umap as umap_connectivities
+        from sklearn.neighbors import NearestNeighbors
+
+        k = 15
+        dist, ind = NearestNeighbors(n_neighbors=k).fit(latent).kneighbors(latent)
+        conn = umap_connectivities(ind, dist, n_obs=len(latent), n_neighbors=k)
+        sc.tl.leiden(b, adjacency=conn, flavor="igraph", n_iterations=2, directed=False, random_state=0)
+    except ImportError:
+        sc.pp.neighbors(b, use_rep="X_lat", random_state=0)
+        sc.tl.leiden(b, flavor="igraph", n_iterations=2, directed=False, random_state=0)
     out = {
         "knn_acc": knn_accuracy(latent, labels),
         "ari": float(adjusted_rand_score(labels, b.obs["leiden"])),
@@ -422,6 +433,7 @@ def main(argv=None):
                    help="OMP_WAIT_POLICY=PASSIVE in the workers (avoids spin-waiting on a loaded machine)")
     p.add_argument("--ours-alt", metavar="PATH",
                    help="also run a modified copy of sc_vi_ext found at PATH (put first on PYTHONPATH) as a column")
+    p.add_argument("--keep", metavar="DIR", help="keep the data, worker JSON and latents in DIR")
     p.add_argument("--markdown", help="also write the table to this file")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     p.add_argument("--_data", help=argparse.SUPPRESS)
@@ -446,6 +458,9 @@ def main(argv=None):
     ratio_cols = [t for t in tools if t != "ours"]
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="svbench") as tmp:
+        if args.keep:
+            tmp = args.keep
+            os.makedirs(tmp, exist_ok=True)
         sim_kw = {k: v for k, v in (("dispersion", args.dispersion), ("mean_library", args.mean_library))
                   if v is not None}
         need_sim = not args.no_throughput or args.end_to_end
@@ -536,7 +551,10 @@ def main(argv=None):
             r = {t: run_worker(f"{t}-e2e", path, args, tmp, label_key=label_key, batch_key=bkey) for t in tools}
             for t, v in r.items():
                 if v:
-                    v.update(quality(data, np.load(v["latent_file"]), label_key, mix_key))
+                    try:
+                        v.update(quality(data, np.load(v["latent_file"]), label_key, mix_key))
+                    except Exception as e:  # keep the timings even if a metric breaks
+                        notes.append(f"{name}/{t}: quality metrics failed: {type(e).__name__}: {e}")
                     v["epochs_str"] = f"{v['epochs']} (max {v['max_epochs']})"
                     v["load"] = f"{v['load_start']:.1f}->{v['load_end']:.1f}"
                     if t == "scvi" and v.get("capped"):
