@@ -142,7 +142,7 @@ def differential_expression(
     batch covariate, h is averaged over every batch of the model (batch-corrected). The
     draws are paired and LFC = log2(h_a + pseudocount) - log2(h_b + pseudocount) per gene.
 
-    ``mode="change"`` (Boyeau et al. 2019): the probability of DE is p = P(|LFC| > delta).
+    ``mode="change"`` (Boyeau et al. 2019): the probability of DE is p = P(``|LFC|`` > delta).
     ``mode="vanilla"``: p = P(h_a > h_b), and DE means the likelier direction, with
     probability max(p, 1 - p). The log Bayes factor is log(p / (1 - p)). The genes
     reported DE at level ``fdr`` are the largest set, taken in order of decreasing
@@ -168,7 +168,7 @@ def differential_expression(
     mode
         ``"change"`` or ``"vanilla"``.
     delta
-        Smallest |LFC| (log2) that counts as a change in ``"change"`` mode.
+        Smallest ``|LFC|`` (log2) that counts as a change in ``"change"`` mode.
     fdr
         Target posterior expected false discovery rate for ``is_de_fdr``.
     n_samples

@@ -59,7 +59,7 @@ class _Moments:
 
 
 def summarize_ppc(obs: dict, pred: dict, pred_sd: dict) -> dict:
-    """Per statistic: mean |log(pred / obs)| over genes with both positive, and genes off by > 3 sd."""
+    """Per statistic: mean ``|log(pred / obs)|`` over genes with both positive, and genes off by > 3 sd."""
     out = {}
     for s in STATS:
         o, p, sd = obs[s], pred[s], pred_sd[s]
@@ -123,8 +123,8 @@ def posterior_predictive(
         Its standard deviation over the replicates (the spread expected by chance).
 
     and ``adata.uns[key]["posterior_predictive"]``: ``params``, and ``summary``, per
-    statistic, ``mean_abs_log_ratio`` (mean over genes of |log(pred / obs)|, genes with
-    both positive), ``frac_outside_3sd`` (fraction of genes with |obs - pred| > 3 sd)
+    statistic, ``mean_abs_log_ratio`` (mean over genes of ``|log(pred / obs)|``, genes with
+    both positive), ``frac_outside_3sd`` (fraction of genes with ``|obs - pred|`` > 3 sd)
     and ``n_genes`` (genes in the log ratio).
     """
     if n_samples < 1:
