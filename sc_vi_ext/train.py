@@ -90,7 +90,9 @@ def train(
     require gradients are optimised; ``freeze_batchnorm`` keeps BatchNorm layers on their
     stored running statistics (query mapping).
     """
-    opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay, eps=0.01)
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    # eps=0.01 as scvi-tools; the fused kernel updates all parameters in one pass (CPU and CUDA)
+    opt = torch.optim.Adam(trainable, lr=lr, weight_decay=weight_decay, eps=0.01, fused=True)
     model = wrap(module)  # DistributedDataParallel under torchrun, else the module itself
     rank, _ = rank_and_world()
     res = TrainResult()

@@ -49,15 +49,10 @@ def log_poisson(x: torch.Tensor, mu: torch.Tensor, log_mu: torch.Tensor | None =
     non-zeros of ``x`` spares a search when the caller has them. Returns (..., cells).
     """
     idx, xv = _nonzero(x) if nz is None else nz
-    dense = -mu.sum(-1)
-    nz = xv * _log_mu_at(mu, log_mu, idx, x.shape) - torch.lgamma(xv + 1)
-    return dense + _scatter_rows(nz, idx, x.shape[-1], x.shape[0])
-
-
-def _log_mu_at(mu, log_mu, idx, shape) -> torch.Tensor:
-    if log_mu is not None:
-        return _gather(log_mu, idx, shape)
-    return torch.log(_gather(mu, idx, shape) + _EPS)
+    if log_mu is None:
+        log_mu = torch.log(mu + _EPS)
+    dense = (x * log_mu - mu).sum(-1)
+    return dense - _scatter_rows(torch.lgamma(xv + 1), idx, x.shape[-1], x.shape[0])
 
 
 def log_nb(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, log_mu: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,34 +77,39 @@ def log_zinb(
     p(x) = pi 1[x = 0] + (1 - pi) NB(x; mu, theta), pi = sigmoid(zi_logits). With
     ``zi_logits=None`` this is the plain NB. ``log_mu`` and ``nz`` as in :func:`log_poisson`.
     Returns (..., cells).
+
+    Split of the work: the terms that are cheap element-wise (logs of mu and theta + mu,
+    the zero-inflation mixture) are computed densely, with ``x * ...`` and a mask doing the
+    x > 0 selection; only the gamma functions, whose value and derivative (digamma) are
+    costly, are evaluated on the non-zeros alone.
     """
     idx, xv = _nonzero(x) if nz is None else nz
     log_theta = torch.log(theta + _EPS)
     log_theta_mu = torch.log(theta + mu)  # theta > 0: no epsilon needed on this dense pass
-    theta_nz = _gather(theta, idx, x.shape)
-    # per-gene theta: lgamma on the (genes,) vector, then gathered, not once per non-zero
-    lgamma_theta_nz = _gather(torch.lgamma(theta), idx, x.shape) if theta.dim() == 1 else torch.lgamma(theta_nz)
-    nz = (
-        xv * (_log_mu_at(mu, log_mu, idx, x.shape) - _gather(log_theta_mu, idx, x.shape))
-        + torch.lgamma(xv + theta_nz)
-        - lgamma_theta_nz
-        - torch.lgamma(xv + 1)
-    )
-    if zi_logits is None and theta.dim() == 1:
-        # per-gene theta: sum_g theta_g (log theta_g - log(theta_g + mu_g)) is a matrix-vector product
-        dense = (theta * log_theta).sum() - log_theta_mu @ theta
+    if log_mu is None:
+        log_mu = torch.log(mu + _EPS)
+    x_term = x * (log_mu - log_theta_mu)  # x log(mu / (theta + mu)); zero where x = 0
+    if theta.dim() == 1:  # per-gene theta: gamma functions on the (genes,) vector, then gathered
+        col = idx % x.shape[-1]
+        theta_nz = theta.index_select(0, col)
+        lgamma_theta_nz = torch.lgamma(theta).index_select(0, col)
     else:
-        nb_zero = theta * (log_theta - log_theta_mu)  # log NB(0), dense
+        theta_nz = _gather(theta, idx, x.shape)
+        lgamma_theta_nz = torch.lgamma(theta_nz)
+    gamma_nz = torch.lgamma(xv + theta_nz) - lgamma_theta_nz - torch.lgamma(xv + 1)
+    if zi_logits is None and theta.dim() == 1:
+        # sum_g theta_g (log theta_g - log(theta_g + mu_g)) is a matrix-vector product
+        dense = (theta * log_theta).sum() - log_theta_mu @ theta + x_term.sum(-1)
+    else:
+        nb_zero = theta * (log_theta - log_theta_mu)  # log NB(0)
         if zi_logits is None:
-            dense = nb_zero.sum(-1)  # the x > 0 entries share the theta * log(...) term
+            dense = (nb_zero + x_term).sum(-1)
         else:
             sp = F.softplus(zi_logits)  # -log(1 - pi)
             # x = 0: log(pi + (1 - pi) NB(0)) = logaddexp(logit, log NB(0)) + log(1 - pi)
-            zero_case = torch.logaddexp(zi_logits, nb_zero) - sp
-            dense = zero_case.sum(-1)
-            # x > 0: log(1 - pi) + log NB(x); swap out the zero case counted densely above
-            nz = nz + _gather(nb_zero, idx, x.shape) - _gather(sp, idx, x.shape) - _gather(zero_case, idx, x.shape)
-    return dense + _scatter_rows(nz, idx, x.shape[-1], x.shape[0])
+            # x > 0: log(1 - pi) + log NB(x), whose gamma part is added below
+            dense = torch.where(x > 0, nb_zero - sp + x_term, torch.logaddexp(zi_logits, nb_zero) - sp).sum(-1)
+    return dense + _scatter_rows(gamma_nz, idx, x.shape[-1], x.shape[0])
 
 
 def log_likelihood(
