@@ -46,14 +46,17 @@ def make_data(n_cells: int, n_genes: int, data_dir: Path) -> Path:
     return path
 
 
-def worker(mode: str, data: str, epochs: int, batch_size: int) -> None:
+def worker(mode: str, data: str, epochs: int, batch_size: int, threads: int) -> None:
     import anndata as ad
     import scanpy as sc
 
     import sc_vi_ext as sv
     from sc_vi_ext.distributed import init_from_env, rank_and_world
 
+    import torch
+
     sc.settings.verbosity = 0
+    torch.set_num_threads(threads)
     init_from_env()
     rank, world = rank_and_world()
     t0 = time.perf_counter()
@@ -72,8 +75,9 @@ def worker(mode: str, data: str, epochs: int, batch_size: int) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def run(mode: str, path: Path, epochs: int, batch_size: int) -> dict:
-    args = ["--_worker", mode, "--_data", str(path), "--epochs", str(epochs), "--batch-size", str(batch_size)]
+def run(mode: str, path: Path, epochs: int, batch_size: int, threads: int) -> dict:
+    args = ["--_worker", mode, "--_data", str(path), "--epochs", str(epochs), "--batch-size", str(batch_size),
+            "--threads", str(threads)]
     if mode == "ddp2":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                "--master-port", str(29500 + os.getpid() % 1000), __file__, *args]
@@ -97,16 +101,20 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--modes", nargs="+", default=["memory", "backed", "ddp2"], choices=["memory", "backed", "ddp2"])
     p.add_argument("--data-dir", default="benchmarks/out/data")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process (default 1: each DDP rank gets 1 as torchrun sets it; "
+                        "on a busy 2-core machine 2 threads in one process oversubscribe the cores)")
     p.add_argument("--_worker")
     p.add_argument("--_data")
     a = p.parse_args()
     if a._worker:
-        worker(a._worker, a._data, a.epochs, a.batch_size)
+        worker(a._worker, a._data, a.epochs, a.batch_size, a.threads)
         return
     import scipy.sparse as sp  # noqa: F401  (fail early if the stack is missing)
     import torch
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{a.threads} torch thread(s) per process, load average {os.getloadavg()[0]:.1f}")
     rows = []
     for n in a.sizes:
         t0 = time.perf_counter()
@@ -115,7 +123,7 @@ def main() -> None:
         print(f"data {n} x {a.n_genes}: {path} ({size_gib:.2f} GiB on disk, ready in {time.perf_counter() - t0:.0f} s)",
               flush=True)
         for mode in a.modes:
-            r = run(mode, path, a.epochs, a.batch_size)
+            r = run(mode, path, a.epochs, a.batch_size, a.threads)
             rows.append((n, mode, size_gib, r))
             print(f"  {mode}: {r}", flush=True)
     print("\n| cells | mode | CSR on disk (GiB) | s/epoch | cells/s | peak RSS (GiB, all processes) "
