@@ -29,11 +29,15 @@ def _demo(args) -> int:
     sc.tl.leiden(adata, flavor="igraph", n_iterations=2, random_state=0)
     figs = {}
     figs["elbo.png"] = sv.pl.elbo(adata, return_fig=True)
-    figs["latent_umap.png"] = sv.pl.latent(adata, color=["bulk_labels", "leiden"], return_fig=True)
+    figs["latent_umap.png"] = sv.pl.latent(adata, color=["bulk_labels", "leiden"], wspace=0.9, return_fig=True)
     if not args.no_gap:
         sv.tl.amortization_gap(adata, n_cells=args.gap_cells, progress=not args.quiet)
         figs["amortization_gap.png"] = sv.pl.amortization_gap(adata, groupby="bulk_labels", return_fig=True)
-        figs["latent_gap.png"] = sv.pl.latent(adata, color="vae_amortization_gap", return_fig=True)
+        figs["latent_gap.png"] = sv.pl.latent(
+            adata, color="vae_amortization_gap", vmax="p99", return_fig=True,
+            title=f"amortization gap, nats (grey: {int(adata.obs['vae_amortization_gap'].isna().sum())} cells "
+                  "not evaluated; colours capped at the 99th percentile)",
+        )
     for name, fig in figs.items():
         fig.savefig(out / name, dpi=110, bbox_inches="tight")
         plt.close(fig)
@@ -52,12 +56,13 @@ def _demo(args) -> int:
     print(f"  ELBO validation      {h['elbo_validation'][best]:.1f} nats/cell")
     print(f"  kNN label accuracy   VAE {acc_vae:.3f}  |  PCA (10 PCs of log-normalised) {acc_pca:.3f}")
     print(f"  leiden clusters      {adata.obs['leiden'].nunique()}")
-    if "amortization_gap" in adata.uns["vae"]:
-        s = adata.uns["vae"]["amortization_gap"]["all"]
-        print(
-            f"  amortization gap     {s['amortization_gap_mean']:.2f} ± {s['amortization_gap_se']:.2f} nats/cell;"
-            f" approximation gap {s['approximation_gap_mean']:.2f} ± {s['approximation_gap_se']:.2f}"
-        )
+    for split, res in adata.uns["vae"].get("amortization_gap", {}).items():
+        if split in ("train", "validation"):
+            print(
+                f"  gaps, {split + ' cells':17s}amortization {res['amortization_gap_mean']:.2f} ± "
+                f"{res['amortization_gap_se']:.2f}, approximation {res['approximation_gap_mean']:.2f} ± "
+                f"{res['approximation_gap_se']:.2f} nats/cell (n={res['n_cells']})"
+            )
     print(f"  wrote                {', '.join(sorted([*figs, 'pbmc68k_vae.h5ad']))} in {out}/")
     return 0
 

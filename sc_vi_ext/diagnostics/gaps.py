@@ -31,9 +31,11 @@ def decompose(
 ) -> dict[str, np.ndarray]:
     """Bounds and gaps for one minibatch of cells; every value per cell, in nats.
 
-    L[q] and L[q*] use ``n_samples_elbo`` common random numbers; log p(x) is the larger
-    of the IWAE estimates (``n_samples`` samples) with the encoder and with q* as the
-    proposal, as in the paper.
+    L[q] and L[q*] use ``n_samples_elbo`` common random numbers; log p(x) is the IWAE
+    estimate (``n_samples`` samples) with the equal mixture of the encoder's q and q* as
+    proposal. (Cremer et al. took the larger of two single-proposal estimates; that maximum
+    is biased upwards, and a narrow q* alone gives heavy-tailed weights that overshoot
+    log p(x): our quadrature test caught 0.37 nats above the exact value.)
     """
     with torch.no_grad():
         q = module.inference(x, batch, cov)
@@ -43,14 +45,8 @@ def decompose(
         cov=cov,
     )
     k = n_samples_elbo
-    lp_enc, ess_enc, se_enc = iwae(module, x, batch, log_library, *q, n_samples=n_samples, generator=generator,
-                                   cov=cov)
-    lp_opt, ess_opt, se_opt = iwae(
-        module, x, batch, log_library, qs.mean, qs.log_var, n_samples=n_samples, generator=generator, cov=cov
-    )
-    use_opt = lp_opt >= lp_enc
-    log_px = torch.where(use_opt, lp_opt, lp_enc)
-    se_lpx = torch.where(use_opt, se_opt, se_enc)
+    log_px, ess, se_lpx = iwae(module, x, batch, log_library, *q, n_samples=n_samples, generator=generator,
+                               cov=cov, also=(qs.mean, qs.log_var))
     se_opt_elbo = rec_opt.std(0) / k**0.5
     out = {
         "elbo": l_q,
@@ -63,7 +59,7 @@ def decompose(
         "amortization_gap_se": (rec_opt - rec_q).std(0) / k**0.5,
         "approximation_gap_se": torch.sqrt(se_lpx**2 + se_opt_elbo**2),
         "log_px_se": se_lpx,
-        "log_px_ess": torch.where(use_opt, ess_opt, ess_enc),
+        "log_px_ess": ess,
         "displacement": torch.linalg.norm((qs.mean - q[0]) * torch.exp(-0.5 * qs.log_var), dim=1),
         "opt_steps": qs.n_steps,
     }

@@ -84,8 +84,8 @@ def amortization_gap(
     For the trained decoder and a cell x (Cremer, Li & Duvenaud 2018):
     L[q] is the ELBO with the encoder's q(z|x); L[q*] the ELBO with the best Gaussian
     for this cell alone (mean and log-variance optimised with the decoder frozen);
-    log p(x) the IWAE estimate (Burda et al. 2016) with ``n_samples`` samples, the larger
-    of the encoder and q* as proposal. Amortization gap = L[q*] - L[q]; approximation
+    log p(x) the IWAE estimate (Burda et al. 2016) with ``n_samples`` samples and the
+    equal mixture of the encoder's q and q* as proposal. Amortization gap = L[q*] - L[q]; approximation
     gap = log p(x) - L[q*]. L[q] and L[q*] share their random numbers, so each cell's
     gap has a small standard error, which is reported.
 
