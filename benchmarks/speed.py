@@ -20,6 +20,11 @@ c. Inference: latent of all cells, IWAE (K=100) on 1000 cells, on the model of (
 d. ``--pbmc``: (b) on ``sv.datasets.pbmc68k()`` (labels ``obs["bulk_labels"]``).
 
 Without scvi-tools installed only the sc_vi_ext column is filled.
+
+On a shared machine use ``--threads 1`` (or ``--omp-passive``): with 2 torch threads and other
+load, OpenMP spin-waiting makes training 10-50x slower for both tools. Under load, trust the
+"CPU seconds per epoch" row (with one thread it counts only this process's cycles) over wall time.
+See benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import torch
 
 from ..module import VAE, log_normal
 
-_ELEMENT_BUDGET = 1 << 24  # samples x cells x genes per chunk (~64 MB per float32 tensor)
+_ELEMENT_BUDGET = 1 << 20  # samples x cells x genes per chunk: cache-sized chunks (benchmarks/iwae_chunk.py: 1.9x)
 
 
 def sample_chunk(n_samples: int, n_cells: int, n_genes: int) -> int:
