@@ -59,12 +59,12 @@ def _rows_dense(X, idx: np.ndarray) -> np.ndarray:
         out = np.empty((len(idx), X.shape[1]), dtype=np.float32)
         out[order] = sub.toarray() if sp.issparse(sub) else sub
         return out
-    return _csr_rows(X, idx)[0]
+    return _csr_rows(X, idx, with_nz=False)[0]
 
 
-def _csr_rows(X, idx: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """Rows ``idx`` of a CSR matrix as a dense float32 block, plus the flat indices
-    (row * genes + gene) and values of its non-zeros, read straight from the CSR arrays."""
+def _csr_rows(X, idx: np.ndarray, *, with_nz: bool = True):
+    """Rows ``idx`` of a CSR matrix as a dense float32 block, plus (with ``with_nz``) the flat
+    indices (row * genes + gene) and values of its non-zeros, read straight from the CSR arrays."""
     indptr, indices, data = X.indptr, X.indices, X.data
     starts = indptr[idx]
     lens = indptr[idx + 1] - starts
@@ -75,6 +75,8 @@ def _csr_rows(X, idx: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndar
     cols = indices[offsets]
     vals = data[offsets].astype(np.float32, copy=False)
     out[rows, cols] = vals
+    if not with_nz:  # inference only needs the block
+        return out, None
     keep = vals != 0  # explicitly stored zeros are not non-zeros
     return out, ((rows * X.shape[1] + cols)[keep], vals[keep])
 
