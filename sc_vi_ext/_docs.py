@@ -10,6 +10,10 @@ _shared = {
     "copy": "copy\n    Return a modified copy instead of writing to ``adata``.",
     "random_state": "random_state\n    Seed for every random draw; the same seed gives the same result on the same machine.",
     "device": 'device\n    Torch device; ``"auto"`` picks CUDA when available, else CPU.',
+    "n_threads": (
+        "n_threads\n    CPU threads for torch during this call. None: torch's default, reduced to the cores "
+        "that are idle now (1-minute load average), since busy cores make spin-waiting threads very slow."
+    ),
     "progress": "progress\n    Show a progress bar.",
     "batch_size": "batch_size\n    Cells per minibatch.",
     "plot_common": dedent("""\

@@ -63,8 +63,8 @@ def _rows_dense(X, idx: np.ndarray) -> np.ndarray:
 
 
 def _csr_rows(X, idx: np.ndarray, *, with_nz: bool = True):
-    """Rows ``idx`` of a CSR matrix as a dense float32 block, plus (with ``with_nz``) the flat
-    indices (row * genes + gene) and values of its non-zeros, read straight from the CSR arrays."""
+    """Rows ``idx`` of a CSR matrix as a dense float32 block, plus (with ``with_nz``) the rows,
+    columns and values of its non-zeros, read straight from the CSR arrays."""
     indptr, indices, data = X.indptr, X.indices, X.data
     starts = indptr[idx]
     lens = indptr[idx + 1] - starts
@@ -78,7 +78,7 @@ def _csr_rows(X, idx: np.ndarray, *, with_nz: bool = True):
     if not with_nz:  # inference only needs the block
         return out, None
     keep = vals != 0  # explicitly stored zeros are not non-zeros
-    return out, ((rows * X.shape[1] + cols)[keep], vals[keep])
+    return out, (rows[keep], cols[keep].astype(np.int64, copy=False), vals[keep])
 
 
 def align_genes(dense: np.ndarray, gene_index: np.ndarray) -> np.ndarray:
@@ -194,7 +194,7 @@ class Minibatch:
     log_library: torch.Tensor  # (cells,) log total counts
     idx: np.ndarray  # positions in the AnnData
     cov: torch.Tensor | None = None  # (cells, n_cov) extra covariate design
-    nz: tuple[torch.Tensor, torch.Tensor] | None = None  # flat indices and values of x's non-zeros
+    nz: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # rows, columns, values of x's non-zeros
 
 
 class Minibatches:
@@ -234,8 +234,8 @@ class Minibatches:
             if self.gene_index is not None:
                 dense = align_genes(_rows_dense(X, r), self.gene_index)
             elif sp.issparse(X):  # CSR: the non-zeros come for free
-                dense, (flat, vals) = _csr_rows(X, r)
-                nz = (torch.from_numpy(flat).to(self.device), torch.from_numpy(vals).to(self.device))
+                dense, nz = _csr_rows(X, r)
+                nz = tuple(torch.from_numpy(a).to(self.device) for a in nz)
             else:
                 dense = _rows_dense(X, r)
             x = torch.from_numpy(dense).to(self.device)

@@ -10,11 +10,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scanpy import logging as logg
 from tqdm.auto import tqdm
 
 from .dataloader import Minibatches
 from .distributed import all_reduce_sum, rank_and_world, wrap
-from .module import VAE
+from .module import VAE, fused
 
 HISTORY_KEYS = (
     "epoch", "elbo_train", "elbo_validation", "reconstruction_train", "reconstruction_validation",
@@ -42,6 +43,46 @@ class TrainResult:
     best_epoch: int = -1
     stopped_early: bool = False
     interrupted: bool = False
+    compile_seconds: float | None = None  # time spent compiling the likelihood (None: eager)
+
+
+# Measured on a 128 x 2,000 ZINB minibatch (1 thread): the compiled dense terms save about
+# 3 ms per step; compiling costs 5-20 s (less once inductor's on-disk cache is warm).
+COMPILE_MIN_STEPS = 4000
+
+
+def use_compiled(setting: bool | str, n_steps: int, device) -> bool:
+    """Whether to train with the compiled likelihood: ``setting`` True/False, or "auto"
+    (at least ``COMPILE_MIN_STEPS`` optimiser steps in the budget and a compiler here)."""
+    if setting not in (True, False, "auto"):
+        raise ValueError(f"compile must be True, False or 'auto', not {setting!r}.")
+    if setting == "auto":
+        setting = n_steps >= COMPILE_MIN_STEPS
+    if setting and not fused.set_compiled(True):
+        warnings.warn("torch.compile is not available here (no C++ compiler?); training in eager mode.",
+                      stacklevel=3)
+        return False
+    return bool(setting)
+
+
+def _warm_up_compiled(module: VAE, loader: Minibatches) -> float:
+    """Compile the likelihood on a first minibatch (forward and backward), outside the timed epochs."""
+    t0 = time.perf_counter()
+    # the warm-up must leave no trace: not in the random streams, not in BatchNorm's statistics
+    rng_state = None if loader.rng is None else loader.rng.bit_generator.state
+    mb = next(iter(loader))
+    if rng_state is not None:
+        loader.rng.bit_generator.state = rng_state
+    buffers = {k: v.clone() for k, v in module.named_buffers()}
+    with torch.random.fork_rng(devices=[]):
+        out = module.loss(mb.x, mb.batch, mb.log_library, cov=mb.cov, nz=mb.nz)
+        out.loss(1.0).backward()
+    module.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for k, v in module.named_buffers():
+            v.copy_(buffers[k])
+    logg.info(f"    compiled the likelihood in {time.perf_counter() - t0:.1f} s")
+    return time.perf_counter() - t0
 
 
 @torch.no_grad()
@@ -80,6 +121,7 @@ def train(
     progress: bool,
     callback=None,
     freeze_batchnorm: bool = False,
+    compile_likelihood: bool | str = False,
 ) -> TrainResult:
     """Train ``module`` in place and load the weights of the best validation epoch.
 
@@ -88,7 +130,9 @@ def train(
     returns the partial history with ``interrupted=True``. ``callback(epoch, module)``
     may return extra metrics for the history (a dict of floats). Only parameters that
     require gradients are optimised; ``freeze_batchnorm`` keeps BatchNorm layers on their
-    stored running statistics (query mapping).
+    stored running statistics (query mapping). ``compile_likelihood`` fuses the
+    likelihood's dense terms with ``torch.compile`` (True, False, or "auto": when the run
+    has enough steps to repay the compile time, see :func:`use_compiled`).
     """
     trainable = [p for p in module.parameters() if p.requires_grad]
     # eps=0.01 as scvi-tools; the fused kernel updates all parameters in one pass (CPU and CUDA)
@@ -98,9 +142,12 @@ def train(
     res = TrainResult()
     h = res.history
     warmup_steps = n_epochs_kl_warmup * len(train_loader)
+    compiled = use_compiled(compile_likelihood, max_epochs * len(train_loader), train_loader.device)
     best, best_state, bad_epochs, step = -math.inf, None, 0, 0
     bar = tqdm(range(max_epochs), desc="training VAE", unit="epoch", disable=not progress or rank > 0, leave=False)
     try:
+        if compiled:
+            res.compile_seconds = _warm_up_compiled(module, train_loader)
         for epoch in bar:
             t0 = time.perf_counter()
             module.train()
@@ -156,6 +203,7 @@ def train(
         )
     finally:
         bar.close()
+        fused.set_compiled(False)
     if best_state is not None:
         module.load_state_dict(best_state)
     module.eval()

@@ -181,7 +181,7 @@ class VAE(nn.Module):
     def loss(self, x, batch, log_library, *, cov=None, nz=None, generator=None) -> LossOutput:
         """One-sample reparameterised ELBO terms for a minibatch.
 
-        ``nz`` = (flat indices, values) of the non-zeros of ``x``, when the data layer has
+        ``nz`` = (rows, columns, values) of the non-zeros of ``x``, when the data layer has
         them from the sparse matrix (saves a search over the dense block).
         """
         mean, log_var = self.inference(x, batch, cov)

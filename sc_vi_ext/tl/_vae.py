@@ -11,6 +11,7 @@ from scanpy import logging as logg
 from .._docs import doc_params
 from ..dataloader import Minibatches, batch_codes, check_counts, covariate_design, get_counts, log_library
 from ..distributed import device_for_rank, rank_and_world
+from ..threads import threads
 from ..model_store import state_to_numpy
 from ..module import DISPERSIONS, LATENT_DISTRIBUTIONS, LIBRARIES, LIKELIHOODS, VAE
 from ..train import default_max_epochs, train
@@ -64,6 +65,8 @@ def vae(
     random_state: int = 0,
     key_added: str = "vae",
     device: str = "auto",
+    n_threads: int | None = None,
+    compile: bool | str = "auto",  # noqa: A002 - torch's word for it
     progress: bool = True,
     copy: bool = False,
 ) -> AnnData | None:
@@ -141,6 +144,12 @@ def vae(
     key_added
         Name of the result: ``obsm["X_" + key_added]`` and ``uns[key_added]``.
     {device}
+    {n_threads}
+    compile
+        Fuse the likelihood's element-wise terms with ``torch.compile`` (forward and
+        backward in one pass; about 2x faster likelihood, 1.5x faster steps). ``"auto"``
+        compiles when the run has at least 4,000 optimiser steps (compiling takes 5-20 s)
+        and a C++ compiler is available; results equal the eager ones to float32 rounding.
     {progress}
     {copy}
 
@@ -211,11 +220,12 @@ def vae(
             from ..diagnostics.history import GapTracker
 
             callback = GapTracker(X, train_idx, val_idx, every=gap_every, seed=random_state, **common)
-        res = train(
-            module, train_loader, val_loader, max_epochs=max_epochs, lr=lr, weight_decay=weight_decay,
-            n_epochs_kl_warmup=warmup, early_stopping=early_stopping, patience=early_stopping_patience,
-            seed=random_state, progress=progress, callback=callback,
-        )
+        with threads(n_threads):
+            res = train(
+                module, train_loader, val_loader, max_epochs=max_epochs, lr=lr, weight_decay=weight_decay,
+                n_epochs_kl_warmup=warmup, early_stopping=early_stopping, patience=early_stopping_patience,
+                seed=random_state, progress=progress, callback=callback, compile_likelihood=compile,
+            )
         latent = _latent_means(module, Minibatches(X, np.arange(n_obs), batch_size=1024, **common))
 
     adata.obsm[f"X_{key_added}"] = latent

@@ -1,0 +1,210 @@
+"""Fast kernels behind the count likelihoods: gamma terms by table, dense terms fused.
+
+Two observations make the NB/ZINB log-likelihood cheap (issue 9 of the project):
+
+1. **Gamma terms by table.** For an integer count x and dispersion theta,
+   lgamma(x + theta) - lgamma(theta) = sum_{k<x} log(theta + k), and its derivative in theta
+   is sum_{k<x} 1 / (theta + k). With one theta per gene, a (genes, K) cumulative table per
+   step replaces lgamma and digamma on every non-zero count x <= K (99.3 % of PBMC's
+   non-zeros and 99.9 % of a simulation's are <= 32); larger or non-integer counts use
+   lgamma directly. log(x!) is tabulated the same way.
+2. **Dense terms in one pass.** The terms that touch every (cell, gene) entry (the NB zero
+   mass, x log(mu / (theta + mu)), the zero-inflation mixture) are a dozen element-wise
+   operations; ``torch.compile`` fuses them, forward and backward, into one loop over the
+   block instead of ~30 passes through memory. The same Python functions run eagerly where
+   compilation is off or unavailable, so the compiled and eager paths compute one formula.
+
+Everything here is written for inputs already validated by the data layer (finite,
+non-negative counts; positive theta).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+GAMMA_TABLE_SIZE = 32  # counts 1..32 are looked up; larger ones go through lgamma
+_EPS = 1e-8  # inside log(theta): theta = exp(log_theta) can underflow to 0 in float32
+
+_LOG = logging.getLogger(__name__)
+
+
+# --- gamma terms ----------------------------------------------------------------------------
+
+
+def _log_factorial_table(k: int, dtype, device) -> torch.Tensor:
+    """log(x!) for x = 1..k."""
+    return torch.lgamma(torch.arange(2, k + 2, dtype=dtype, device=device))
+
+
+class _NBGammaSum(torch.autograd.Function):
+    """Per-cell sum over non-zeros of lgamma(x + theta_g) - lgamma(theta_g) - log(x!).
+
+    ``theta`` is (genes,); ``rows``, ``cols``, ``xv`` are the non-zeros' cells, genes and
+    values. The value and the gradient in theta use (genes, K) cumulative tables for
+    integer x <= K and lgamma / digamma for the rest.
+    """
+
+    @staticmethod
+    def forward(ctx, theta, rows, cols, xv, n_cells: int):
+        K = GAMMA_TABLE_SIZE
+        steps = torch.arange(K, dtype=theta.dtype, device=theta.device)
+        shifted = theta[:, None] + steps  # (genes, K): theta + k
+        table = torch.log(shifted).cumsum(1) - _log_factorial_table(K, theta.dtype, theta.device)
+        xi = xv.to(torch.int64)
+        small = (xv <= K) & (xi == xv)
+        flat = cols * K + (xi - 1).clamp_(0, K - 1)
+        vals = table.reshape(-1).index_select(0, flat)
+        tail = torch.nonzero(~small, as_tuple=True)[0]
+        if len(tail):
+            xt, tt = xv[tail], theta[cols[tail]]
+            vals[tail] = torch.lgamma(xt + tt) - torch.lgamma(tt) - torch.lgamma(xt + 1)
+        ctx.save_for_backward(theta, rows, cols, flat, tail, xv)
+        out = theta.new_zeros(n_cells)
+        return out.index_add_(0, rows, vals)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        theta, rows, cols, flat, tail, xv = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        K = GAMMA_TABLE_SIZE
+        steps = torch.arange(K, dtype=theta.dtype, device=theta.device)
+        dtable = torch.reciprocal(theta[:, None] + steps).cumsum(1)  # d/dtheta of the table
+        per = dtable.reshape(-1).index_select(0, flat)
+        if len(tail):
+            xt, tt = xv[tail], theta[cols[tail]]
+            per[tail] = torch.digamma(xt + tt) - torch.digamma(tt)
+        per = per * grad_out.index_select(0, rows)
+        grad_theta = torch.zeros_like(theta).index_add_(0, cols, per)
+        return grad_theta, None, None, None, None
+
+
+def nb_gamma_terms(theta: torch.Tensor, nz, shape) -> torch.Tensor:
+    """Per-cell sum over the non-zeros ``nz`` = (rows, cols, values) of a (cells, genes) block
+    of lgamma(x + theta) - lgamma(theta) - lgamma(x + 1); returns (cells,) or, for a
+    ``theta`` with a sample axis, (..., cells).
+
+    Per-gene ``theta`` (genes,) goes through the table; a ``theta`` of another shape
+    (per cell and gene, or per sample) through lgamma directly.
+    """
+    rows, cols, xv = nz
+    n_cells, n_genes = shape
+    if theta.dim() == 1:
+        return _NBGammaSum.apply(theta, rows, cols, xv, n_cells)
+    th = theta.expand(*theta.shape[:-2], n_cells, n_genes)
+    th = th.reshape(*th.shape[:-2], -1)[..., rows * n_genes + cols]
+    vals = torch.lgamma(xv + th) - torch.lgamma(th) - log_factorial(xv)
+    out = vals.new_zeros(*vals.shape[:-1], n_cells)
+    return out.index_add_(-1, rows, vals)
+
+
+def log_factorial(xv: torch.Tensor) -> torch.Tensor:
+    """log(x!) of non-negative counts, by table for integers <= K (no gradient)."""
+    K = GAMMA_TABLE_SIZE
+    xi = xv.to(torch.int64)
+    table = torch.cat([xv.new_zeros(1), _log_factorial_table(K, xv.dtype, xv.device)])
+    out = table.index_select(0, xi.clamp(0, K))
+    big = torch.nonzero((xv > K) | (xi != xv), as_tuple=True)[0]
+    if len(big):
+        out[big] = torch.lgamma(xv[big] + 1)
+    return out
+
+
+# --- dense terms ----------------------------------------------------------------------------
+# One formula serves the eager and the compiled path. Measured (128 x 2,000 ZINB block,
+# forward + backward, 1 thread): softplus / logaddexp as written here cost the same compiled
+# as a hand-expanded exp / log1p form, and are 25 % faster eagerly (one native kernel each).
+
+
+def dense_zinb(x, mu, log_mu, theta, zi_logits):
+    """Per-cell sum of the ZINB terms that need no gamma function (see ``log_zinb``)."""
+    log_theta_mu = torch.log(theta + mu)
+    nb_zero = theta * (torch.log(theta + _EPS) - log_theta_mu)  # log NB(0; mu, theta) <= 0
+    # x = 0: log(pi + (1 - pi) NB(0)) = logaddexp(l, log NB(0)) - softplus(l)
+    # x > 0: log(1 - pi) + log NB(x) = -softplus(l) + log NB(0) + x log(mu / (theta + mu)) + gamma terms
+    terms = torch.where(x > 0, nb_zero + x * (log_mu - log_theta_mu), torch.logaddexp(zi_logits, nb_zero))
+    return (terms - F.softplus(zi_logits)).sum(-1)
+
+
+def dense_nb(x, mu, log_mu, theta):
+    """Per-cell sum of the NB terms that need no gamma function."""
+    log_theta_mu = torch.log(theta + mu)
+    return (theta * (torch.log(theta + _EPS) - log_theta_mu) + x * (log_mu - log_theta_mu)).sum(-1)
+
+
+def dense_poisson(x, mu, log_mu):
+    """Per-cell sum of x log(mu) - mu."""
+    return (x * log_mu - mu).sum(-1)
+
+
+DENSE = {"zinb": dense_zinb, "nb": dense_nb, "poisson": dense_poisson}
+
+# --- compilation ----------------------------------------------------------------------------
+
+_compiled: dict[str, object] = {}
+_enabled = False
+_failed = False
+
+
+def compile_available() -> bool:
+    """Whether ``torch.compile`` can build CPU/CUDA kernels here (needs a C++ compiler on CPU)."""
+    if os.environ.get("SC_VI_EXT_NO_COMPILE"):
+        return False
+    try:
+        from torch._inductor import cpp_builder  # noqa: F401
+        import shutil
+
+        return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def set_compiled(enabled: bool) -> bool:
+    """Switch the fused (compiled) dense terms on or off for training steps; returns the state."""
+    global _enabled
+    _enabled = bool(enabled) and not _failed and compile_available()
+    return _enabled
+
+
+def compiled_enabled() -> bool:
+    return _enabled
+
+
+def warm_up(likelihood: str, x, mu, log_mu, theta, zi_logits) -> float:
+    """Compile the dense terms of ``likelihood`` on example inputs (forward and backward).
+
+    Returns the seconds it took; on any failure compilation is switched off (eager from then
+    on, same values) and the reason is logged.
+    """
+    global _failed, _enabled
+    t0 = time.perf_counter()
+    try:
+        args = [a.detach().requires_grad_(a.is_floating_point()) if a is not None else None
+                for a in (mu, log_mu, theta, zi_logits)]
+        args = [a for a in args if a is not None]
+        out = dense_terms(likelihood, x, *args, force_compiled=True)
+        out.sum().backward()
+    except Exception as err:  # noqa: BLE001 - any compiler failure means: stay eager
+        _failed, _enabled = True, False
+        _LOG.warning("torch.compile of the likelihood failed (%s); training continues in eager mode", err)
+    return time.perf_counter() - t0
+
+
+def dense_terms(likelihood: str, x, *args, force_compiled: bool = False):
+    """The dense terms of ``likelihood``: compiled for 2-D training blocks when switched on."""
+    fn = DENSE[likelihood]
+    use = (force_compiled or _enabled) and torch.is_grad_enabled() and x.dim() == 2 and args[0].dim() == 2
+    if use:
+        if likelihood not in _compiled:
+            import torch._dynamo as dynamo
+
+            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 16)
+            # the batch axis varies (last minibatch, distributed shards): one dynamic kernel
+            _compiled[likelihood] = torch.compile(fn, dynamic=True)
+        fn = _compiled[likelihood]
+    return fn(x, *args)

@@ -1,0 +1,68 @@
+"""The speed options of ``tl.vae``: compiled likelihood and thread count give the eager results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import sc_vi_ext as sv
+from sc_vi_ext.module import fused
+from sc_vi_ext.threads import default_threads, threads
+from sc_vi_ext.train import COMPILE_MIN_STEPS, use_compiled
+
+
+@pytest.mark.skipif(not fused.compile_available(), reason="no C++ compiler")
+@pytest.mark.parametrize("options", [{}, {"likelihood": "nb", "batch_key": "batch"}], ids=["zinb", "nb-batch"])
+def test_compiled_training_equals_eager(sim_session, options):
+    """Same seed, compiled or not: the same trajectory up to float32 rounding (the warm-up
+    compile leaves no trace in the random streams or BatchNorm statistics)."""
+    kw = {"max_epochs": 3, "n_hidden": 32, "progress": False, **options}
+    eager = sv.tl.vae(sim_session, copy=True, compile=False, **kw)
+    comp = sv.tl.vae(sim_session, copy=True, compile=True, **kw)
+    np.testing.assert_allclose(comp.uns["vae"]["history"]["elbo_train"], eager.uns["vae"]["history"]["elbo_train"],
+                               rtol=1e-4)
+    np.testing.assert_allclose(comp.obsm["X_vae"], eager.obsm["X_vae"], atol=1e-3)
+    assert not fused.compiled_enabled()  # switched off again after training
+
+
+def test_compile_auto_rule():
+    assert not use_compiled("auto", COMPILE_MIN_STEPS - 1, "cpu")
+    assert not use_compiled(False, 10**9, "cpu")
+    with pytest.raises(ValueError, match="compile must be"):
+        use_compiled("yes", 10, "cpu")
+    fused.set_compiled(False)
+
+
+def test_n_threads_is_applied_and_restored(sim_session, monkeypatch):
+    seen = []
+    import sc_vi_ext.tl._vae as tlvae
+
+    real_train = tlvae.train
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real_train(*a, **k)
+
+    monkeypatch.setattr(tlvae, "train", spy)
+    before = torch.get_num_threads()
+    sv.tl.vae(sim_session, copy=True, max_epochs=1, n_hidden=8, progress=False, n_threads=2)
+    assert seen == [2]
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="n_threads"):
+        sv.tl.vae(sim_session, copy=True, max_epochs=1, n_threads=0)
+
+
+def test_default_threads_leaves_busy_cores(monkeypatch):
+    import sc_vi_ext.threads as th
+
+    monkeypatch.setattr(th, "available_cpus", lambda: 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(th.os, "getloadavg", lambda: (0.1, 0, 0))
+    assert default_threads() == 4
+    monkeypatch.setattr(th.os, "getloadavg", lambda: (2.9, 0, 0))
+    assert default_threads() == 1
+    monkeypatch.setattr(th.os, "getloadavg", lambda: (9.0, 0, 0))
+    assert default_threads() == 1
+    with threads(1) as n:
+        assert n == 1
