@@ -221,6 +221,21 @@ def scvi_timer():
 
 
 # --------------------------------------------------------------------------- workers
+def _compile_kw(args) -> dict:
+    """``compile=`` and ``n_threads=`` for ``tl.vae`` (releases before had neither): the same
+    thread count as scvi-tools gets (torch's, set by --threads), not the load-aware default."""
+    import inspect
+
+    import torch
+
+    import sc_vi_ext as sv
+
+    if "compile" not in inspect.signature(sv.tl.vae).parameters:
+        return {}
+    return {"compile": {"auto": "auto", "true": True, "false": False}[args.ours_compile],
+            "n_threads": torch.get_num_threads()}
+
+
 def worker(args) -> dict:
     """Run one task in this (sub)process and return a JSON-able dict."""
     quiet()
@@ -248,7 +263,7 @@ def worker(args) -> dict:
             t0 = time.perf_counter()
             ours_train(adata, epoch_times=stamps, max_epochs=E, batch_size=128, likelihood="zinb",
                        early_stopping=False, train_size=0.9, progress=False, batch_key=batch_key,
-                       random_state=0)
+                       random_state=0, **_compile_kw(args))
             total = time.perf_counter() - t0
             stamps = np.array(stamps)
         else:
@@ -293,7 +308,7 @@ def worker(args) -> dict:
             import sc_vi_ext as sv
 
             t0, c0 = time.perf_counter(), time.process_time()
-            sv.tl.vae(adata, batch_key=batch_key, progress=False)  # defaults (random_state=0)
+            sv.tl.vae(adata, batch_key=batch_key, progress=False, **_compile_kw(args))  # defaults (random_state=0)
             res["wall_s"], res["cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
             h = adata.uns["vae"]["history"]
             res.update(epochs=int(len(h["epoch"])), max_epochs=int(adata.uns["vae"]["params"]["max_epochs"]),
@@ -345,7 +360,7 @@ def run_worker(task, data, args, tmp, label_key=None, batch_key=None, scvi_cap=N
     out = os.path.join(tmp, f"{task}-{Path(data).stem}.json")
     cmd = [sys.executable, str(HERE), "--_worker", task, "--_data", data, "--_out", out,
            "--epochs", str(args.epochs), "--iwae-cells", str(args.iwae_cells),
-           "--threads", str(args.threads),
+           "--threads", str(args.threads), "--ours-compile", args.ours_compile,
            "--scvi-max-epochs", str(args.scvi_max_epochs if scvi_cap is None else scvi_cap)]
     if label_key:
         cmd += ["--_label_key", label_key]
@@ -440,6 +455,8 @@ def main(argv=None):
                    help="OMP_WAIT_POLICY=PASSIVE in the workers (avoids spin-waiting on a loaded machine)")
     p.add_argument("--ours-alt", metavar="PATH",
                    help="also run a modified copy of sc_vi_ext found at PATH (put first on PYTHONPATH) as a column")
+    p.add_argument("--ours-compile", choices=["auto", "true", "false"], default="auto",
+                   help="sc_vi_ext's compile= (the fused likelihood; its compile time falls in epoch 1)")
     p.add_argument("--keep", metavar="DIR", help="keep the data, worker JSON and latents in DIR")
     p.add_argument("--markdown", help="also write the table to this file")
     p.add_argument("--_worker", help=argparse.SUPPRESS)

@@ -200,13 +200,15 @@ class Minibatch:
 class Minibatches:
     """Iterate over ``indices`` of a count matrix in minibatches of whole rows.
 
-    With ``shuffle``, the order is drawn from ``rng`` each epoch. A trailing batch of a
+    With ``shuffle``, the order is drawn from ``rng`` each epoch. ``with_nz=False`` skips
+    the non-zero bookkeeping of CSR rows where only the encoder runs (the latent fill). A trailing batch of a
     single cell is merged into the previous one (BatchNorm cannot train on one cell).
     """
 
     def __init__(self, X, indices, *, log_library, batch=None, cov=None, batch_size=128,
-                 shuffle=False, rng=None, device="cpu", shard=(0, 1), gene_index=None):
+                 shuffle=False, rng=None, device="cpu", shard=(0, 1), gene_index=None, with_nz=True):
         self.cov = cov
+        self.with_nz = with_nz  # hand the CSR non-zeros to the likelihood (not needed by the encoder alone)
         # query mapping: column j of a minibatch is column gene_index[j] of X (-1: absent, zeros)
         self.gene_index = None if gene_index is None else np.asarray(gene_index)
         self.X, self.indices = X, np.asarray(indices)
@@ -233,7 +235,7 @@ class Minibatches:
             nz = None
             if self.gene_index is not None:
                 dense = align_genes(_rows_dense(X, r), self.gene_index)
-            elif sp.issparse(X):  # CSR: the non-zeros come for free
+            elif sp.issparse(X) and self.with_nz:  # CSR: the non-zeros come for free
                 dense, nz = _csr_rows(X, r)
                 nz = tuple(torch.from_numpy(a).to(self.device) for a in nz)
             else:

@@ -3,14 +3,16 @@
 torch's CPU kernels run on OpenMP threads that spin-wait for each other between parallel
 regions. When another process holds a core, a thread that has lost its core stalls every
 other: on a 2-core machine with two busy processes, 2-thread training steps were measured
-10-50x slower than 1-thread ones. The default therefore uses the cores that are idle now
-(the CPU count minus the 1-minute load average, at least one), and an explicit
-``n_threads`` always wins.
+10-50x slower than 1-thread ones. The default therefore uses the cores that are idle now,
+measured over a fifth of a second from ``/proc/stat`` (the load average lags by a minute:
+right after a heavy notebook cell it would still report the cores as busy), and an
+explicit ``n_threads`` always wins.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 
 import torch
@@ -25,15 +27,33 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def _cpu_times() -> tuple[int, int]:
+    """(idle, total) jiffies of all CPUs since boot, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    return fields[3] + fields[4], sum(fields)  # idle + iowait
+
+
+def busy_cpus(seconds: float = 0.2) -> float | None:
+    """CPUs busy with other work right now (None where /proc/stat is unavailable)."""
+    try:
+        idle0, total0 = _cpu_times()
+        time.sleep(seconds)
+        idle1, total1 = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
+
+
 def default_threads() -> int:
     """torch's own thread count, reduced to the cores that are idle now."""
     n = min(torch.get_num_threads(), available_cpus())
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # not available on this platform
+    busy = busy_cpus()
+    if busy is None:
         return n
-    idle = int(available_cpus() - load + 0.5)
-    return max(1, min(n, idle))
+    return max(1, min(n, int(available_cpus() - busy + 0.5)))
 
 
 @contextmanager

@@ -58,11 +58,20 @@ def test_default_threads_leaves_busy_cores(monkeypatch):
 
     monkeypatch.setattr(th, "available_cpus", lambda: 4)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
-    monkeypatch.setattr(th.os, "getloadavg", lambda: (0.1, 0, 0))
+    monkeypatch.setattr(th, "busy_cpus", lambda: 0.1)
     assert default_threads() == 4
-    monkeypatch.setattr(th.os, "getloadavg", lambda: (2.9, 0, 0))
+    monkeypatch.setattr(th, "busy_cpus", lambda: 2.9)
     assert default_threads() == 1
-    monkeypatch.setattr(th.os, "getloadavg", lambda: (9.0, 0, 0))
+    monkeypatch.setattr(th, "busy_cpus", lambda: 9.0)
     assert default_threads() == 1
+    monkeypatch.setattr(th, "busy_cpus", lambda: None)
+    assert default_threads() == 4
     with threads(1) as n:
         assert n == 1
+
+
+def test_busy_cpus_measures_now():
+    from sc_vi_ext.threads import busy_cpus
+
+    busy = busy_cpus(0.05)
+    assert busy is None or -0.01 <= busy <= __import__("os").cpu_count() + 0.01

@@ -220,13 +220,14 @@ def vae(
             from ..diagnostics.history import GapTracker
 
             callback = GapTracker(X, train_idx, val_idx, every=gap_every, seed=random_state, **common)
-        with threads(n_threads):
+        with threads(n_threads) as used:
+            params["n_threads_used"] = used  # results are bit-reproducible for a given seed and thread count
             res = train(
                 module, train_loader, val_loader, max_epochs=max_epochs, lr=lr, weight_decay=weight_decay,
                 n_epochs_kl_warmup=warmup, early_stopping=early_stopping, patience=early_stopping_patience,
                 seed=random_state, progress=progress, callback=callback, compile_likelihood=compile,
             )
-        latent = _latent_means(module, Minibatches(X, np.arange(n_obs), batch_size=1024, **common))
+        latent = _latent_means(module, Minibatches(X, np.arange(n_obs), batch_size=1024, with_nz=False, **common))
 
     adata.obsm[f"X_{key_added}"] = latent
     adata.uns[key_added] = {
