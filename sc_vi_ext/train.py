@@ -65,7 +65,7 @@ def use_compiled(setting: bool | str, n_steps: int, device) -> bool:
     return bool(setting)
 
 
-def _warm_up_compiled(module: VAE, loader: Minibatches) -> float:
+def _warm_up_compiled(module: VAE, loader: Minibatches) -> float | None:
     """Compile the likelihood on a first minibatch (forward and backward), outside the timed epochs."""
     t0 = time.perf_counter()
     # the warm-up must leave no trace: not in the random streams, not in BatchNorm's statistics
@@ -81,6 +81,8 @@ def _warm_up_compiled(module: VAE, loader: Minibatches) -> float:
     with torch.no_grad():
         for k, v in module.named_buffers():
             v.copy_(buffers[k])
+    if not fused.compiled_enabled():  # the compiler failed (logged): eager from here on
+        return None
     logg.info(f"    compiled the likelihood in {time.perf_counter() - t0:.1f} s")
     return time.perf_counter() - t0
 

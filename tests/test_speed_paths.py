@@ -75,3 +75,27 @@ def test_busy_cpus_measures_now():
 
     busy = busy_cpus(0.05)
     assert busy is None or -0.01 <= busy <= __import__("os").cpu_count() + 0.01
+
+
+def test_compiler_failure_falls_back_to_eager(monkeypatch, caplog):
+    """A broken compiler must not stop the analysis: a warning, then the eager values."""
+    import sc_vi_ext.module.fused as f
+
+    def broken(fn, **kw):
+        def call(*a, **k):
+            raise RuntimeError("no compiler today")
+
+        return call
+
+    monkeypatch.setattr(f, "_compiled", {})
+    monkeypatch.setattr(f.torch, "compile", broken)
+    monkeypatch.setattr(f, "compile_available", lambda: True)
+    monkeypatch.setattr(f, "_failed", False)
+    x = torch.tensor([[0.0, 3.0], [1.0, 0.0]])
+    mu = torch.tensor([[1.0, 2.0], [0.5, 4.0]])
+    with f.compiled_likelihood("all") as on:
+        assert on
+        got = f.dense_terms("poisson", x, mu, torch.log(mu))
+        assert not f.compiled_enabled()
+    torch.testing.assert_close(got, f.dense_poisson(x, mu, torch.log(mu)))
+    assert "eager" in caplog.text

@@ -16,6 +16,7 @@ import math
 import torch
 
 from ..module import VAE, log_normal
+from ..module.distributions import nonzeros
 
 _ELEMENT_BUDGET = 1 << 20  # samples x cells x genes per chunk: cache-sized chunks (benchmarks/iwae_chunk.py: 1.9x)
 
@@ -24,10 +25,14 @@ def sample_chunk(n_samples: int, n_cells: int, n_genes: int) -> int:
     return int(max(1, min(n_samples, _ELEMENT_BUDGET // max(1, n_cells * n_genes))))
 
 
-def log_px_given(module: VAE, x, batch, log_library, mean, log_var, eps, cov=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(x | z) and z for z = mean + sigma * eps; ``eps`` is (K, cells, latent_dim). Returns (K, cells)."""
+def log_px_given(module: VAE, x, batch, log_library, mean, log_var, eps, cov=None, nz=None):
+    """log p(x | z) and z for z = mean + sigma * eps; ``eps`` is (K, cells, latent_dim). Returns (K, cells).
+
+    ``nz``: the non-zeros of ``x`` (:func:`~sc_vi_ext.module.distributions.nonzeros`), found
+    once by the caller rather than once per chunk of samples.
+    """
     z = mean + torch.exp(0.5 * log_var) * eps
-    return module.log_px_z(x, module.generative(z, batch, log_library, cov)), z
+    return module.log_px_z(x, module.generative(z, batch, log_library, cov), nz), z
 
 
 @torch.no_grad()
@@ -40,12 +45,13 @@ def elbo_paired(module: VAE, x, batch, log_library, qs, *, n_samples: int, gener
     """
     n_cells, d = qs[0][0].shape
     chunk = sample_chunk(n_samples, n_cells, x.shape[-1])
+    nz = nonzeros(x)
     recs = [[] for _ in qs]
     for lo in range(0, n_samples, chunk):
         k = min(chunk, n_samples - lo)
         eps = torch.randn((k, n_cells, d), generator=generator, device=x.device)
         for i, (mean, log_var) in enumerate(qs):
-            recs[i].append(log_px_given(module, x, batch, log_library, mean, log_var, eps, cov)[0].double())
+            recs[i].append(log_px_given(module, x, batch, log_library, mean, log_var, eps, cov, nz)[0].double())
     out = []
     for (mean, log_var), r in zip(qs, recs):
         r = torch.cat(r)
@@ -72,6 +78,7 @@ def iwae(module: VAE, x, batch, log_library, mean, log_var, *, n_samples: int, g
     chunk = sample_chunk(n_samples, n_cells, x.shape[-1])
     lse = torch.full((n_cells,), -math.inf, dtype=torch.float64, device=x.device)
     lse2 = lse.clone()
+    nz = nonzeros(x)
     for lo in range(0, n_samples, chunk):
         k = min(chunk, n_samples - lo)
         eps = torch.randn((k, n_cells, d), generator=generator, device=x.device)
@@ -79,7 +86,7 @@ def iwae(module: VAE, x, batch, log_library, mean, log_var, *, n_samples: int, g
         pick = (torch.arange(lo, lo + k, device=x.device) % len(comps))[:, None, None]
         m = torch.where(pick == 0, comps[0][0], comps[-1][0])
         lv = torch.where(pick == 0, comps[0][1], comps[-1][1])
-        rec, z = log_px_given(module, x, batch, log_library, m, lv, eps, cov)
+        rec, z = log_px_given(module, x, batch, log_library, m, lv, eps, cov, nz)
         log_q = torch.logsumexp(torch.stack([log_normal(z, *c) for c in comps]), 0) - math.log(len(comps))
         log_w = (rec + module.log_prior(z, batch) - log_q).double()
         lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
