@@ -44,9 +44,9 @@ def test_outputs(trained_session, sim_session):
     assert np.isfinite(z).all()
     assert z.std(0).min() > 1e-3  # not collapsed onto a constant
     uns = ad.uns["vae"]
-    assert {"params", "history", "validation_indices", "model", "batch_categories", "best_epoch",
+    assert {"params", "history", "validation_obs_names", "var_names", "model", "batch_categories", "best_epoch",
             "stopped_early", "interrupted"} <= set(uns)
-    assert 19 <= len(uns["validation_indices"]) <= 20  # about 10% of 200 cells held out (see test below)
+    assert 19 <= len(uns["validation_obs_names"]) <= 20  # about 10% of 200 cells held out (see test below)
     assert uns["interrupted"] is False
     assert 1 <= uns["best_epoch"] <= 20
 
@@ -100,7 +100,7 @@ def test_best_weights_are_kept(trained_session):
     h, best = uns["history"], uns["best_epoch"]
     warm = uns["params"]["n_epochs_kl_warmup"]
     assert h["elbo_validation"][best - 1] >= np.max(h["elbo_validation"][warm:]) - 1e-9
-    loader = stored_loader(ad, "vae", uns["validation_indices"], batch_size=1024)
+    loader = stored_loader(ad, "vae", ad.obs_names.get_indexer(uns["validation_obs_names"]), batch_size=1024)
     val = evaluate(sv.get_model(ad), loader, seed=uns["params"]["random_state"])
     assert val["elbo"] == pytest.approx(h["elbo_validation"][best - 1], rel=1e-5)
 
@@ -129,7 +129,7 @@ def test_reproducible_with_random_state(sim_session, trained_session, fast):
                                   trained_session.uns["vae"]["history"]["elbo_train"])
     other = sv.tl.vae(sim_session, copy=True, random_state=1, **fast)
     assert not np.allclose(other.obsm["X_vae"], trained_session.obsm["X_vae"])
-    assert not np.array_equal(other.uns["vae"]["validation_indices"], trained_session.uns["vae"]["validation_indices"])
+    assert not np.array_equal(other.uns["vae"]["validation_obs_names"], trained_session.uns["vae"]["validation_obs_names"])
 
 
 def test_copy_true_leaves_input_untouched(sim, fast):
@@ -218,7 +218,7 @@ def test_last_minibatch_of_one_cell(n_obs, train_size, batch_size, sim_session):
     ad = sim_session[:n_obs].copy()
     out = sv.tl.vae(ad, train_size=train_size, batch_size=batch_size, max_epochs=3, n_hidden=16,
                     progress=False, copy=True)
-    n_train = n_obs - len(out.uns["vae"]["validation_indices"])
+    n_train = n_obs - len(out.uns["vae"]["validation_obs_names"])
     assert n_train % batch_size == 1  # the case under test really happened
     assert np.isfinite(out.obsm["X_vae"]).all()
     assert np.isfinite(out.uns["vae"]["history"]["elbo_train"]).all()
@@ -250,7 +250,7 @@ def test_fewer_cells_than_batch_size(sim_session):
 def test_train_size_one(sim, fast):
     sv.tl.vae(sim, train_size=1.0, **fast)
     uns = sim.uns["vae"]
-    assert len(uns["validation_indices"]) == 0
+    assert len(uns["validation_obs_names"]) == 0
     h = uns["history"]
     _assert_history_consistent(h, n_epochs=20)
     assert np.isnan(h["elbo_validation"]).all()
