@@ -126,8 +126,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     """Defaults in every argument's help; descriptions printed as written."""
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``sc-vi-ext`` and ``python -m sc_vi_ext``."""
+def build_parser() -> argparse.ArgumentParser:
+    """Build the parser of ``sc-vi-ext`` with its ``demo`` and ``train`` commands."""
     parser = argparse.ArgumentParser(prog="sc-vi-ext", description=DESCRIPTION, formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     d = sub.add_parser("demo", help="train on the bundled PBMC data; write the h5ad and figures",
@@ -166,7 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--backed", action="store_true", help="read the input with backed='r' (out of core)")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=_train)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``sc-vi-ext`` and ``python -m sc_vi_ext``."""
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

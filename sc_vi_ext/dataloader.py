@@ -49,7 +49,7 @@ def get_counts(adata: AnnData, layer: str | None):
     return X
 
 
-def _rows_dense(X, idx: np.ndarray, round_counts: bool = False) -> np.ndarray:
+def _rows_dense(X, idx: np.ndarray, *, round_counts: bool = False) -> np.ndarray:
     """Rows ``idx`` of ``X`` as a dense float32 array (the only place minibatches are cut).
 
     ``round_counts`` rounds float noise away (see :func:`inspect_counts`); the block is a
@@ -150,7 +150,7 @@ def inspect_counts(X, what: str, gene_index=None) -> CountCheck:
         vals = block.data if sp.issparse(block) else block
         if not np.all(np.isfinite(vals)):
             raise ValueError(f"{what} contains NaN or infinite values; the VAE needs finite raw counts.")
-        if vals.size and vals.min() < 0:
+        if vals.size and vals.min() < -COUNT_RTOL:  # -1e-12 is noise around a zero count
             raise ValueError(f"{what} contains negative values; the VAE needs raw (non-negative integer) counts.")
         dev = _deviation(vals)
         if np.any(dev > COUNT_RTOL * np.maximum(1.0, np.abs(vals))):
@@ -289,12 +289,12 @@ class Minibatches:
             idx, r = order[lo:hi][rank::world], rows[lo:hi][rank::world]
             nz = None
             if self.gene_index is not None:
-                dense = align_genes(_rows_dense(X, r, self.round_counts), self.gene_index)
+                dense = align_genes(_rows_dense(X, r, round_counts=self.round_counts), self.gene_index)
             elif sp.issparse(X):  # CSR: the non-zeros come for free
                 dense, (flat, vals) = _csr_rows(X, r, round_counts=self.round_counts)
                 nz = (torch.from_numpy(flat).to(self.device), torch.from_numpy(vals).to(self.device))
             else:
-                dense = _rows_dense(X, r, self.round_counts)
+                dense = _rows_dense(X, r, round_counts=self.round_counts)
             x = torch.from_numpy(dense).to(self.device)
             bt = None if self.batch is None else torch.from_numpy(self.batch[idx]).to(self.device)
             ll = torch.from_numpy(self.log_library[idx]).to(self.device)

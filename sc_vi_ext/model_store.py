@@ -41,7 +41,7 @@ def _damaged(key: str, detail: str) -> ValueError:
 
 
 def _build(uns: Mapping, key: str) -> VAE:
-    """The VAE of ``uns`` with its weights, after checking every stored array."""
+    """Build the VAE of ``uns`` and load its weights, after checking every stored array."""
     p = uns["params"]
     module = VAE(int(p["n_genes"]), n_batch=len(uns["batch_categories"]), n_cov=int(p.get("n_cov", 0)),
                  **{k: p.get(k, _ARCH_DEFAULTS.get(k)) for k in ARCH_PARAMS})
@@ -99,7 +99,7 @@ def get_model(adata: AnnData, key: str = "vae", *, device: str = "cpu") -> VAE:
 
 
 def gene_alignment(adata: AnnData, key: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """The genes of the model under ``key`` and, for each, its column in ``adata``.
+    """Match the genes of the model under ``key`` to ``adata``: their names and columns in ``adata``.
 
     The model's genes are matched to ``adata.var_names`` by name (genes in another order
     are reordered; genes the model lacks are ignored). The column array is None when
@@ -122,7 +122,8 @@ def gene_alignment(adata: AnnData, key: str) -> tuple[np.ndarray, np.ndarray | N
         if gene_index is None:
             return np.asarray(adata.var_names, dtype=object), None
         gene_index = np.asarray(gene_index)
-        return np.where(gene_index >= 0, np.asarray(adata.var_names, dtype=object)[np.maximum(gene_index, 0)], ""), gene_index
+        names = np.asarray(adata.var_names, dtype=object)[np.maximum(gene_index, 0)]
+        return np.where(gene_index >= 0, names, ""), gene_index
     names = np.asarray(names).astype(str)
     if adata.n_vars == len(names) and np.array_equal(names, np.asarray(adata.var_names).astype(str)):
         return names, None

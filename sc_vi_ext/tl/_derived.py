@@ -15,7 +15,7 @@ PPC_SUFFIXES = ("obs", "pred", "pred_sd")  # posterior_predictive: var columns "
 
 
 def derived_results(adata: AnnData, key: str) -> dict[str, list[str]]:
-    """The slots of ``adata`` that tools computed from the model under ``key``, by attribute."""
+    """List the slots of ``adata`` that tools computed from the model under ``key``, by attribute."""
     from ._ppc import STATS as PPC_STATS  # _ppc imports _vae, which imports this module
 
     out = {
