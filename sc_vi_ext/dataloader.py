@@ -124,12 +124,6 @@ class CountCheck:
     max_deviation: float  # the largest |x - round(x)| among them
 
 
-def _deviation(vals: np.ndarray) -> np.ndarray:
-    if vals.dtype.kind in "iub":  # integer storage holds integers
-        return np.zeros(vals.shape)
-    return np.abs(vals - np.rint(vals))
-
-
 def inspect_counts(X, what: str, gene_index=None) -> CountCheck:
     """Validate raw counts chunk by chunk: totals per cell and the float noise to round.
 
@@ -152,22 +146,22 @@ def inspect_counts(X, what: str, gene_index=None) -> CountCheck:
             raise ValueError(f"{what} contains NaN or infinite values; the VAE needs finite raw counts.")
         if vals.size and vals.min() < -COUNT_RTOL:  # -1e-12 is noise around a zero count
             raise ValueError(f"{what} contains negative values; the VAE needs raw (non-negative integer) counts.")
-        dev = _deviation(vals)
-        if np.any(dev > COUNT_RTOL * np.maximum(1.0, np.abs(vals))):
-            raise ValueError(
-                f"{what} contains non-integer values: it looks normalised or log-transformed. "
-                "The VAE models raw counts: pass `layer=` with the raw-count layer "
-                "(e.g. adata.layers['counts'] saved before sc.pp.normalize_total)."
-            )
-        noisy = dev > 0
-        if noisy.any():  # sum the rounded counts; the AnnData itself is never modified
-            n_rounded += int(noisy.sum())
+        dev = np.abs(vals - np.rint(vals)) if vals.dtype.kind == "f" else None  # integer storage: integers
+        if dev is not None and dev.any():  # non-integers: float noise, or not counts at all
+            if np.any(dev > COUNT_RTOL * np.maximum(1.0, np.abs(vals))):
+                raise ValueError(
+                    f"{what} contains non-integer values: it looks normalised or log-transformed. "
+                    "The VAE models raw counts: pass `layer=` with the raw-count layer "
+                    "(e.g. adata.layers['counts'] saved before sc.pp.normalize_total)."
+                )
+            # sum the rounded counts; the AnnData itself is never modified
+            n_rounded += int(np.count_nonzero(dev))
             max_dev = max(max_dev, float(dev.max()))
-            block = block.copy() if sp.issparse(block) else block.astype(np.float64)
             if sp.issparse(block):
+                block = block.copy()
                 block.data = np.rint(block.data)
             else:
-                np.rint(block, out=block)
+                block = np.rint(block)  # a new array
         if cols is not None:
             block = block[:, cols]
         totals[start:stop] = np.asarray(block.sum(axis=1)).ravel()

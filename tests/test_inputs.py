@@ -279,7 +279,7 @@ def test_tolerance_covers_float32_and_float64_round_trips():
         assert 0 < rel.max() < limit
 
 
-def test_real_counts_through_csv_and_pandas_train(tmp_path):
+def test_real_counts_through_csv_and_pandas_train(tmp_path, scanpy_log):
     """A real public count matrix (PBMC, 10x) written as floats with noise and read back by pandas."""
     pbmc = sv.datasets.pbmc68k()[:300]
     counts = pbmc.layers["counts"].toarray().astype(np.float64)
@@ -293,6 +293,8 @@ def test_real_counts_through_csv_and_pandas_train(tmp_path):
     assert np.isfinite(adata.obsm["X_vae"]).all()
     assert adata.uns["vae"]["counts_rounded"]["n_values"] == int((adata.X != np.rint(adata.X)).sum())
     assert adata.uns["vae"]["counts_rounded"]["max_deviation"] < 1e-10
+    n = adata.uns["vae"]["counts_rounded"]["n_values"]
+    assert f"rounded {n} value(s) of adata.X" in scanpy_log.getvalue()  # and said so
     sc.pp.neighbors(adata, use_rep="X_vae")  # the result is usable downstream
 
 
