@@ -180,6 +180,8 @@ def test_h5ad_round_trip(trained, tmp_path):
     assert "layer" in p and "batch_key" in p
     assert p["likelihood"] == "zinb" and int(p["n_hidden"]) == 32
     np.testing.assert_array_equal(back.obsm["X_vae"], trained.obsm["X_vae"])
+    np.testing.assert_array_equal(back.uns["vae"]["var_names"], trained.var_names)  # the model keeps its genes
+    np.testing.assert_array_equal(back.uns["vae"]["validation_obs_names"], trained.uns["vae"]["validation_obs_names"])
     np.testing.assert_allclose(_stored_latent(back), trained.obsm["X_vae"], rtol=1e-5, atol=1e-5)
 
 
