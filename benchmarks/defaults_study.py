@@ -54,9 +54,7 @@ def run(adata, name, threads):
     t0 = time.perf_counter()
     sv.tl.vae(a, batch_key="batch", progress=False, n_threads=threads, **kw)
     wall = time.perf_counter() - t0
-    val = a.uns["vae"]["validation_indices"]
-    mask = np.zeros(a.n_obs, bool)
-    mask[val] = True
+    mask = a.obs_names.isin(a.uns["vae"]["validation_obs_names"])
     sv.tl.log_likelihood(a, n_samples=100, subset=mask, progress=False)
     iwae = float(np.nanmean(a.obs["vae_log_px"].to_numpy()[mask]))
     lat = a.obsm["X_vae"]

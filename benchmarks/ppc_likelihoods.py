@@ -20,7 +20,7 @@ for lik in ("zinb", "nb", "poisson"):
     adata = sv.datasets.pbmc68k()
     sv.tl.vae(adata, likelihood=lik, progress=False)
     sv.tl.posterior_predictive(adata, n_samples=20, progress=False)
-    val = adata.uns["vae"]["validation_indices"]
+    val = adata.uns["vae"]["validation_obs_names"]
     sv.tl.log_likelihood(adata, n_samples=200, subset=val, progress=False)
     best = adata.uns["vae"]["best_epoch"] - 1
     s = adata.uns["vae"]["posterior_predictive"]["summary"]

@@ -314,7 +314,7 @@ def worker(args) -> dict:
             res.update(epochs=int(len(h["epoch"])), max_epochs=int(adata.uns["vae"]["params"]["max_epochs"]),
                        stopped_early=bool(adata.uns["vae"]["stopped_early"]),
                        best_epoch=int(adata.uns["vae"]["best_epoch"]))
-            val = np.asarray(adata.uns["vae"]["validation_indices"])
+            val = adata.obs_names.get_indexer(adata.uns["vae"]["validation_obs_names"])
             assert np.array_equal(np.sort(val), val_idx)
             latent = adata.obsm["X_vae"]
             peak_rss_train = peak_rss_mib()

@@ -8,7 +8,10 @@ _shared = {
     "adata": "adata\n    Annotated data matrix (cells x genes).",
     "key": "key\n    The ``key_added`` of the trained model (:func:`sc_vi_ext.tl.vae`).",
     "copy": "copy\n    Return a modified copy instead of writing to ``adata``.",
-    "random_state": "random_state\n    Seed for every random draw; the same seed gives the same result on the same machine.",
+    "random_state": (
+        "random_state\n    Seed for every random draw; the same seed gives bit-identical results on the same machine "
+        "with the same torch version and number of torch threads (see README, Reproducibility)."
+    ),
     "device": 'device\n    Torch device; ``"auto"`` picks CUDA when available, else CPU.',
     "n_threads": (
         "n_threads\n    CPU threads for torch during this call. None: torch's default, reduced to the cores "

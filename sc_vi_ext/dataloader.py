@@ -49,20 +49,25 @@ def get_counts(adata: AnnData, layer: str | None):
     return X
 
 
-def _rows_dense(X, idx: np.ndarray) -> np.ndarray:
-    """Rows ``idx`` of ``X`` as a dense float32 array (the only place minibatches are cut)."""
+def _rows_dense(X, idx: np.ndarray, *, round_counts: bool = False) -> np.ndarray:
+    """Rows ``idx`` of ``X`` as a dense float32 array (the only place minibatches are cut).
+
+    ``round_counts`` rounds float noise away (see :func:`inspect_counts`); the block is a
+    fresh array, so the AnnData is never modified.
+    """
     if isinstance(X, np.ndarray):
-        return np.asarray(X[idx], dtype=np.float32)
-    if isinstance(X, CSRDataset):  # h5py wants increasing indices: read sorted, then reorder
+        out = np.asarray(X[idx], dtype=np.float32)  # fancy indexing: already a copy
+    elif isinstance(X, CSRDataset):  # h5py wants increasing indices: read sorted, then reorder
         order = np.argsort(idx, kind="stable")
         sub = X[idx[order]]
         out = np.empty((len(idx), X.shape[1]), dtype=np.float32)
         out[order] = sub.toarray() if sp.issparse(sub) else sub
-        return out
-    return _csr_rows(X, idx, with_nz=False)[0]
+    else:
+        return _csr_rows(X, idx, with_nz=False, round_counts=round_counts)[0]
+    return np.rint(out, out=out) if round_counts else out
 
 
-def _csr_rows(X, idx: np.ndarray, *, with_nz: bool = True):
+def _csr_rows(X, idx: np.ndarray, *, with_nz: bool = True, round_counts: bool = False):
     """Rows ``idx`` of a CSR matrix as a dense float32 block, plus (with ``with_nz``) the rows,
     columns and values of its non-zeros, read straight from the sliced CSR arrays.
 
@@ -70,6 +75,9 @@ def _csr_rows(X, idx: np.ndarray, *, with_nz: bool = True):
     the same with numpy fancy indexing (0.25 vs 0.9 ms for 128 x 2,000 at 36 % non-zero).
     """
     sub = X[idx]
+    if round_counts:  # a new array: noise such as 1e-12 becomes an (explicit) zero, dropped below
+        sub = sub.copy()
+        sub.data = np.rint(sub.data)
     out = sub.toarray().astype(np.float32, copy=False)
     if not with_nz:  # inference only needs the block
         return out, None
@@ -101,28 +109,63 @@ def row_totals(X, gene_index=None) -> np.ndarray:
     return np.concatenate(out).astype(np.float64)
 
 
-def check_counts(X, what: str) -> np.ndarray:
-    """Validate raw counts chunk by chunk and return each cell's total count.
+# Counts stored as floats carry rounding noise: float64 arithmetic or text round trips
+# (pandas/CSV) leave about 1e-11 or less, float32 arithmetic a few units in the last place,
+# i.e. a few 1e-7 relative (float32 spacing is 2**-23 = 1.2e-7 times the value). 1e-6
+# relative, with an absolute floor of 1e-6 below 1, accepts both with room to spare, while
+# normalised or log-transformed values sit about 0.1-0.5 from an integer.
+COUNT_RTOL = 1e-6
 
-    Raises a ValueError that says what to do on NaN/inf, negative or non-integer values
-    and on cells without counts.
+
+@dataclass
+class CountCheck:
+    """What :func:`inspect_counts` found: totals per cell and the float noise that was rounded."""
+
+    totals: np.ndarray  # total (rounded) counts per cell
+    n_rounded: int  # values within COUNT_RTOL of an integer but not equal to it
+    max_deviation: float  # the largest |x - round(x)| among them
+
+
+def inspect_counts(X, what: str, gene_index=None) -> CountCheck:
+    """Validate raw counts chunk by chunk: totals per cell and the float noise to round.
+
+    Values within ``COUNT_RTOL * max(1, |x|)`` of an integer count as that integer (see
+    the comment above ``COUNT_RTOL``); the totals are those of the rounded counts, over
+    the columns ``gene_index`` >= 0 when given. Raises a ValueError that says what to do
+    on NaN/inf, negative or non-integer values and on cells without counts.
     """
     n = X.shape[0]
+    cols = None if gene_index is None else np.asarray(gene_index)[np.asarray(gene_index) >= 0]
     totals = np.empty(n, dtype=np.float64)
+    n_rounded, max_dev = 0, 0.0
     for start in range(0, n, _CHECK_ROWS):
         stop = min(n, start + _CHECK_ROWS)
         block = X[start:stop]
-        vals = block.data if sp.issparse(block) else np.asarray(block)
+        if not sp.issparse(block):
+            block = np.asarray(block)
+        vals = block.data if sp.issparse(block) else block
         if not np.all(np.isfinite(vals)):
             raise ValueError(f"{what} contains NaN or infinite values; the VAE needs finite raw counts.")
-        if vals.size and vals.min() < 0:
+        if vals.size and vals.min() < -COUNT_RTOL:  # -1e-12 is noise around a zero count
             raise ValueError(f"{what} contains negative values; the VAE needs raw (non-negative integer) counts.")
-        if np.any(vals != np.round(vals)):
-            raise ValueError(
-                f"{what} contains non-integer values: it looks normalised or log-transformed. "
-                "The VAE models raw counts: pass `layer=` with the raw-count layer "
-                "(e.g. adata.layers['counts'] saved before sc.pp.normalize_total)."
-            )
+        dev = np.abs(vals - np.rint(vals)) if vals.dtype.kind == "f" else None  # integer storage: integers
+        if dev is not None and dev.any():  # non-integers: float noise, or not counts at all
+            if np.any(dev > COUNT_RTOL * np.maximum(1.0, np.abs(vals))):
+                raise ValueError(
+                    f"{what} contains non-integer values: it looks normalised or log-transformed. "
+                    "The VAE models raw counts: pass `layer=` with the raw-count layer "
+                    "(e.g. adata.layers['counts'] saved before sc.pp.normalize_total)."
+                )
+            # sum the rounded counts; the AnnData itself is never modified
+            n_rounded += int(np.count_nonzero(dev))
+            max_dev = max(max_dev, float(dev.max()))
+            if sp.issparse(block):
+                block = block.copy()
+                block.data = np.rint(block.data)
+            else:
+                block = np.rint(block)  # a new array
+        if cols is not None:
+            block = block[:, cols]
         totals[start:stop] = np.asarray(block.sum(axis=1)).ravel()
     n_empty = int((totals == 0).sum())
     if n_empty:
@@ -130,7 +173,15 @@ def check_counts(X, what: str) -> np.ndarray:
             f"{n_empty} cell(s) have zero total counts in {what}; remove them first, "
             "e.g. sc.pp.filter_cells(adata, min_counts=1)."
         )
-    return totals
+    if n_rounded:
+        logg.info(f"    rounded {n_rounded} value(s) of {what} within {COUNT_RTOL:g} (relative) of an integer "
+                  f"to it (largest deviation {max_dev:.3g}); the AnnData is not modified")
+    return CountCheck(totals, n_rounded, max_dev)
+
+
+def check_counts(X, what: str) -> np.ndarray:
+    """Validate raw counts (see :func:`inspect_counts`) and return each cell's total count."""
+    return inspect_counts(X, what).totals
 
 
 def log_library(adata: AnnData, totals: np.ndarray, size_factor_key: str | None) -> np.ndarray:
@@ -207,9 +258,11 @@ class Minibatches:
     """
 
     def __init__(self, X, indices, *, log_library, batch=None, cov=None, batch_size=128,
-                 shuffle=False, rng=None, device="cpu", shard=(0, 1), gene_index=None, with_nz=True):
+                 shuffle=False, rng=None, device="cpu", shard=(0, 1), gene_index=None, with_nz=True,
+                 round_counts=False):
         self.cov = cov
         self.with_nz = with_nz  # hand the CSR non-zeros to the likelihood (not needed by the encoder alone)
+        self.round_counts = round_counts  # counts stored with float noise: round each block
         # query mapping: column j of a minibatch is column gene_index[j] of X (-1: absent, zeros)
         self.gene_index = None if gene_index is None else np.asarray(gene_index)
         self.X, self.indices = X, np.asarray(indices)
@@ -235,12 +288,12 @@ class Minibatches:
             idx, r = order[lo:hi][rank::world], rows[lo:hi][rank::world]
             nz = None
             if self.gene_index is not None:
-                dense = align_genes(_rows_dense(X, r), self.gene_index)
+                dense = align_genes(_rows_dense(X, r, round_counts=self.round_counts), self.gene_index)
             elif sp.issparse(X) and self.with_nz:  # CSR: the non-zeros come for free
-                dense, nz = _csr_rows(X, r)
+                dense, nz = _csr_rows(X, r, round_counts=self.round_counts)
                 nz = tuple(torch.from_numpy(a).to(self.device) for a in nz)
             else:
-                dense = _rows_dense(X, r)
+                dense = _rows_dense(X, r, round_counts=self.round_counts)
             x = torch.from_numpy(dense).to(self.device)
             bt = None if self.batch is None else torch.from_numpy(self.batch[idx]).to(self.device)
             ll = torch.from_numpy(self.log_library[idx]).to(self.device)

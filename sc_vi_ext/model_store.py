@@ -5,11 +5,14 @@ A model is rebuilt from ``adata.uns[key]`` alone, also after ``write_h5ad``/``re
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 from anndata import AnnData
 
-from .dataloader import Minibatches, batch_codes, covariate_design, get_counts, log_library, row_totals
+from .dataloader import Minibatches, batch_codes, covariate_design, get_counts, inspect_counts, log_library
 from .module import VAE
 
 ARCH_PARAMS = (
@@ -24,13 +27,51 @@ def state_to_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
 
 
 def _stored(adata: AnnData, key: str) -> dict:
-    if key not in adata.uns or "model" not in adata.uns[key]:
+    uns = adata.uns.get(key)
+    if not isinstance(uns, Mapping) or "model" not in uns:
         raise KeyError(f"No trained model under adata.uns[{key!r}]; run sv.tl.vae(adata, key_added={key!r}) first.")
-    return adata.uns[key]
+    return uns
+
+
+def _damaged(key: str, detail: str) -> ValueError:
+    return ValueError(
+        f"The model stored in adata.uns[{key!r}]['model'] is damaged or incomplete ({detail}); "
+        f"retrain it with sv.tl.vae(adata, key_added={key!r})."
+    )
+
+
+def _build(uns: Mapping, key: str) -> VAE:
+    """Build the VAE of ``uns`` and load its weights, after checking every stored array."""
+    p = uns["params"]
+    module = VAE(int(p["n_genes"]), n_batch=len(uns["batch_categories"]), n_cov=int(p.get("n_cov", 0)),
+                 **{k: p.get(k, _ARCH_DEFAULTS.get(k)) for k in ARCH_PARAMS})
+    stored, expected = uns["model"], module.state_dict()
+    if not isinstance(stored, Mapping):
+        raise _damaged(key, f"a {type(stored).__name__} instead of a mapping of weight arrays")
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise _damaged(key, f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    state = {}
+    for name, value in stored.items():
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "fiub":
+            raise _damaged(key, f"{name!r} holds {arr.dtype} values, not numbers")
+        if arr.shape != tuple(expected[name].shape):
+            raise _damaged(key, f"{name!r} has shape {arr.shape}, the architecture needs {tuple(expected[name].shape)}")
+        if not np.all(np.isfinite(arr)):
+            raise _damaged(key, f"{name!r} has NaN or infinite values")
+        state[name] = torch.as_tensor(arr).to(expected[name].dtype)
+    module.load_state_dict(state)
+    names = uns.get("var_names")
+    if names is not None and len(names) != module.n_genes:
+        raise _damaged(key, f"{len(names)} gene names for {module.n_genes} genes")
+    return module
 
 
 def get_model(adata: AnnData, key: str = "vae", *, device: str = "cpu") -> VAE:
     """Rebuild the trained VAE stored in ``adata.uns[key]``, in eval mode.
+
+    Every stored array is checked (names, shapes, numeric and finite values) first.
 
     Parameters
     ----------
@@ -46,22 +87,83 @@ def get_model(adata: AnnData, key: str = "vae", *, device: str = "cpu") -> VAE:
     The :class:`sc_vi_ext.module.VAE` with the trained weights.
     """
     uns = _stored(adata, key)
-    p = uns["params"]
-    module = VAE(int(p["n_genes"]), n_batch=len(uns["batch_categories"]), n_cov=int(p.get("n_cov", 0)),
-                 **{k: p.get(k, _ARCH_DEFAULTS.get(k)) for k in ARCH_PARAMS})
-    state = {k: torch.as_tensor(np.asarray(v)) for k, v in uns["model"].items()}
-    module.load_state_dict(state)
+    try:
+        module = _build(uns, key)
+    except ValueError as e:
+        if str(e).startswith("The model stored in"):
+            raise
+        raise _damaged(key, str(e)) from e
+    except (KeyError, TypeError, AttributeError, RuntimeError) as e:
+        raise _damaged(key, f"{type(e).__name__}: {e}") from e
     return module.to(device).eval()
 
 
+def gene_alignment(adata: AnnData, key: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Match the genes of the model under ``key`` to ``adata``: their names and columns in ``adata``.
+
+    The model's genes are matched to ``adata.var_names`` by name (genes in another order
+    are reordered; genes the model lacks are ignored). The column array is None when
+    ``adata`` has exactly the model's genes in its order; -1 marks a gene absent from a
+    query mapped with :func:`sc_vi_ext.tl.vae_map` (zero counts, as at mapping time).
+    Raises a ValueError naming missing genes.
+    """
+    uns = _stored(adata, key)
+    n_genes = int(uns["params"]["n_genes"])
+    names = uns.get("var_names")
+    if names is None:  # stored by an older version, without gene names: match by position
+        gene_index = uns.get("gene_index")
+        n_cols = adata.n_vars if gene_index is None else len(gene_index)
+        if n_cols != n_genes:
+            raise ValueError(f"The model under {key!r} was trained on {n_genes} genes, the data has {adata.n_vars}.")
+        warnings.warn(
+            f"The model under {key!r} stores no gene names (trained with an older sc_vi_ext): genes are matched "
+            "by position only. Retrain it to bind the model to its genes.", UserWarning, stacklevel=3,
+        )
+        if gene_index is None:
+            return np.asarray(adata.var_names, dtype=object), None
+        gene_index = np.asarray(gene_index)
+        names = np.asarray(adata.var_names, dtype=object)[np.maximum(gene_index, 0)]
+        return np.where(gene_index >= 0, names, ""), gene_index
+    names = np.asarray(names).astype(str)
+    if adata.n_vars == len(names) and np.array_equal(names, np.asarray(adata.var_names).astype(str)):
+        return names, None
+    if not adata.var_names.is_unique:
+        raise ValueError("adata.var_names are not unique, so genes cannot be matched to the model's by name; "
+                         "run adata.var_names_make_unique() first.")
+    gene_index = adata.var_names.get_indexer(names)
+    required = np.ones(len(names), bool) if "gene_index" not in uns else np.asarray(uns["gene_index"]) >= 0
+    missing = names[(gene_index < 0) & required]
+    if len(missing):
+        raise ValueError(
+            f"{len(missing)} of the {len(names)} genes of the model under {key!r} are not in adata.var_names "
+            f"(e.g. {list(missing[:5])}). A model applies to the genes it was trained on; to place data with "
+            f"other genes in its latent space, use sv.tl.vae_map(adata, reference=<the AnnData holding the model>)."
+        )
+    return names, gene_index
+
+
+def held_out_mask(adata: AnnData, key: str) -> np.ndarray:
+    """Which cells of ``adata`` were held out from training the model under ``key`` (by obs name)."""
+    uns = _stored(adata, key)
+    if "validation_obs_names" in uns:
+        return np.asarray(adata.obs_names.isin(list(np.asarray(uns["validation_obs_names"]).astype(str))))
+    pos = np.asarray(uns.get("validation_indices", []), dtype=int)  # older versions stored positions
+    if len(pos) and pos.max() >= adata.n_obs:
+        raise ValueError(f"The model under {key!r} stores its held-out cells as positions (older sc_vi_ext), "
+                         "which do not fit this AnnData (a subset?); retrain it to store them by name.")
+    mask = np.zeros(adata.n_obs, bool)
+    mask[pos] = True
+    return mask
+
+
 def stored_loader(adata: AnnData, key: str, indices=None, *, batch_size: int = 256, device: str = "cpu") -> Minibatches:
-    """Minibatches of ``adata`` (in order) prepared as the model stored under ``key`` expects."""
+    """Minibatches of ``adata`` (in order) prepared as the model stored under ``key`` expects.
+
+    The counts are checked as for training and aligned to the model's genes by name.
+    """
     p = _stored(adata, key)["params"]
     X = get_counts(adata, p["layer"])
-    gene_index = adata.uns[key].get("gene_index")  # set by tl.vae_map on a query AnnData
-    n_cols = X.shape[1] if gene_index is None else len(gene_index)
-    if n_cols != int(p["n_genes"]):
-        raise ValueError(f"The model under {key!r} was trained on {p['n_genes']} genes, the data has {X.shape[1]}.")
+    _, gene_index = gene_alignment(adata, key)
     codes, cats = batch_codes(adata, p["batch_key"])
     if codes is not None:
         trained = list(adata.uns[key]["batch_categories"])
@@ -70,9 +172,11 @@ def stored_loader(adata: AnnData, key: str, indices=None, *, batch_size: int = 2
         if unknown:
             raise ValueError(f"Batches {unknown} were not seen in training under {key!r}.")
         codes = np.array([lookup[c] for c in cats], dtype=np.int64)[codes]
-    log_lib = log_library(adata, row_totals(X, gene_index), p.get("size_factor_key"))
+    what = "adata.X" if p["layer"] is None else f"adata.layers[{p['layer']!r}]"
+    counts = inspect_counts(X, what, gene_index)
+    log_lib = log_library(adata, counts.totals, p.get("size_factor_key"))
     cov, _ = covariate_design(adata, p.get("categorical_covariate_keys"), p.get("continuous_covariate_keys"),
                               adata.uns[key].get("covariate_categories") or None)
     indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
-    return Minibatches(X, indices, log_library=log_lib, batch=codes, cov=cov,
-                       batch_size=batch_size, device=device, gene_index=gene_index)
+    return Minibatches(X, indices, log_library=log_lib, batch=codes, cov=cov, batch_size=batch_size,
+                       device=device, gene_index=gene_index, round_counts=counts.n_rounded > 0)

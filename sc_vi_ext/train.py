@@ -37,6 +37,23 @@ def kl_weight(step: int, warmup_steps: int) -> float:
     return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
 
 
+class TrainingDivergedError(RuntimeError):
+    """The ELBO became NaN or infinite: the weights are lost, so there is nothing to keep."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C before the first epoch finished: there is no model to keep."""
+
+
+def check_finite(epoch: int, lr: float, *values: float) -> None:
+    """Raise :class:`TrainingDivergedError` unless every epoch metric is finite."""
+    if not all(math.isfinite(v) for v in values):
+        raise TrainingDivergedError(
+            f"Training diverged: the ELBO became NaN or infinite in epoch {epoch} (learning rate {lr:g}). "
+            "Nothing was written. Train again with a smaller learning rate (lr; the default is 1e-3)."
+        )
+
+
 @dataclass
 class TrainResult:
     history: dict[str, list] = field(default_factory=lambda: {k: [] for k in HISTORY_KEYS})
@@ -129,17 +146,16 @@ def train(
 
     Early stopping watches the validation ELBO (the training ELBO without held-out cells)
     once the KL warm-up is over. Ctrl-C stops training, keeps the best weights so far and
-    returns the partial history with ``interrupted=True``. ``callback(epoch, module)``
+    returns the partial history with ``interrupted=True``; before the first epoch has
+    finished there is nothing to keep, and :class:`TrainingInterrupted` (a KeyboardInterrupt)
+    is raised. A NaN or infinite ELBO raises :class:`TrainingDivergedError` (checked on the
+    per-epoch sums, so without a host sync per step). ``callback(epoch, module)``
     may return extra metrics for the history (a dict of floats). Only parameters that
     require gradients are optimised; ``freeze_batchnorm`` keeps BatchNorm layers on their
     stored running statistics (query mapping). ``compile_likelihood`` fuses the
     likelihood's dense terms with ``torch.compile`` (True, False, or "auto": when the run
     has enough steps to repay the compile time, see :func:`use_compiled`).
     """
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    # eps=0.01 as scvi-tools; the fused kernel updates all parameters in one pass (CPU and CUDA)
-    opt = torch.optim.Adam(trainable, lr=lr, weight_decay=weight_decay, eps=0.01, fused=True)
-    model = wrap(module)  # DistributedDataParallel under torchrun, else the module itself
     rank, _ = rank_and_world()
     res = TrainResult()
     h = res.history
@@ -148,6 +164,10 @@ def train(
     best, best_state, bad_epochs, step = -math.inf, None, 0, 0
     bar = tqdm(range(max_epochs), desc="training VAE", unit="epoch", disable=not progress or rank > 0, leave=False)
     try:
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        # eps=0.01 as scvi-tools; the fused kernel updates all parameters in one pass (CPU and CUDA)
+        opt = torch.optim.Adam(trainable, lr=lr, weight_decay=weight_decay, eps=0.01, fused=True)
+        model = wrap(module)  # DistributedDataParallel under torchrun, else the module itself
         if compiled:
             res.compile_seconds = _warm_up_compiled(module, train_loader)
         for epoch in bar:
@@ -173,6 +193,7 @@ def train(
             tr = {"reconstruction": rec / n, "kl": kl / n}
             tr["elbo"] = tr["reconstruction"] - tr["kl"]
             va = evaluate(module, val_loader, seed=seed) if val_loader is not None else None
+            check_finite(epoch + 1, lr, rec, kl, *(va.values() if va else ()))
             row = {"epoch": epoch + 1, "kl_weight": kl_weight(step, warmup_steps),
                    "seconds": time.perf_counter() - t0}  # training + validation, before callbacks
             for name in ("elbo", "reconstruction", "kl"):
@@ -196,6 +217,11 @@ def train(
     except KeyboardInterrupt:
         res.interrupted = True
         n_ep = min(len(v) for v in h.values())
+        if best_state is None:
+            raise TrainingInterrupted(
+                "Training interrupted before the first epoch finished; there is no model to keep "
+                "and nothing was written."
+            ) from None
         for k in h:  # drop a half-recorded epoch
             del h[k][n_ep:]
         warnings.warn(

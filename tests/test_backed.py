@@ -23,7 +23,7 @@ def test_backed_matches_in_memory_and_reads_windows(tmp_path, monkeypatch):
     np.testing.assert_allclose(h_b["elbo_validation"][-1], h_m["elbo_validation"][-1], rtol=0.05)
     # every training cell is seen exactly once per epoch, in windows of consecutive rows
     X = dataloader.get_counts(backed, None)
-    idx = np.setdiff1d(np.arange(300), backed.uns["vae"]["validation_indices"])
+    idx = np.setdiff1d(np.arange(300), backed.obs_names.get_indexer(backed.uns["vae"]["validation_obs_names"]))
     lib = np.zeros(300, np.float32)
     mbs = dataloader.Minibatches(X, idx, log_library=lib, batch_size=32, shuffle=True, rng=np.random.default_rng(0))
     seen = np.concatenate([mb.idx for mb in mbs])

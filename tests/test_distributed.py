@@ -36,6 +36,6 @@ def test_two_process_gloo_matches_single_process(tmp_path):
     assert len(h2["epoch"]) == len(h1["epoch"]) == 15
     # same global batch and seed: the runs differ only by per-rank BatchNorm statistics
     np.testing.assert_allclose(h2["elbo_validation"][-1], h1["elbo_validation"][-1], rtol=0.01)
-    np.testing.assert_array_equal(ddp.uns["vae"]["validation_indices"], single.uns["vae"]["validation_indices"])
+    np.testing.assert_array_equal(ddp.uns["vae"]["validation_obs_names"], single.uns["vae"]["validation_obs_names"])
     assert h2["elbo_validation"][-1] > h2["elbo_validation"][0] + 10
     assert ddp.obsm["X_vae"].shape == (300, 10)

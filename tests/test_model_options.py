@@ -59,7 +59,7 @@ def test_latent_library_prior_from_data(data):
     sv.tl.vae(adata, library="latent", batch_key="batch", max_epochs=2, n_hidden=16, progress=False)
     module = sv.get_model(adata)
     assert module.latent_dim == module.n_latent + 1
-    train = np.setdiff1d(np.arange(adata.n_obs), adata.uns["vae"]["validation_indices"])
+    train = np.setdiff1d(np.arange(adata.n_obs), adata.obs_names.get_indexer(adata.uns["vae"]["validation_obs_names"]))
     log_tot = np.log(np.asarray(adata.X.sum(1)).ravel())
     codes = adata.obs["batch"].cat.codes.to_numpy()
     for b in range(2):

@@ -12,7 +12,7 @@ from scanpy import logging as logg
 from tqdm.auto import tqdm
 
 from .._docs import doc_params
-from ..model_store import get_model, stored_loader
+from ..model_store import gene_alignment, get_model, stored_loader
 from ..module import VAE
 from ._expression import all_batches, decode_scale, sample_latent
 from ._vae import resolve_device
@@ -222,6 +222,7 @@ def differential_expression(
         raise ValueError("n_samples and n_cells_per_group must be at least 1.")
     labels, chosen = _groups_of(adata, groupby, groups, reference)
     module = get_model(adata, key, device=resolve_device(device))
+    model_genes, _ = gene_alignment(adata, key)  # the draws are in the model's gene order
     adata = adata.copy() if copy else adata
     dev = str(next(module.parameters()).device)
     codes = all_batches(module)
@@ -248,7 +249,7 @@ def differential_expression(
                 hb = ref_draws[rng.permutation(n_samples)]
             stats[g] = compare(ha, hb, mode=mode, delta=delta, pseudocount=pseudocount, fdr=fdr)
 
-    names = np.asarray(adata.var_names, dtype=object)
+    names = np.asarray(model_genes, dtype=object)
     ranked = {c: {} for c in _DTYPES}
     for g, s in stats.items():
         order = np.lexsort((-s["logfoldchanges"], -s["scores"]))

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from anndata import AnnData
 from scanpy import logging as logg
 from tqdm.auto import tqdm
 
 from .._docs import doc_params
-from ..model_store import get_model, stored_loader
+from ..model_store import gene_alignment, get_model, stored_loader
 from ..module import VAE
 from ._vae import resolve_device
 
@@ -65,15 +66,33 @@ def decode_scale(module: VAE, z: torch.Tensor, codes: list[int] | None, batch: t
     return out / len(codes)
 
 
-def gene_positions(adata: AnnData, genes) -> np.ndarray:
-    """Positions of ``genes`` (names) in ``adata.var_names``; KeyError naming the unknown ones."""
+def gene_positions(model_genes: np.ndarray, genes) -> np.ndarray:
+    """Positions of ``genes`` (names) among the model's genes; KeyError naming the unknown ones."""
     genes = [genes] if isinstance(genes, str) else list(genes)
     if not genes:
         raise ValueError("gene_subset is empty.")
-    pos = adata.var_names.get_indexer(genes)
+    pos = pd.Index(model_genes).get_indexer(genes)
     if (pos < 0).any():
         missing = [g for g, p in zip(genes, pos, strict=True) if p < 0]
-        raise KeyError(f"{len(missing)} gene(s) not in adata.var_names: {missing[:10]}")
+        raise KeyError(f"{len(missing)} gene(s) not in adata.var_names (or not genes of the model): {missing[:10]}")
+    return pos
+
+
+def layer_columns(adata: AnnData, key: str, model_genes: np.ndarray, gene_index) -> np.ndarray | None:
+    """For each gene of ``adata``, its column among the model's genes (None: the same genes in order).
+
+    A layer needs a value for every gene of ``adata``, so genes the model lacks are an error.
+    """
+    if gene_index is None:
+        return None
+    pos = pd.Index(model_genes).get_indexer(adata.var_names)
+    if (pos < 0).any():
+        extra = list(adata.var_names[pos < 0][:5])
+        raise ValueError(
+            f"{int((pos < 0).sum())} gene(s) of adata are not genes of the model under {key!r} (e.g. {extra}), so a "
+            "layer cannot hold the result; pass gene_subset= with genes of the model (written to obsm), or subset "
+            "adata to the model's genes."
+        )
     return pos
 
 
@@ -147,13 +166,16 @@ def normalized_expression(
         raise ValueError(f"n_samples must be >= 0, not {n_samples}.")
     module = get_model(adata, key, device=resolve_device(device))
     codes = batch_targets(adata, key, module, transform_batch)
-    genes = None if gene_subset is None else gene_positions(adata, gene_subset)
+    model_genes, gene_index = gene_alignment(adata, key)
+    # output columns, as positions among the model's genes (None: all, in the model's order)
+    genes = layer_columns(adata, key, model_genes, gene_index) if gene_subset is None else \
+        gene_positions(model_genes, gene_subset)
     params = {"key": key, "transform_batch": None if transform_batch is None else
               [str(adata.uns[key]["batch_categories"][c]) for c in codes], "library_size": float(library_size),
               "n_samples": int(n_samples), "random_state": random_state}
     adata = adata.copy() if copy else adata
     dev = str(next(module.parameters()).device)
-    n_out = adata.n_vars if genes is None else len(genes)
+    n_out = module.n_genes if genes is None else len(genes)
     size = adata.n_obs * n_out * 4
     if size > _WARN_BYTES:
         logg.warning(f"normalized_expression materialises a dense {adata.n_obs} x {n_out} float32 array "
@@ -175,12 +197,12 @@ def normalized_expression(
             if genes is not None:
                 h = h[:, torch.from_numpy(genes).to(h.device)]
             out[mb.idx] = (h * library_size).cpu().numpy()
-    record = {"params": params, "slot": "layers" if genes is None else "obsm"}
-    if genes is None:
+    record = {"params": params, "slot": "layers" if gene_subset is None else "obsm"}
+    if gene_subset is None:
         adata.layers[layer_added] = out
     else:
         adata.obsm[layer_added] = out
-        record["var_names"] = np.asarray(adata.var_names[genes], dtype=object)
+        record["var_names"] = np.asarray(model_genes[genes], dtype=object)
     adata.uns[key].setdefault("normalized_expression", {})[layer_added] = record
     logg.info("    finished", time=start, deep=f"added\n    {layer_added!r} (adata.{record['slot']})\n"
               f"    'normalized_expression' (adata.uns[{key!r}])")

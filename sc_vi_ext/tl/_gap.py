@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from .._docs import doc_params
 from ..diagnostics import COLUMNS, decompose, elbo_paired, iwae, optimize_q, summarize
-from ..model_store import get_model, stored_loader
+from ..model_store import get_model, held_out_mask, stored_loader
 from ._vae import resolve_device
 
 _OPT_DOC = """\
@@ -43,8 +43,7 @@ def _subset(adata: AnnData, n_cells: int | None, rng: np.random.Generator, subse
 
 
 def _split_masks(adata: AnnData, key: str, idx: np.ndarray) -> dict[str, np.ndarray]:
-    val = np.zeros(adata.n_obs, bool)
-    val[np.asarray(adata.uns[key].get("validation_indices", []), dtype=int)] = True
+    val = held_out_mask(adata, key)  # by obs name: also right on a subset of the AnnData
     return {"train": ~val[idx], "validation": val[idx], "all": np.ones(len(idx), bool)}
 
 
@@ -134,12 +133,12 @@ def amortization_gap(
            "window": window, "patience": patience, "tol": tol}
     parts = []
     loader = stored_loader(adata, key, idx, batch_size=batch_size, device=str(next(module.parameters()).device))
+    masks = _split_masks(adata, key, idx)  # every check before anything is written
     for mb in tqdm(loader, desc="amortization gap", unit="batch", disable=not progress, leave=False):
         parts.append(decompose(module, mb.x, mb.batch, mb.log_library, cov=mb.cov, n_samples=n_samples,
                                n_samples_elbo=n_samples_elbo, generator=gen, **opt))
     per_cell = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     written = _write_obs(adata, key, idx, {c: per_cell[c] for c in (*COLUMNS, "amortization_gap_se")})
-    masks = _split_masks(adata, key, idx)
     adata.uns[key]["amortization_gap"] = {
         "params": params,
         **{s: summarize({k: v[m] for k, v in per_cell.items()}) for s, m in masks.items() if m.sum() > 0},

@@ -8,10 +8,11 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from .._docs import doc_params
-from ..dataloader import Minibatches, batch_codes, check_counts, get_counts, log_library, row_totals
+from ..dataloader import Minibatches, batch_codes, get_counts, inspect_counts, log_library
 from ..model_store import get_model, state_to_numpy
 from ..module import VAE
 from ..train import train
+from ._derived import remove_derived
 from ._vae import _latent_means, _set_library_prior, resolve_device, split_indices
 
 
@@ -121,7 +122,8 @@ def vae_map(
     ``adata.uns[key]``
         The mapped model (as :func:`vae` writes it, so that :func:`get_model`,
         :func:`amortization_gap` and :func:`log_likelihood` work on the query), with
-        ``gene_index`` (query column of each reference gene, -1 when absent) and
+        ``var_names`` (the model's genes), ``gene_index`` (query column of each of them at
+        mapping time, -1 when absent: those genes stay zeros for every later tool) and
         ``mapping``: ``n_genes_missing``, ``missing_genes`` (first 50), ``new_batches``,
         ``trained_parameters`` and the fine-tuning ``history``.
     """
@@ -130,16 +132,19 @@ def vae_map(
         raise KeyError(f"reference.uns[{key!r}] holds no trained model; run sv.tl.vae(reference, key_added={key!r}).")
     p = dict(ref_uns["params"])
     ref_module = get_model(reference, key)
-    gene_index = adata.var_names.get_indexer(reference.var_names)
+    # the model's own genes (older models stored none: then the reference's var_names)
+    ref_genes = np.asarray(ref_uns.get("var_names", reference.var_names)).astype(str)
+    if not adata.var_names.is_unique:
+        dup = list(adata.var_names[adata.var_names.duplicated()].unique()[:5])
+        raise ValueError(f"The query's var_names are not unique (e.g. {dup}), so its genes cannot be matched to "
+                         "the reference's by name; run adata.var_names_make_unique() first.")
+    gene_index = adata.var_names.get_indexer(ref_genes)
     n_missing = int((gene_index < 0).sum())
     if n_missing == len(gene_index):
         raise ValueError("The query shares no genes with the reference (compare var_names).")
     X = get_counts(adata, p["layer"])
-    check_counts(X, "the query counts")
-    totals = row_totals(X, gene_index)
-    if (totals == 0).any():
-        raise ValueError(f"{int((totals == 0).sum())} query cell(s) have no counts in the reference's genes; "
-                         "remove them first.")
+    counts = inspect_counts(X, "the query counts (in the reference's genes)", gene_index)
+    totals = counts.totals
     if p.get("n_cov"):
         raise NotImplementedError("Mapping a model with extra covariates is not supported yet.")
     ref_cats = list(ref_uns["batch_categories"])
@@ -156,7 +161,8 @@ def vae_map(
         codes = np.array([lookup[c] for c in cats], dtype=np.int64)[codes]
     dev = resolve_device(device)
     log_lib = log_library(adata, totals, p.get("size_factor_key"))
-    common = {"log_library": log_lib, "batch": codes, "device": dev, "gene_index": gene_index}
+    common = {"log_library": log_lib, "batch": codes, "device": dev, "gene_index": gene_index,
+              "round_counts": counts.n_rounded > 0}
     history, trained = {}, []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(random_state)
@@ -182,21 +188,24 @@ def vae_map(
         else:
             module, va_idx = ref_module.to(dev), np.array([], dtype=int)
         latent = _latent_means(module, Minibatches(X, np.arange(adata.n_obs), batch_size=1024, **common))
+    remove_derived(adata, key)
     adata.obsm[f"X_{key}"] = latent
     adata.uns[key] = {
         "params": p,
         "history": dict(ref_uns["history"]),
-        "validation_indices": va_idx,
+        "validation_obs_names": np.asarray(adata.obs_names[va_idx], dtype=object),
         "batch_categories": all_cats,
         "covariate_categories": ref_uns.get("covariate_categories", {}),
         "model": state_to_numpy(module),
         "best_epoch": ref_uns["best_epoch"],
         "stopped_early": ref_uns["stopped_early"],
         "interrupted": ref_uns["interrupted"],
+        "var_names": np.asarray(ref_genes, dtype=object),
         "gene_index": gene_index,
+        "counts_rounded": {"n_values": counts.n_rounded, "max_deviation": counts.max_deviation},
         "mapping": {
             "n_genes_missing": n_missing,
-            "missing_genes": list(reference.var_names[gene_index < 0][:50]),
+            "missing_genes": list(ref_genes[gene_index < 0][:50]),
             "new_batches": new,
             "trained_parameters": trained,
             "history": history,

@@ -11,7 +11,7 @@ from scanpy import logging as logg
 from tqdm.auto import tqdm
 
 from .._docs import doc_params
-from ..model_store import get_model, stored_loader
+from ..model_store import gene_alignment, get_model, stored_loader
 from ..module import VAE
 from ._expression import sample_latent
 from ._vae import resolve_device
@@ -113,7 +113,8 @@ def posterior_predictive(
     -------
     None, or a copy with ``copy=True``; writes, for each statistic ``stat`` in ``mean``,
     ``var`` (sample variance), ``cv`` (sd / mean, NaN where the mean is 0) and
-    ``frac_zero``, columns of ``adata.var`` (kept with the genes when subsetting)
+    ``frac_zero``, columns of ``adata.var`` (kept with the genes when subsetting; NaN for
+    genes the model lacks)
 
     ``key + "_ppc_" + stat + "_obs"``
         The statistic of the observed counts.
@@ -130,6 +131,9 @@ def posterior_predictive(
     if n_samples < 1:
         raise ValueError(f"n_samples must be at least 1, not {n_samples}.")
     module = get_model(adata, key, device=resolve_device(device))
+    model_genes, gene_index = gene_alignment(adata, key)
+    # var row of each model gene (statistics are in the model's gene order); genes the model lacks get NaN
+    rows = None if gene_index is None else adata.var_names.get_indexer(model_genes)
     adata = adata.copy() if copy else adata
     dev = str(next(module.parameters()).device)
     start = logg.info(f"posterior predictive check of {key!r}: {n_samples} replicate(s) of {adata.n_obs} cells")
@@ -155,6 +159,10 @@ def posterior_predictive(
     cols = []
     for s in STATS:
         for suffix, values in (("obs", obs[s]), ("pred", pred[s]), ("pred_sd", pred_sd[s])):
+            if rows is not None:
+                col = np.full(adata.n_vars, np.nan)
+                col[rows[rows >= 0]] = values[rows >= 0]
+                values = col
             adata.var[f"{key}_ppc_{s}_{suffix}"] = values
             cols.append(f"{key}_ppc_{s}_{suffix}")
     summary = summarize_ppc(obs, pred, pred_sd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 
 import numpy as np
 import torch
@@ -9,12 +10,13 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from .._docs import doc_params
-from ..dataloader import Minibatches, batch_codes, check_counts, covariate_design, get_counts, log_library
+from ..dataloader import Minibatches, batch_codes, covariate_design, get_counts, inspect_counts, log_library
 from ..distributed import device_for_rank, rank_and_world
 from ..threads import threads
 from ..model_store import state_to_numpy
 from ..module import DISPERSIONS, LATENT_DISTRIBUTIONS, LIBRARIES, LIKELIHOODS, VAE
-from ..train import default_max_epochs, train
+from ..train import check_finite, default_max_epochs, train
+from ._derived import remove_derived
 
 
 def resolve_device(device: str) -> str:
@@ -82,7 +84,9 @@ def vae(
     ----------
     {adata}
     layer
-        Layer with raw counts; ``adata.X`` when None. Dense, CSR or CSC, int or float.
+        Layer with raw counts; ``adata.X`` when None. Dense, CSR or CSC, int or float;
+        floats within 1e-6 (relative) of an integer, as CSV files often hold, are used
+        rounded (the AnnData is not modified).
     batch_key
         Column of ``adata.obs`` with batch labels, injected into the decoder (and the
         encoder when ``encode_covariates``).
@@ -166,12 +170,22 @@ def vae(
         ``reconstruction_validation``, ``kl_train``, ``kl_validation`` (nats per cell,
         unweighted), ``kl_weight`` and ``seconds`` (wall time of the epoch); with
         ``gap_every`` also the gap columns.
-    ``adata.uns[key_added]["validation_indices"]``
-        Positions of the held-out cells.
-    ``adata.uns[key_added]["model"]``
-        Trained weights as numpy arrays; rebuild with :func:`sc_vi_ext.get_model`.
+    ``adata.uns[key_added]["validation_obs_names"]``
+        Names of the held-out cells (names, so that subsets of ``adata`` keep them).
+    ``adata.uns[key_added]["model"]``, ``["var_names"]``
+        Trained weights as numpy arrays, and the genes they belong to (every tool applying
+        the model matches genes by these names); rebuild with :func:`sc_vi_ext.get_model`.
+    ``adata.uns[key_added]["counts_rounded"]``
+        ``n_values`` and ``max_deviation`` of the float noise rounded away (zeros for integers).
     ``adata.uns[key_added]["batch_categories"]``, ``["covariate_categories"]``, ``["best_epoch"]``, ``["stopped_early"]``, ``["interrupted"]``
         Training bookkeeping.
+
+    Results of an earlier model under ``key_added`` that other tools derived from it
+    (gap, refine, normalised-expression, posterior-predictive and DE results) are removed,
+    and the removal is logged. A NaN or infinite ELBO raises
+    :class:`~sc_vi_ext.train.TrainingDivergedError`, and Ctrl-C before the first epoch
+    has finished raises :class:`~sc_vi_ext.train.TrainingInterrupted`; in both cases
+    ``adata`` is left as it was.
     """
     params = {k: v for k, v in locals().items() if k not in ("adata", "copy")}
     if batch_size < 2:
@@ -186,8 +200,13 @@ def vae(
     what = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
     codes, categories = batch_codes(adata, batch_key)
     cov, cov_categories = covariate_design(adata, categorical_covariate_keys, continuous_covariate_keys)
-    totals = check_counts(X, what)
+    counts = inspect_counts(X, what)
+    totals = counts.totals
     log_lib = log_library(adata, totals, size_factor_key)
+    if not adata.obs_names.is_unique:
+        warnings.warn("adata.obs_names are not unique: held-out cells are stored by name, so the diagnostics "
+                      "cannot tell duplicates apart; run adata.obs_names_make_unique() first.", UserWarning,
+                      stacklevel=2)
     adata = adata.copy() if copy else adata
 
     start = logg.info(f"training VAE on {adata.n_obs} cells x {adata.n_vars} genes")
@@ -201,7 +220,8 @@ def vae(
 
     rng = np.random.default_rng(random_state)
     train_idx, val_idx = split_indices(n_obs, train_size, rng)
-    common = {"log_library": log_lib, "batch": codes, "cov": cov, "device": dev}
+    common = {"log_library": log_lib, "batch": codes, "cov": cov, "device": dev,
+              "round_counts": counts.n_rounded > 0}
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(random_state)
@@ -228,15 +248,22 @@ def vae(
                 seed=random_state, progress=progress, callback=callback, compile_likelihood=compile,
             )
         latent = _latent_means(module, Minibatches(X, np.arange(n_obs), batch_size=1024, with_nz=False, **common))
+    state = state_to_numpy(module)
+    # never write NaN: the loop checks the ELBO per epoch; the weights and latent are checked here
+    finite = bool(np.isfinite(latent).all()) and all(bool(np.isfinite(v).all()) for v in state.values())
+    check_finite(res.best_epoch, lr, 0.0 if finite else float("nan"))
 
+    remove_derived(adata, key_added)
     adata.obsm[f"X_{key_added}"] = latent
     adata.uns[key_added] = {
         "params": params,
         "history": {k: np.asarray(v) for k, v in res.history.items()},
-        "validation_indices": val_idx,
+        "validation_obs_names": np.asarray(adata.obs_names[val_idx], dtype=object),
         "batch_categories": categories,
         "covariate_categories": cov_categories,
-        "model": state_to_numpy(module),
+        "model": state,
+        "var_names": np.asarray(adata.var_names, dtype=object),
+        "counts_rounded": {"n_values": counts.n_rounded, "max_deviation": counts.max_deviation},
         "best_epoch": res.best_epoch,
         "stopped_early": res.stopped_early,
         "interrupted": res.interrupted,
