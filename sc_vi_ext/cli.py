@@ -70,7 +70,6 @@ def _demo(args) -> int:
 def _train(args) -> int:
     import anndata as ad
     import scanpy as sc
-    import torch
 
     import sc_vi_ext as sv
 
@@ -80,18 +79,13 @@ def _train(args) -> int:
     rank, world = rank_and_world()
     sc.settings.verbosity = 3 if rank == 0 else 0
     adata = ad.read_h5ad(args.input, backed="r" if args.backed else None)
-    threads = torch.get_num_threads()
-    if args.n_threads is not None:
-        torch.set_num_threads(args.n_threads)
-    try:
-        sv.tl.vae(
-            adata, layer=args.layer, batch_key=args.batch_key, n_latent=args.n_latent,
-            likelihood=args.likelihood, max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr,
-            early_stopping=not args.no_early_stopping, early_stopping_patience=args.early_stopping_patience,
-            random_state=args.random_state, key_added=args.key_added, device=args.device, progress=not args.quiet,
-        )
-    finally:
-        torch.set_num_threads(threads)
+    sv.tl.vae(
+        adata, layer=args.layer, batch_key=args.batch_key, n_latent=args.n_latent,
+        likelihood=args.likelihood, max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr,
+        early_stopping=not args.no_early_stopping, early_stopping_patience=args.early_stopping_patience,
+        random_state=args.random_state, key_added=args.key_added, device=args.device, progress=not args.quiet,
+        n_threads=args.n_threads, compile={"auto": "auto", "on": True, "off": False}[args.compile],
+    )
     if rank == 0:  # every rank holds the same model; one writes
         if args.backed:
             adata = adata.to_memory()
@@ -160,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--random-state", type=int, default=0,
                    help="seed; the same seed, machine, torch version and --n-threads give identical results")
     t.add_argument("--n-threads", type=int, default=None,
-                   help="CPU threads for torch during training (torch.set_num_threads); torch's default when not given")
+                   help="CPU threads for torch during training; when not given, torch's default reduced to the "
+                        "cores that are idle at the start")
+    t.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="fuse the likelihood with torch.compile; auto: for runs of at least 4,000 optimiser steps")
     t.add_argument("--device", default="auto", help='torch device; "auto" picks CUDA when available, else CPU')
     t.add_argument("--key-added", default="vae", help="name of the result (obsm['X_<key>'], uns['<key>'])")
     t.add_argument("--backed", action="store_true", help="read the input with backed='r' (out of core)")
