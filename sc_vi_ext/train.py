@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .dataloader import Minibatches
-from .distributed import all_reduce_sum, rank_and_world, wrap
+from .distributed import broadcast_buffers, global_sum, interruptible, rank_and_world, wrap
 from .module import VAE
 
 HISTORY_KEYS = (
@@ -53,15 +53,19 @@ def evaluate(module: VAE, loader: Minibatches, *, seed: int) -> dict[str, float]
     """
     was_training = module.training
     module.eval()
+    broadcast_buffers(module)  # data-parallel: every rank evaluates with rank 0's BatchNorm statistics
     gen = torch.Generator(device=loader.device).manual_seed(seed)
-    rec = kl = 0.0
-    n = 0
+    sums = torch.zeros(3, dtype=torch.float64, device=loader.device)  # rec, kl, cells
     for mb in loader:
+        if not len(mb.idx):  # a rank's share of a tiny last minibatch
+            continue
         out = module.loss(mb.x, mb.batch, mb.log_library, cov=mb.cov, nz=mb.nz, generator=gen)
-        rec += out.reconstruction.sum().item()
-        kl += out.kl.sum().item()
-        n += len(mb.idx)
+        sums[0] += out.reconstruction.sum().double()
+        sums[1] += out.kl.sum().double()
+        sums[2] += len(mb.idx)
     module.train(was_training)
+    # data-parallel: each rank has its shard of the cells; the same global sums on every rank
+    rec, kl, n = global_sum(sums).tolist()
     return {"reconstruction": rec / n, "kl": kl / n, "elbo": (rec - kl) / n}
 
 
@@ -94,6 +98,8 @@ def train(
     # eps=0.01 as scvi-tools; the fused kernel updates all parameters in one pass (CPU and CUDA)
     opt = torch.optim.Adam(trainable, lr=lr, weight_decay=weight_decay, eps=0.01, fused=True)
     model = wrap(module)  # DistributedDataParallel under torchrun, else the module itself
+    # under torchrun, Ctrl-C stops every rank at the same step (see distributed.py)
+    train_loader, restore_sigint = interruptible(train_loader)
     rank, _ = rank_and_world()
     res = TrainResult()
     h = res.history
@@ -120,7 +126,7 @@ def train(
                 sums[0] += out.reconstruction.detach().sum()
                 sums[1] += out.kl.detach().sum()
                 sums[2] += len(mb.idx)
-            rec, kl, n = all_reduce_sum(sums).tolist()
+            rec, kl, n = global_sum(sums).tolist()
             tr = {"reconstruction": rec / n, "kl": kl / n}
             tr["elbo"] = tr["reconstruction"] - tr["kl"]
             va = evaluate(module, val_loader, seed=seed) if val_loader is not None else None
@@ -156,6 +162,7 @@ def train(
         )
     finally:
         bar.close()
+        restore_sigint()
     if best_state is not None:
         module.load_state_dict(best_state)
     module.eval()
