@@ -202,6 +202,8 @@ class Minibatches:
 
     With ``shuffle``, the order is drawn from ``rng`` each epoch. A trailing batch of a
     single cell is merged into the previous one (BatchNorm cannot train on one cell).
+    ``log_library`` is indexed by AnnData position; None takes each cell's log total count
+    from the rows of the minibatch itself, so no other row is read.
     """
 
     def __init__(self, X, indices, *, log_library, batch=None, cov=None, batch_size=128,
@@ -240,7 +242,11 @@ class Minibatches:
                 dense = _rows_dense(X, r)
             x = torch.from_numpy(dense).to(self.device)
             bt = None if self.batch is None else torch.from_numpy(self.batch[idx]).to(self.device)
-            ll = torch.from_numpy(self.log_library[idx]).to(self.device)
+            if self.log_library is None:  # log total counts of the rows just read (over the model's genes)
+                lib = np.log(dense.sum(axis=1, dtype=np.float64)).astype(np.float32)
+            else:
+                lib = self.log_library[idx]
+            ll = torch.from_numpy(lib).to(self.device)
             cv = None if self.cov is None else torch.from_numpy(self.cov[idx]).to(self.device)
             yield Minibatch(x, bt, ll, idx, cv, nz)
 

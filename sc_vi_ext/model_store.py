@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from anndata import AnnData
 
-from .dataloader import Minibatches, batch_codes, covariate_design, get_counts, log_library, row_totals
+from .dataloader import Minibatches, batch_codes, covariate_design, get_counts, log_library
 from .module import VAE
 
 ARCH_PARAMS = (
@@ -55,7 +55,11 @@ def get_model(adata: AnnData, key: str = "vae", *, device: str = "cpu") -> VAE:
 
 
 def stored_loader(adata: AnnData, key: str, indices=None, *, batch_size: int = 256, device: str = "cpu") -> Minibatches:
-    """Minibatches of ``adata`` (in order) prepared as the model stored under ``key`` expects."""
+    """Minibatches of ``adata`` (in order) prepared as the model stored under ``key`` expects.
+
+    Reads only the rows of ``indices`` (each once per pass): the library size of a cell is
+    computed from its minibatch, so tools on a subset of a large (backed) AnnData stay cheap.
+    """
     p = _stored(adata, key)["params"]
     X = get_counts(adata, p["layer"])
     gene_index = adata.uns[key].get("gene_index")  # set by tl.vae_map on a query AnnData
@@ -70,7 +74,9 @@ def stored_loader(adata: AnnData, key: str, indices=None, *, batch_size: int = 2
         if unknown:
             raise ValueError(f"Batches {unknown} were not seen in training under {key!r}.")
         codes = np.array([lookup[c] for c in cats], dtype=np.int64)[codes]
-    log_lib = log_library(adata, row_totals(X, gene_index), p.get("size_factor_key"))
+    # library sizes: from obs, or from each minibatch's own rows; only the rows of `indices` are read
+    sfk = p.get("size_factor_key")
+    log_lib = None if sfk is None else log_library(adata, None, sfk)
     cov, _ = covariate_design(adata, p.get("categorical_covariate_keys"), p.get("continuous_covariate_keys"),
                               adata.uns[key].get("covariate_categories") or None)
     indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
