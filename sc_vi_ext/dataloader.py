@@ -88,16 +88,32 @@ def align_genes(dense: np.ndarray, gene_index: np.ndarray) -> np.ndarray:
     return out
 
 
-def row_totals(X, gene_index=None) -> np.ndarray:
-    """Total counts per cell (over the columns ``gene_index`` >= 0 when given), read in chunks of rows."""
+def row_blocks(X, rows=None, chunk: int = _CHECK_ROWS):
+    """Yield (positions, block) over the rows ``rows`` of ``X`` (all when None), ``chunk`` rows
+    at a time: consecutive slices for all rows, sorted fancy indexing for a subset (which a
+    backed matrix reads without touching the other rows)."""
+    if rows is None:
+        for i in range(0, X.shape[0], chunk):
+            stop = min(X.shape[0], i + chunk)
+            yield np.arange(i, stop), X[i:stop]
+        return
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    for i in range(0, len(rows), chunk):
+        pos = rows[i:i + chunk]
+        yield pos, X[pos]
+
+
+def row_totals(X, gene_index=None, rows=None) -> np.ndarray:
+    """Total counts per cell (over the columns ``gene_index`` >= 0 when given), read in chunks of
+    rows; with ``rows``, only those rows are read and the result (float64, one entry per row of
+    ``X``) is NaN elsewhere."""
     cols = None if gene_index is None else np.asarray(gene_index)[np.asarray(gene_index) >= 0]
-    out = []
-    for i in range(0, X.shape[0], _CHECK_ROWS):
-        block = X[i:i + _CHECK_ROWS]
+    out = np.full(X.shape[0], np.nan)
+    for pos, block in row_blocks(X, rows):
         if cols is not None:
             block = block[:, cols]
-        out.append(np.asarray(block.sum(axis=1)).ravel())
-    return np.concatenate(out).astype(np.float64)
+        out[pos] = np.asarray(block.sum(axis=1)).ravel()
+    return out
 
 
 def check_counts(X, what: str) -> np.ndarray:
