@@ -1,12 +1,27 @@
-"""Scaling benchmark: seconds/epoch and peak memory at 10^4..10^6 cells; in memory, backed, 1 vs 2 processes.
+"""Scaling benchmark (issue 10): ``tl.vae`` at 10^4, 10^5 and 10^6 cells; in memory, backed, 2 processes.
 
-    python benchmarks/scale.py --sizes 10000 100000 1000000 --epochs 1
+    python benchmarks/scale.py                                   # the issue's table (hours at 10^6)
+    python benchmarks/scale.py --sizes 2000 --ddp-sizes 2000 --epochs 2 --after   # smoke test
 
-Data come from ``sv.datasets.simulate`` (2,000 genes, 3 batches, 8 types, ~37% non-zero),
-written once to ``--data-dir`` as uncompressed h5ad and reused. Sizes above 100,000 cells
-stack copies of a 100,000-cell simulation (same distribution; simulating 10^6 cells from
-scratch costs more time than the benchmark itself). Every configuration runs in its own
-process, so the peak resident memory (ru_maxrss) is that configuration's alone.
+Data: ``sv.datasets.simulate`` (2,000 genes, 3 batches, 8 types, ~37 % non-zero), written once
+per size to ``--data-dir`` as uncompressed h5ad, block by block (the counts of 10^6 cells are
+never all in memory while writing), and reused by later runs; a file is only reused once
+complete (it is written under a temporary name and renamed).
+
+Rows: every size in ``--sizes`` in each mode of ``--modes`` (``memory``: the h5ad read into
+memory; ``backed``: ``backed="r"``), plus ``ddp2`` (2 processes under ``torchrun``, gloo on
+CPU, data in memory) at the sizes in ``--ddp-sizes`` (default 10^5). ``--epochs default``
+(the default) is ``tl.vae``'s default run: its epoch budget and early stopping; an integer
+runs that many epochs without early stopping (throughput only). Each row runs in its own
+process (peak RSS, ``ru_maxrss``, is that row's alone; for ``ddp2`` rank 0's and the sum over
+ranks) and records its command and ``uptime`` before and after, so that a row measured on a
+busy machine can be told apart. ``--after`` also times, in the same process after training,
+what runs on a trained model: the latent fill of all cells from the stored model,
+``log_likelihood`` on 1,000 cells (100 samples), ``amortization_gap`` on 100 cells (at most 100
+optimisation steps) and
+``normalized_expression`` on a 50-gene subset.
+
+Rows are appended as JSON lines to ``--out`` and printed as a markdown table at the end.
 """
 
 from __future__ import annotations
@@ -16,44 +31,76 @@ import json
 import os
 import platform
 import resource
+import shlex
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-BASE_CELLS = 100_000
+HERE = Path(__file__).resolve()
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's sc_vi_ext, here and (PYTHONPATH) in every row's process
 
 
-def make_data(n_cells: int, n_genes: int, data_dir: Path) -> Path:
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def make_data(n_cells: int, n_genes: int, data_dir: Path, block_rows: int = 20_000) -> Path:
+    """``simulate(n_cells, n_genes, n_batches=3, n_types=8, random_state=0)`` as h5ad (the same
+    counts with the default ``block_rows``), written block by block; an existing complete file
+    is reused."""
     path = data_dir / f"sim_{n_cells}x{n_genes}.h5ad"
     if path.exists():
         return path
     import anndata as ad
-    import numpy as np
-    import scipy.sparse as sp
+    import h5py
+    from anndata.io import sparse_dataset, write_elem
 
-    import sc_vi_ext as sv
+    from sc_vi_ext.datasets._simulate import simulate_blocks
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    base = sv.datasets.simulate(min(n_cells, BASE_CELLS), n_genes, n_batches=3, n_types=8, random_state=0)
-    if n_cells > BASE_CELLS:
-        reps = -(-n_cells // BASE_CELLS)
-        X = sp.vstack([base.X] * reps, format="csr")[:n_cells]
-        obs = base.obs.iloc[np.arange(n_cells) % BASE_CELLS].copy()
-        obs.index = [f"cell_{i}" for i in range(n_cells)]
-        base = ad.AnnData(X=X, obs=obs, var=base.var)
-    base.write_h5ad(path)
+    tmp = path.with_suffix(".partial.h5ad")
+    obs, var, blocks = simulate_blocks(n_cells, n_genes, n_batches=3, n_types=8, random_state=0,
+                                       block_rows=block_rows)
+    first = next(blocks)
+    ad.AnnData(X=first, obs=obs.iloc[:first.shape[0]], var=var).write_h5ad(tmp)
+    with h5py.File(tmp, "a") as f:
+        X = sparse_dataset(f["X"])
+        for block in blocks:
+            X.append(block)
+        del f["obs"]
+        write_elem(f, "obs", obs)
+        write_elem(f, "uns", {"simulation": {"n_batches": 3, "n_types": 8, "random_state": 0}})
+    tmp.rename(path)
     return path
 
 
-def worker(mode: str, data: str, epochs: int, batch_size: int, threads: int) -> None:
+def csr_gib(path: Path) -> float:
+    """Size of the counts as an in-memory CSR (float32 data, int32 indices, int64 indptr)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        nnz, n = f["X"]["data"].shape[0], f["X"]["indptr"].shape[0]
+    return (nnz * 8 + n * 8) / 2**30
+
+
+def rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def worker(mode: str, data: str, epochs: str, batch_size: int, threads: int, after: bool) -> None:
     import anndata as ad
+    import numpy as np
     import scanpy as sc
+    import torch
 
     import sc_vi_ext as sv
     from sc_vi_ext.distributed import init_from_env, rank_and_world
-
-    import torch
 
     sc.settings.verbosity = 0
     torch.set_num_threads(threads)
@@ -62,45 +109,107 @@ def worker(mode: str, data: str, epochs: int, batch_size: int, threads: int) -> 
     t0 = time.perf_counter()
     adata = ad.read_h5ad(data, backed="r" if mode == "backed" else None)
     t_load = time.perf_counter() - t0
+    run = {} if epochs == "default" else {"max_epochs": int(epochs), "early_stopping": False}
     t0 = time.perf_counter()
-    sv.tl.vae(adata, max_epochs=epochs, batch_size=batch_size, early_stopping=False, progress=False)
-    t_total = time.perf_counter() - t0
-    h = adata.uns["vae"]["history"]
+    sv.tl.vae(adata, batch_size=batch_size, progress=False, **run)
+    t_vae = time.perf_counter() - t0
+    uns = adata.uns["vae"]
+    h = uns["history"]
     out = {
-        "rank": rank, "world": world, "load_s": t_load, "vae_s": t_total,
-        "epoch_s": float(sum(h["seconds"]) / len(h["seconds"])),
-        "maxrss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "elbo_validation": float(h["elbo_validation"][-1]),
+        "rank": rank, "world": world, "load_s": t_load, "vae_s": t_vae,
+        "epochs": len(h["epoch"]), "max_epochs": int(uns["params"]["max_epochs"]),
+        "stopped_early": bool(uns["stopped_early"]), "best_epoch": int(uns["best_epoch"]),
+        "train_s": float(np.sum(h["seconds"])), "epoch_s": float(np.mean(h["seconds"])),
+        "elbo_validation": float(h["elbo_validation"][uns["best_epoch"] - 1]),
+        "maxrss_train_gib": rss_gib(),
     }
+    if after and rank == 0:
+        from sc_vi_ext.model_store import get_model, stored_loader
+        from sc_vi_ext.tl._vae import _latent_means
+
+        rng = np.random.default_rng(0)
+        t = {}
+        t0 = time.perf_counter()
+        _latent_means(get_model(adata), stored_loader(adata, "vae", batch_size=1024))
+        t["latent_fill_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        cells = np.sort(rng.choice(adata.n_obs, min(1000, adata.n_obs), replace=False))
+        sv.tl.log_likelihood(adata, subset=cells, n_samples=100, progress=False)
+        t["log_likelihood_1000_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sv.tl.amortization_gap(adata, n_cells=100, max_steps=100, progress=False)  # streaming, not gap quality
+        t["amortization_gap_100_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sv.tl.normalized_expression(adata, gene_subset=list(adata.var_names[:50]), progress=False)
+        t["normalized_expression_50_genes_s"] = time.perf_counter() - t0
+        out.update(t, maxrss_after_gib=rss_gib())
+    out["maxrss_gib"] = rss_gib()
     print("RESULT " + json.dumps(out), flush=True)
+    if world > 1:
+        torch.distributed.destroy_process_group()
 
 
-def run(mode: str, path: Path, epochs: int, batch_size: int, threads: int) -> dict:
-    args = ["--_worker", mode, "--_data", str(path), "--epochs", str(epochs), "--batch-size", str(batch_size),
-            "--threads", str(threads)]
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_row(mode: str, path: Path, a) -> dict:
+    args = [str(HERE), "--_worker", mode, "--_data", str(path), "--epochs", str(a.epochs), "--batch-size",
+            str(a.batch_size), "--threads", str(a.threads), *(["--after"] if a.after else [])]
     if mode == "ddp2":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(29500 + os.getpid() % 1000), __file__, *args]
+               "--master-port", str(_free_port()), *args]
     else:
-        cmd = [sys.executable, __file__, *args]
+        cmd = [sys.executable, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    row = {"mode": mode, "command": shlex.join(["OMP_NUM_THREADS=" + str(a.threads), *cmd]),
+           "uptime_before": uptime()}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    row["wall_s"] = time.perf_counter() - t0
+    row["uptime_after"] = uptime()
     results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not results:
-        return {"error": proc.stderr[-500:]}
+        return {**row, "error": proc.stderr[-2000:]}
     r0 = min(results, key=lambda r: r["rank"])
-    return {**r0, "wall_s": wall, "maxrss_gib": sum(r["maxrss_gib"] for r in results)}
+    return {**row, **r0, "maxrss_sum_gib": sum(r["maxrss_gib"] for r in results)}
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| cells | mode | s/epoch | epochs (max, early stop) | train s | tl.vae s | row wall s "
+             "| peak RSS GiB (all ranks) | limit 1.5×CSR+2 | val ELBO | uptime before → after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        head = f"| {r['n_cells']:,} | {r['mode']} "
+        if "error" in r:
+            lines.append(head + "| error | | | | | | | | |")
+            continue
+        load = lambda u: u.split("load average:")[-1].strip()  # noqa: E731
+        lines.append(
+            head + f"| {r['epoch_s']:.1f} | {r['epochs']} ({r['max_epochs']}, {'yes' if r['stopped_early'] else 'no'}) "
+            f"| {r['train_s']:.0f} | {r['vae_s']:.0f} | {r['wall_s']:.0f} | {r['maxrss_gib']:.2f} "
+            f"({r['maxrss_sum_gib']:.2f}) | {1.5 * r['csr_gib'] + 2:.1f} | {r['elbo_validation']:.1f} "
+            f"| {load(r['uptime_before'])} → {load(r['uptime_after'])} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--ddp-sizes", type=int, nargs="*", default=[100_000],
+                   help="sizes (among --sizes or not) that also get a 2-process row")
     p.add_argument("--n-genes", type=int, default=2000)
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", default="default",
+                   help="'default': tl.vae's default run (epoch budget, early stopping); N: N epochs, no early stop")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--modes", nargs="+", default=["memory", "backed", "ddp2"], choices=["memory", "backed", "ddp2"])
+    p.add_argument("--modes", nargs="+", default=["memory", "backed"], choices=["memory", "backed"])
+    p.add_argument("--after", action="store_true", help="also time the tools that apply the trained model")
     p.add_argument("--data-dir", default="benchmarks/out/data")
+    p.add_argument("--out", default="benchmarks/out/scale.jsonl", help="JSON lines, one per row (appended)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process (default 1: each DDP rank gets 1 as torchrun sets it; "
                         "on a busy 2-core machine 2 threads in one process oversubscribe the cores)")
@@ -108,33 +217,35 @@ def main() -> None:
     p.add_argument("--_data")
     a = p.parse_args()
     if a._worker:
-        worker(a._worker, a._data, a.epochs, a.batch_size, a.threads)
+        worker(a._worker, a._data, a.epochs, a.batch_size, a.threads, a.after)
         return
-    import scipy.sparse as sp  # noqa: F401  (fail early if the stack is missing)
+    if a.epochs != "default":
+        int(a.epochs)
     import torch
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{a.threads} torch thread(s) per process, load average {os.getloadavg()[0]:.1f}")
+          f"{a.threads} torch thread(s) per process; {uptime()}", flush=True)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
-    for n in a.sizes:
+    for n in sorted(set(a.sizes) | set(a.ddp_sizes)):
         t0 = time.perf_counter()
         path = make_data(n, a.n_genes, Path(a.data_dir))
-        size_gib = path.stat().st_size / 2**30
-        print(f"data {n} x {a.n_genes}: {path} ({size_gib:.2f} GiB on disk, ready in {time.perf_counter() - t0:.0f} s)",
+        gib = csr_gib(path)
+        print(f"data {n:,} x {a.n_genes}: {path} (CSR {gib:.2f} GiB, ready in {time.perf_counter() - t0:.0f} s)",
               flush=True)
-        for mode in a.modes:
-            r = run(mode, path, a.epochs, a.batch_size, a.threads)
-            rows.append((n, mode, size_gib, r))
-            print(f"  {mode}: {r}", flush=True)
-    print("\n| cells | mode | CSR on disk (GiB) | s/epoch | cells/s | peak RSS (GiB, all processes) "
-          "| RSS limit 1.5×CSR+2 | load s | val ELBO |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for n, mode, size, r in rows:
-        if "error" in r:
-            print(f"| {n:,} | {mode} | {size:.2f} | error | | | | | |")
-            continue
-        print(f"| {n:,} | {mode} | {size:.2f} | {r['epoch_s']:.1f} | {n / r['epoch_s']:,.0f} | {r['maxrss_gib']:.2f} "
-              f"| {1.5 * size + 2:.1f} | {r['load_s']:.1f} | {r['elbo_validation']:.1f} |")
+        modes = [m for m in a.modes if n in a.sizes] + (["ddp2"] if n in a.ddp_sizes else [])
+        for mode in modes:
+            r = {"n_cells": n, "n_genes": a.n_genes, "csr_gib": gib, "epochs_arg": a.epochs, **run_row(mode, path, a)}
+            rows.append(r)
+            with out.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+            print(f"  {mode}: " + json.dumps({k: v for k, v in r.items() if k != "command"}), flush=True)
+    print()
+    print(table(rows))
+    print("\ncommands:")
+    for r in rows:
+        print(f"  {r['n_cells']:,} {r['mode']}: {r['command']}")
 
 
 if __name__ == "__main__":

@@ -73,8 +73,11 @@ def _train(args) -> int:
 
     import sc_vi_ext as sv
 
-    from .distributed import init_from_env, rank_and_world
+    from .distributed import defer_sigint, init_from_env, rank_and_world
 
+    # under torchrun, Ctrl-C stops training on every rank at the same step, then rank 0
+    # still writes the result and the others exit (see sc_vi_ext/distributed.py)
+    restore_sigint = defer_sigint()
     init_from_env()  # under torchrun: join the process group (gloo on CPU, NCCL on GPUs)
     rank, world = rank_and_world()
     sc.settings.verbosity = 3 if rank == 0 else 0
@@ -90,11 +93,14 @@ def _train(args) -> int:
         if args.backed:
             adata = adata.to_memory()
         adata.write_h5ad(args.output)
-        print(f"wrote {args.output}" + (f" (trained on {world} processes)" if world > 1 else ""))
+        interrupted = " after Ctrl-C, best weights so far" if adata.uns[args.key_added]["interrupted"] else ""
+        print(f"wrote {args.output}" + (f" (trained on {world} processes)" if world > 1 else "") + interrupted,
+              flush=True)
     if world > 1:
         import torch.distributed as dist
 
         dist.destroy_process_group()
+    restore_sigint()
     return 0
 
 

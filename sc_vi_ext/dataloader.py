@@ -97,16 +97,32 @@ def align_genes(dense: np.ndarray, gene_index: np.ndarray) -> np.ndarray:
     return out
 
 
-def row_totals(X, gene_index=None) -> np.ndarray:
-    """Total counts per cell (over the columns ``gene_index`` >= 0 when given), read in chunks of rows."""
+def row_blocks(X, rows=None, chunk: int = _CHECK_ROWS):
+    """Yield (positions, block) over the rows ``rows`` of ``X`` (all when None), ``chunk`` rows
+    at a time: consecutive slices for all rows, sorted fancy indexing for a subset (which a
+    backed matrix reads without touching the other rows)."""
+    if rows is None:
+        for i in range(0, X.shape[0], chunk):
+            stop = min(X.shape[0], i + chunk)
+            yield np.arange(i, stop), X[i:stop]
+        return
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    for i in range(0, len(rows), chunk):
+        pos = rows[i:i + chunk]
+        yield pos, X[pos]
+
+
+def row_totals(X, gene_index=None, rows=None) -> np.ndarray:
+    """Total counts per cell (over the columns ``gene_index`` >= 0 when given), read in chunks of
+    rows; with ``rows``, only those rows are read and the result (float64, one entry per row of
+    ``X``) is NaN elsewhere."""
     cols = None if gene_index is None else np.asarray(gene_index)[np.asarray(gene_index) >= 0]
-    out = []
-    for i in range(0, X.shape[0], _CHECK_ROWS):
-        block = X[i:i + _CHECK_ROWS]
+    out = np.full(X.shape[0], np.nan)
+    for pos, block in row_blocks(X, rows):
         if cols is not None:
             block = block[:, cols]
-        out.append(np.asarray(block.sum(axis=1)).ravel())
-    return np.concatenate(out).astype(np.float64)
+        out[pos] = np.asarray(block.sum(axis=1)).ravel()
+    return out
 
 
 # Counts stored as floats carry rounding noise: float64 arithmetic or text round trips
@@ -126,21 +142,20 @@ class CountCheck:
     max_deviation: float  # the largest |x - round(x)| among them
 
 
-def inspect_counts(X, what: str, gene_index=None) -> CountCheck:
+def inspect_counts(X, what: str, gene_index=None, rows=None) -> CountCheck:
     """Validate raw counts chunk by chunk: totals per cell and the float noise to round.
 
     Values within ``COUNT_RTOL * max(1, |x|)`` of an integer count as that integer (see
     the comment above ``COUNT_RTOL``); the totals are those of the rounded counts, over
-    the columns ``gene_index`` >= 0 when given. Raises a ValueError that says what to do
-    on NaN/inf, negative or non-integer values and on cells without counts.
+    the columns ``gene_index`` >= 0 when given. With ``rows``, only those rows are read
+    (tools that apply a stored model to a subset of a large AnnData) and the totals of the
+    other rows are NaN. Raises a ValueError that says what to do on NaN/inf, negative or
+    non-integer values and on cells without counts.
     """
-    n = X.shape[0]
     cols = None if gene_index is None else np.asarray(gene_index)[np.asarray(gene_index) >= 0]
-    totals = np.empty(n, dtype=np.float64)
+    totals = np.full(X.shape[0], np.nan)
     n_rounded, max_dev = 0, 0.0
-    for start in range(0, n, _CHECK_ROWS):
-        stop = min(n, start + _CHECK_ROWS)
-        block = X[start:stop]
+    for pos, block in row_blocks(X, rows):
         if not sp.issparse(block):
             block = np.asarray(block)
         vals = block.data if sp.issparse(block) else block
@@ -166,7 +181,7 @@ def inspect_counts(X, what: str, gene_index=None) -> CountCheck:
                 block = np.rint(block)  # a new array
         if cols is not None:
             block = block[:, cols]
-        totals[start:stop] = np.asarray(block.sum(axis=1)).ravel()
+        totals[pos] = np.asarray(block.sum(axis=1)).ravel()
     n_empty = int((totals == 0).sum())
     if n_empty:
         raise ValueError(
@@ -255,6 +270,8 @@ class Minibatches:
     With ``shuffle``, the order is drawn from ``rng`` each epoch. ``with_nz=False`` skips
     the non-zero bookkeeping of CSR rows where only the encoder runs (the latent fill). A trailing batch of a
     single cell is merged into the previous one (BatchNorm cannot train on one cell).
+    ``log_library`` is indexed by AnnData position; None takes each cell's log total count
+    from the rows of the minibatch itself, so no other row is read.
     """
 
     def __init__(self, X, indices, *, log_library, batch=None, cov=None, batch_size=128,
@@ -296,7 +313,11 @@ class Minibatches:
                 dense = _rows_dense(X, r, round_counts=self.round_counts)
             x = torch.from_numpy(dense).to(self.device)
             bt = None if self.batch is None else torch.from_numpy(self.batch[idx]).to(self.device)
-            ll = torch.from_numpy(self.log_library[idx]).to(self.device)
+            if self.log_library is None:  # log total counts of the rows just read (over the model's genes)
+                lib = np.log(dense.sum(axis=1, dtype=np.float64)).astype(np.float32)
+            else:
+                lib = self.log_library[idx]
+            ll = torch.from_numpy(lib).to(self.device)
             cv = None if self.cov is None else torch.from_numpy(self.cov[idx]).to(self.device)
             yield Minibatch(x, bt, ll, idx, cv, nz)
 

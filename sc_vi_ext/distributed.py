@@ -4,14 +4,29 @@ Every rank holds the whole (or backed) AnnData and draws the same minibatch orde
 the same seed; each global minibatch is split across ranks, and DistributedDataParallel
 averages the gradients, so N ranks with local batches of b/N follow the same optimisation
 as one process with batches of b (up to BatchNorm statistics, which stay per rank).
-Training metrics are summed across ranks; the validation ELBO is computed on every rank
-over all held-out cells, so early stopping decides the same everywhere. Only rank 0
-writes results.
+Training metrics are summed across ranks. Before each validation pass the buffers
+(BatchNorm running statistics) are broadcast from rank 0, each rank evaluates its share of
+the held-out cells, and the sums are all-reduced and then broadcast from rank 0: every rank
+sees the same bits, so the early-stopping decision and the best epoch are the same on
+every rank and no rank can leave the loop while another waits in a collective.
+
+Ctrl-C: ``torchrun`` forwards SIGINT to every worker (each in its own session) and SIGKILLs
+those still alive after ``--shutdown-timeout`` seconds (default 30, or the environment
+variable ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``). While a multi-process training runs, SIGINT
+only sets a flag; every ``INTERRUPT_POLL_STEPS`` optimiser steps (and at the start of each
+epoch) the ranks all-reduce their flags, and once any rank has one they all stop at the
+same step, as a single process does on Ctrl-C: best weights so far, partial history,
+``interrupted=True``. The ``sc-vi-ext train`` command keeps SIGINT deferred until the
+result is written, so rank 0 writes and the other ranks exit (status 0).
+Only rank 0 writes results.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -59,3 +74,94 @@ def wrap(module: torch.nn.Module) -> torch.nn.Module:
 
     dev = next(module.parameters()).device
     return DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def global_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, identical in every bit on every rank (rank 0's result is broadcast), so
+    that decisions taken from it (early stopping, the best epoch) agree everywhere."""
+    if rank_and_world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.broadcast(t, src=0)
+    return t
+
+
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DistributedDataParallel broadcasts them before each forward pass, but the last training
+    step then updates them from each rank's own cells, so they differ slightly afterwards.
+    """
+    if rank_and_world()[1] <= 1:
+        return
+    for b in module.buffers():
+        dist.broadcast(b, src=0)
+
+
+# --- Ctrl-C under torchrun ---------------------------------------------------------------
+
+INTERRUPT_POLL_STEPS = 16  # optimiser steps between the all-reduces of the interrupt flags
+_sigint_received = False
+
+
+def _on_sigint(signum, frame) -> None:
+    global _sigint_received
+    _sigint_received = True
+
+
+def defer_sigint() -> Callable[[], None]:
+    """In a multi-process run (``WORLD_SIZE`` > 1), make SIGINT set a flag instead of raising
+    KeyboardInterrupt; returns the function that restores the previous handler.
+
+    A KeyboardInterrupt on one rank would leave the others blocked in a collective; with the
+    flag, :func:`interrupt_requested` lets all ranks stop at the same step. Outside a
+    multi-process run, or off the main thread, nothing changes.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGINT, _on_sigint)
+    return lambda: signal.signal(signal.SIGINT, previous)
+
+
+def interrupt_requested(device: str | torch.device = "cpu") -> bool:
+    """Whether SIGINT reached any rank (a collective: every rank must call it at the same point)."""
+    if rank_and_world()[1] <= 1:
+        return _sigint_received
+    flag = torch.tensor([int(_sigint_received)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+class Interruptible:
+    """Wrap a training loader: every ``every`` minibatches (and before the first), all ranks
+    check :func:`interrupt_requested` together and raise KeyboardInterrupt at the same step."""
+
+    def __init__(self, loader, every: int = INTERRUPT_POLL_STEPS):
+        self.loader, self.every = loader, every
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __iter__(self) -> Iterator:
+        for i, mb in enumerate(self.loader):
+            if i % self.every == 0 and interrupt_requested(self.loader.device):
+                raise KeyboardInterrupt
+            yield mb
+
+
+def interruptible(loader):
+    """(loader, restore): under a multi-process run, ``loader`` wrapped in :class:`Interruptible`
+    with SIGINT deferred until ``restore()``; else ``loader`` unchanged and a no-op."""
+    if rank_and_world()[1] <= 1:
+        return loader, lambda: None
+    restore_handler = defer_sigint()
+
+    def restore() -> None:
+        global _sigint_received
+        restore_handler()
+        _sigint_received = False  # acted upon (or training ended): a later training starts afresh
+
+    return Interruptible(loader), restore

@@ -159,7 +159,9 @@ def held_out_mask(adata: AnnData, key: str) -> np.ndarray:
 def stored_loader(adata: AnnData, key: str, indices=None, *, batch_size: int = 256, device: str = "cpu") -> Minibatches:
     """Minibatches of ``adata`` (in order) prepared as the model stored under ``key`` expects.
 
-    The counts are checked as for training and aligned to the model's genes by name.
+    The counts are checked as for training and aligned to the model's genes by name; only the
+    rows of ``indices`` are read (each once for the check, once per pass), so tools on a
+    subset of a large (backed) AnnData stay cheap.
     """
     p = _stored(adata, key)["params"]
     X = get_counts(adata, p["layer"])
@@ -173,10 +175,10 @@ def stored_loader(adata: AnnData, key: str, indices=None, *, batch_size: int = 2
             raise ValueError(f"Batches {unknown} were not seen in training under {key!r}.")
         codes = np.array([lookup[c] for c in cats], dtype=np.int64)[codes]
     what = "adata.X" if p["layer"] is None else f"adata.layers[{p['layer']!r}]"
-    counts = inspect_counts(X, what, gene_index)
+    indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+    counts = inspect_counts(X, what, gene_index, rows=None if len(indices) == adata.n_obs else indices)
     log_lib = log_library(adata, counts.totals, p.get("size_factor_key"))
     cov, _ = covariate_design(adata, p.get("categorical_covariate_keys"), p.get("continuous_covariate_keys"),
                               adata.uns[key].get("covariate_categories") or None)
-    indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
     return Minibatches(X, indices, log_library=log_lib, batch=codes, cov=cov, batch_size=batch_size,
                        device=device, gene_index=gene_index, round_counts=counts.n_rounded > 0)

@@ -14,7 +14,7 @@ from scanpy import logging as logg
 from tqdm.auto import tqdm
 
 from .dataloader import Minibatches
-from .distributed import all_reduce_sum, rank_and_world, wrap
+from .distributed import broadcast_buffers, global_sum, interruptible, rank_and_world, wrap
 from .module import VAE, fused
 
 HISTORY_KEYS = (
@@ -113,15 +113,19 @@ def evaluate(module: VAE, loader: Minibatches, *, seed: int) -> dict[str, float]
     """
     was_training = module.training
     module.eval()
+    broadcast_buffers(module)  # data-parallel: every rank evaluates with rank 0's BatchNorm statistics
     gen = torch.Generator(device=loader.device).manual_seed(seed)
-    rec = kl = 0.0
-    n = 0
+    sums = torch.zeros(3, dtype=torch.float64, device=loader.device)  # rec, kl, cells
     for mb in loader:
+        if not len(mb.idx):  # a rank's share of a tiny last minibatch
+            continue
         out = module.loss(mb.x, mb.batch, mb.log_library, cov=mb.cov, nz=mb.nz, generator=gen)
-        rec += out.reconstruction.sum().item()
-        kl += out.kl.sum().item()
-        n += len(mb.idx)
+        sums[0] += out.reconstruction.sum().double()
+        sums[1] += out.kl.sum().double()
+        sums[2] += len(mb.idx)
     module.train(was_training)
+    # data-parallel: each rank has its shard of the cells; the same global sums on every rank
+    rec, kl, n = global_sum(sums).tolist()
     return {"reconstruction": rec / n, "kl": kl / n, "elbo": (rec - kl) / n}
 
 
@@ -162,6 +166,9 @@ def train(
     warmup_steps = n_epochs_kl_warmup * len(train_loader)
     compiled = use_compiled(compile_likelihood, max_epochs * len(train_loader), train_loader.device)
     best, best_state, bad_epochs, step = -math.inf, None, 0, 0
+    raw_loader = train_loader
+    # under torchrun, Ctrl-C stops every rank at the same step (see distributed.py)
+    train_loader, restore_sigint = interruptible(train_loader)
     bar = tqdm(range(max_epochs), desc="training VAE", unit="epoch", disable=not progress or rank > 0, leave=False)
     try:
         trainable = [p for p in module.parameters() if p.requires_grad]
@@ -169,7 +176,7 @@ def train(
         opt = torch.optim.Adam(trainable, lr=lr, weight_decay=weight_decay, eps=0.01, fused=True)
         model = wrap(module)  # DistributedDataParallel under torchrun, else the module itself
         if compiled:
-            res.compile_seconds = _warm_up_compiled(module, train_loader)
+            res.compile_seconds = _warm_up_compiled(module, raw_loader)
         for epoch in bar:
             t0 = time.perf_counter()
             module.train()
@@ -189,7 +196,7 @@ def train(
                 sums[0] += out.reconstruction.detach().sum()
                 sums[1] += out.kl.detach().sum()
                 sums[2] += len(mb.idx)
-            rec, kl, n = all_reduce_sum(sums).tolist()
+            rec, kl, n = global_sum(sums).tolist()
             tr = {"reconstruction": rec / n, "kl": kl / n}
             tr["elbo"] = tr["reconstruction"] - tr["kl"]
             va = evaluate(module, val_loader, seed=seed) if val_loader is not None else None
@@ -232,6 +239,7 @@ def train(
     finally:
         bar.close()
         fused.set_compiled(False)
+        restore_sigint()
     if best_state is not None:
         module.load_state_dict(best_state)
     module.eval()

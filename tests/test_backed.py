@@ -35,3 +35,45 @@ def test_backed_matches_in_memory_and_reads_windows(tmp_path, monkeypatch):
     # the results can be written after the fact
     backed.to_memory().write_h5ad(tmp_path / "out.h5ad")
     assert "X_vae" in ad.read_h5ad(tmp_path / "out.h5ad").obsm
+
+
+def test_tools_on_a_subset_read_only_its_rows(tmp_path, monkeypatch):
+    """A stored model applied to a few cells of a backed AnnData reads those rows, not the file
+    (the library sizes come from the minibatch itself), and gives the in-memory result."""
+    adata = sv.datasets.simulate(2000, 30, random_state=0)
+    sv.tl.vae(adata, max_epochs=1, n_hidden=8, progress=False)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    backed = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    cls = type(dataloader.get_counts(backed, None))
+    getitem, read = cls.__getitem__, []
+
+    def counting_getitem(self, key):
+        rows = key[0] if isinstance(key, tuple) else key
+        read.append(len(range(*rows.indices(self.shape[0]))) if isinstance(rows, slice) else np.size(rows))
+        return getitem(self, key)
+
+    monkeypatch.setattr(cls, "__getitem__", counting_getitem)
+    cells = np.arange(5, 2000, 100)  # 20 cells spread over the file
+    sv.tl.log_likelihood(backed, subset=cells, n_samples=8, progress=False)
+    # each needed row at most twice (a check pass and the minibatches), never the other 1,980
+    assert 0 < sum(read) <= 2 * len(cells)
+    log_px = backed.obs["vae_log_px"].to_numpy()[cells]
+    read.clear()
+    sv.tl.amortization_gap(backed, n_cells=20, max_steps=5, progress=False)
+    assert 0 < sum(read) <= 2 * 20
+    monkeypatch.setattr(cls, "__getitem__", getitem)
+    sv.tl.log_likelihood(adata, subset=cells, n_samples=8, progress=False)
+    np.testing.assert_allclose(log_px, adata.obs["vae_log_px"].to_numpy()[cells], rtol=1e-5)
+
+
+def test_row_totals_of_a_subset(tmp_path):
+    adata = sv.datasets.simulate(500, 20, random_state=1)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    backed = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    full = np.asarray(adata.X.sum(axis=1)).ravel()
+    rows = np.array([400, 3, 77, 3, 250])
+    for X in (adata.X, adata.X.toarray(), dataloader.get_counts(backed, None)):
+        got = dataloader.row_totals(X, rows=rows)
+        np.testing.assert_array_equal(got[rows], full[rows])
+        assert np.isnan(np.delete(got, rows)).all()
+        np.testing.assert_array_equal(dataloader.row_totals(X), full)

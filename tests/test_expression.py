@@ -107,6 +107,9 @@ def test_large_result_warns(trained, monkeypatch):
     assert len(said) == 1 and "GiB" in said[0] and "gene_subset" in said[0]
     sv.tl.normalized_expression(trained, gene_subset=["gene_1"], copy=True, **QUIET)  # 1,200 bytes
     assert len(said) == 1
+    genes = list(trained.var_names[:10])
+    sv.tl.normalized_expression(trained, gene_subset=genes, copy=True, **QUIET)  # 300 x 10: 12,000 bytes
+    assert len(said) == 2 and "300 x 10" in said[1] and "GiB" in said[1] and "obsm" in said[1]
 
 
 # --- differential_expression -------------------------------------------------------------

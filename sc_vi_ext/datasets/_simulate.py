@@ -33,6 +33,37 @@ def simulate(
     AnnData with CSR float32 counts in ``X``, ``obs["cell_type"]``, ``obs["batch"]``,
     ``var["marker_of"]`` (the type a gene marks, or "") and ``uns["simulation"]``.
     """
+    obs, var, blocks = simulate_blocks(
+        n_cells, n_genes, n_batches=n_batches, n_types=n_types, n_markers=n_markers, dispersion=dispersion,
+        mean_library=mean_library, random_state=random_state,
+    )
+    X = sp.vstack(list(blocks), format="csr")
+    adata = AnnData(X=X, obs=obs, var=var)
+    adata.uns["simulation"] = {
+        "n_batches": n_batches, "n_types": n_types, "n_markers": n_markers,
+        "dispersion": dispersion, "mean_library": mean_library, "random_state": random_state,
+    }
+    return adata
+
+
+def simulate_blocks(
+    n_cells: int,
+    n_genes: int,
+    *,
+    n_batches: int = 2,
+    n_types: int = 5,
+    n_markers: int = 20,
+    dispersion: float = 5.0,
+    mean_library: float = 1500.0,
+    random_state: int = 0,
+    block_rows: int = 20_000,
+):
+    """The data of :func:`simulate` as (obs, var, iterator of CSR blocks of ``block_rows`` rows).
+
+    Stacking the blocks gives ``simulate(...).X`` exactly (with the default ``block_rows``;
+    other block sizes draw the same model in another order); writing them one at a time puts
+    a large simulation on disk without holding its counts in memory (``benchmarks/scale.py``).
+    """
     rng = np.random.default_rng(random_state)
     base = rng.normal(0, 1.0, n_genes) - 1.0
     profiles = np.tile(base, (n_types, 1)) + rng.normal(0, 0.3, (n_types, n_genes))
@@ -46,15 +77,16 @@ def simulate(
     cell_type = rng.integers(n_types, size=n_cells)
     batch = rng.integers(n_batches, size=n_cells)
     log_lib = rng.normal(np.log(mean_library), 0.4, n_cells)
-    blocks = []
-    for lo in range(0, n_cells, 20_000):
-        hi = min(n_cells, lo + 20_000)
-        logits = profiles[cell_type[lo:hi]] + batch_fx[batch[lo:hi]]
-        p = np.exp(logits - logits.max(1, keepdims=True))
-        mu = p / p.sum(1, keepdims=True) * np.exp(log_lib[lo:hi, None])
-        lam = rng.gamma(dispersion, mu / dispersion)  # NB as a Gamma-Poisson mixture
-        blocks.append(sp.csr_matrix(rng.poisson(lam).astype(np.float32)))
-    X = sp.vstack(blocks, format="csr")
+
+    def blocks():
+        for lo in range(0, n_cells, block_rows):
+            hi = min(n_cells, lo + block_rows)
+            logits = profiles[cell_type[lo:hi]] + batch_fx[batch[lo:hi]]
+            p = np.exp(logits - logits.max(1, keepdims=True))
+            mu = p / p.sum(1, keepdims=True) * np.exp(log_lib[lo:hi, None])
+            lam = rng.gamma(dispersion, mu / dispersion)  # NB as a Gamma-Poisson mixture
+            yield sp.csr_matrix(rng.poisson(lam).astype(np.float32))
+
     obs = pd.DataFrame(
         {
             "cell_type": pd.Categorical([f"type_{t}" for t in cell_type]),
@@ -63,9 +95,4 @@ def simulate(
         index=[f"cell_{i}" for i in range(n_cells)],
     )
     var = pd.DataFrame({"marker_of": marker_of.astype(str)}, index=[f"gene_{g}" for g in range(n_genes)])
-    adata = AnnData(X=X, obs=obs, var=var)
-    adata.uns["simulation"] = {
-        "n_batches": n_batches, "n_types": n_types, "n_markers": n_markers,
-        "dispersion": dispersion, "mean_library": mean_library, "random_state": random_state,
-    }
-    return adata
+    return obs, var, blocks()

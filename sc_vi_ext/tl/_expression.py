@@ -179,7 +179,8 @@ def normalized_expression(
     size = adata.n_obs * n_out * 4
     if size > _WARN_BYTES:
         logg.warning(f"normalized_expression materialises a dense {adata.n_obs} x {n_out} float32 array "
-                     f"({size / 1024**3:.1f} GiB); pass gene_subset to keep fewer genes.")
+                     f"({size / 1024**3:.1f} GiB) in adata.{'layers' if genes is None else 'obsm'}; "
+                     f"pass {'gene_subset' if genes is None else 'a smaller gene_subset'} to keep fewer genes.")
     start = logg.info(f"computing normalized expression of {key!r} on {adata.n_obs} cells x {n_out} genes")
     out = np.empty((adata.n_obs, n_out), dtype=np.float32)
     gen = torch.Generator(device=dev).manual_seed(random_state)

@@ -234,7 +234,9 @@ def vae(
         module = module.to(dev)
         train_loader = Minibatches(X, train_idx, batch_size=batch_size, shuffle=True, rng=rng,
                                    shard=rank_and_world(), **common)
-        val_loader = Minibatches(X, val_idx, batch_size=1024, **common) if len(val_idx) else None
+        # data-parallel: each rank evaluates its share of the held-out cells (sums all-reduced)
+        val_loader = (Minibatches(X, val_idx, batch_size=1024, shard=rank_and_world(), **common)
+                      if len(val_idx) else None)
         callback = None
         if gap_every:
             from ..diagnostics.history import GapTracker
