@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from ._progress import tqdm
 
 from .dataloader import Minibatches
 from .distributed import all_reduce_sum, rank_and_world, wrap

@@ -40,14 +40,21 @@ def decompose(
     random numbers, so the gap between them has a small standard error; q* is optimised
     on draws of its own, so L[q*] is estimated with fresh noise and stays a lower bound.
     """
-    with torch.no_grad():
-        q = module.inference(x, batch, cov)
-    qs = optimize_q(module, x, batch, log_library, generator=generator, cov=cov, **opt_kwargs)
-    k_total = max(n_samples, 2 * (n_samples_elbo or 0))
-    log_px, ess, se_lpx, (rec_q, rec_opt) = iwae(
-        module, x, batch, log_library, *q, n_samples=k_total, generator=generator, cov=cov,
-        also=(qs.mean, qs.log_var), return_rec=True,
-    )
+    # eval mode throughout (the training loop's callback hands over a module in train mode:
+    # BatchNorm would use, and update, statistics of these samples, and dropout would be on)
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            q = module.inference(x, batch, cov)
+        qs = optimize_q(module, x, batch, log_library, generator=generator, cov=cov, **opt_kwargs)
+        k_total = max(n_samples, 2 * (n_samples_elbo or 0))
+        log_px, ess, se_lpx, (rec_q, rec_opt) = iwae(
+            module, x, batch, log_library, *q, n_samples=k_total, generator=generator, cov=cov,
+            also=(qs.mean, qs.log_var), return_rec=True,
+        )
+    finally:
+        module.train(was_training)
     k = rec_q.shape[0]
     l_q = rec_q.mean(0) - module.kl(*q, batch).double()
     l_opt = rec_opt.mean(0) - module.kl(qs.mean, qs.log_var, batch).double()

@@ -35,6 +35,7 @@ class QStar:
     mean: torch.Tensor  # (cells, latent_dim)
     log_var: torch.Tensor
     n_steps: torch.Tensor  # objective evaluations (each a decoder pass with gradient) per cell
+    saa_gain: torch.Tensor | None = None  # "lbfgs": ELBO gained on the cell's own fixed draws, nats
 
 
 def _neg_elbo(module: VAE, x, batch, log_library, cov, p: torch.Tensor, eps: torch.Tensor):
@@ -93,6 +94,7 @@ def _lbfgs(fg, p, *, max_steps: int, tol: float, patience: int, history: int = 6
     n, D = p.shape
     dev = p.device
     f, g = fg(torch.arange(n, device=dev), p)
+    f0 = f.clone()
     S = torch.zeros(history, n, D, device=dev)
     Y, rho = torch.zeros_like(S), torch.zeros(history, n, device=dev)
     gamma = 0.1 / g.norm(dim=1).clamp_min(1e-8)  # first step: length 0.1 along the gradient
@@ -128,7 +130,7 @@ def _lbfgs(fg, p, *, max_steps: int, tol: float, patience: int, history: int = 6
         step[rej] *= 0.3
         done = (quiet[active] >= patience) | (step[active] < 1e-6)
         active = active[~done]
-    return p, evals
+    return p, evals, f0 - f
 
 
 def _adam(fg_stoch, p, *, lr: float, max_steps: int, window: int, patience: int, tol: float):
@@ -216,16 +218,17 @@ def optimize_q(
 
         if lbfgs:
             eps = saa_noise(n_samples_step, n, d, generator=generator, device=x.device)
-            params, steps = _lbfgs(lambda c, p: _neg_elbo(module, *sub(c), p, eps[:, c]), params,
+            params, steps, gain = _lbfgs(lambda c, p: _neg_elbo(module, *sub(c), p, eps[:, c]), params,
                                    max_steps=max_steps, tol=tol, patience=patience)
         else:
             def fg_stoch(c, p):
                 e = torch.randn((n_samples_step, len(c), d), generator=generator, device=x.device)
                 return _neg_elbo(module, *sub(c), p, e)
 
+            gain = None
             params, steps = _adam(fg_stoch, params, lr=lr, max_steps=max_steps, window=window,
                                   patience=patience, tol=tol)
-        return QStar(params[:, :d].contiguous(), params[:, d:].contiguous(), steps)
+        return QStar(params[:, :d].contiguous(), params[:, d:].contiguous(), steps, gain)
     finally:
         for p, f in zip(module.parameters(), flags):
             p.requires_grad_(f)

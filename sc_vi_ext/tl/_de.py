@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 from anndata import AnnData
 from scanpy import logging as logg
-from tqdm.auto import tqdm
+from .._progress import tqdm
 
 from .._docs import doc_params
 from ..model_store import get_model, stored_loader

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from anndata import AnnData
 from scanpy import logging as logg
-from tqdm.auto import tqdm
+from .._progress import tqdm
 
 from .._docs import doc_params
 from ..model_store import get_model, stored_loader

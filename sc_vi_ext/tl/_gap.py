@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from anndata import AnnData
 from scanpy import logging as logg
-from tqdm.auto import tqdm
+from .._progress import tqdm
 
 from .._docs import doc_params
 from ..diagnostics import COLUMNS, decompose, elbo_paired, iwae, optimize_q, summarize
