@@ -73,6 +73,7 @@ def decompose(
         "log_px_ess": ess,
         "displacement": torch.linalg.norm((qs.mean - q[0]) * torch.exp(-0.5 * qs.log_var), dim=1),
         "opt_steps": qs.n_steps,
+        "library_size": torch.exp(log_library),
     }
     return {k: v.detach().cpu().numpy().astype(np.float64) for k, v in out.items()}
 

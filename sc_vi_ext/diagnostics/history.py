@@ -45,24 +45,37 @@ class GapTracker:
         return out
 
 
+def overfitting_epochs(history: dict, *, ratio: float = 2.0, n_se: float = 2.0) -> np.ndarray:
+    """Per recorded epoch: is the held-out amortization gap well beyond the training one?
+
+    Well beyond: above ``ratio`` times the training gap and above it by more than ``n_se``
+    combined standard errors. False where nothing was recorded.
+    """
+    tr = np.asarray(history["amortization_gap_train"], dtype=float)
+    va = np.asarray(history["amortization_gap_validation"], dtype=float)
+    se_t = np.asarray(history.get("amortization_gap_train_se", np.zeros_like(tr)), dtype=float)
+    se_v = np.asarray(history.get("amortization_gap_validation_se", np.zeros_like(va)), dtype=float)
+    rec = np.isfinite(tr) & np.isfinite(va)
+    with np.errstate(invalid="ignore"):
+        return rec & (va > ratio * np.maximum(tr, 0)) & (va - tr > n_se * np.nan_to_num(np.hypot(se_t, se_v)))
+
+
 def overfitting_alarm(history: dict, *, best_epoch: int | None = None, ratio: float = 2.0,
                       n_se: float = 2.0) -> str | None:
     """A warning text when the held-out amortization gap has grown well beyond the training one.
 
-    Checked at the last recorded epoch up to ``best_epoch`` (the weights that are kept):
-    the held-out gap must exceed ``ratio`` times the training gap and the training gap by
-    more than ``n_se`` combined standard errors. Returns None when all is well.
+    Checked (see :func:`overfitting_epochs`) at the last recorded epoch up to ``best_epoch``,
+    whose weights are the ones kept. Returns None when all is well.
     """
     if "amortization_gap_validation" not in history:
         return None
     epochs = np.asarray(history["epoch"])
     tr = np.asarray(history["amortization_gap_train"], dtype=float)
     va = np.asarray(history["amortization_gap_validation"], dtype=float)
-    se_t = np.asarray(history.get("amortization_gap_train_se", np.zeros_like(tr)), dtype=float)
-    se_v = np.asarray(history.get("amortization_gap_validation_se", np.zeros_like(va)), dtype=float)
-    rec = np.isfinite(tr) & np.isfinite(va)
-    bad = rec & (va > ratio * np.maximum(tr, 0)) & (va - tr > n_se * np.hypot(se_t, se_v))
-    upto = rec & (epochs <= (best_epoch if best_epoch else epochs.max()))
+    se_t = np.asarray(history.get("amortization_gap_train_se", np.full_like(tr, np.nan)), dtype=float)
+    se_v = np.asarray(history.get("amortization_gap_validation_se", np.full_like(va, np.nan)), dtype=float)
+    bad = overfitting_epochs(history, ratio=ratio, n_se=n_se)
+    upto = np.isfinite(tr) & np.isfinite(va) & (epochs <= (best_epoch if best_epoch else epochs.max()))
     if not upto.any():
         return None
     i = np.flatnonzero(upto)[-1]

@@ -65,6 +65,15 @@ def _write_obs(adata: AnnData, key: str, idx: np.ndarray, values: dict[str, np.n
     return cols
 
 
+def _gap_summary(res: dict) -> str:
+    """One line: amortization gap +- s.e. for training and held-out cells (or all cells)."""
+    labels = {"train": "training", "validation": "held-out"}
+    splits = [s for s in labels if s in res] or ["all"]
+    parts = [f"{labels.get(s, s)} {res[s]['amortization_gap_mean']:.2f} ± {res[s]['amortization_gap_se']:.2f} "
+             f"(n={res[s]['n_cells']})" for s in splits]
+    return "amortization gap, nats/cell: " + ", ".join(parts)
+
+
 @doc_params(opt=_OPT_DOC)
 def amortization_gap(
     adata: AnnData,
@@ -128,6 +137,9 @@ def amortization_gap(
     ``adata.obs[key + "_amortization_gap"]``, ``[key + "_approximation_gap"]``
         The gaps, nats; ``[key + "_amortization_gap_se"]`` and ``[key + "_approximation_gap_se"]``
         are each cell's standard errors.
+    ``adata.obs[key + "_library_size"]``
+        The library size the model used for the cell (total counts, or the size factor);
+        :func:`sc_vi_ext.pl.amortization_gap` plots the gap against it.
     ``adata.uns[key]["amortization_gap"]``
         ``params``, and for ``"train"``, ``"validation"`` and ``"all"`` cells: means and
         standard errors of each bound and gap, the fraction of cells with a gap below
@@ -145,21 +157,26 @@ def amortization_gap(
            "window": window, "patience": patience, "tol": tol}
     parts = []
     loader = stored_loader(adata, key, idx, batch_size=batch_size, device=str(next(module.parameters()).device))
-    for mb in tqdm(loader, desc="amortization gap", unit="batch", disable=not progress, leave=False):
+    bar = tqdm(loader, desc="amortization gap", unit="batch", disable=not progress)
+    for mb in bar:
         parts.append(decompose(module, mb.x, mb.batch, mb.log_library, cov=mb.cov, n_samples=n_samples,
                                n_samples_elbo=n_samples_elbo, generator=gen, **opt))
     per_cell = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    written = _write_obs(adata, key, idx, {c: per_cell[c] for c in (*COLUMNS, "amortization_gap_se", "approximation_gap_se")})
+    cols = (*COLUMNS, "amortization_gap_se", "approximation_gap_se", "library_size")
+    written = _write_obs(adata, key, idx, {c: per_cell[c] for c in cols})
     masks = _split_masks(adata, key, idx)
     adata.uns[key]["amortization_gap"] = {
         "params": params,
         **{s: summarize({k: v[m] for k, v in per_cell.items()}) for s, m in masks.items() if m.sum() > 0},
     }
-    s = adata.uns[key]["amortization_gap"]["all"]
-    logg.info(
-        f"    amortization gap {s['amortization_gap_mean']:.2f} ± {s['amortization_gap_se']:.2f}, "
-        f"approximation gap {s['approximation_gap_mean']:.2f} ± {s['approximation_gap_se']:.2f} nats/cell"
-    )
+    text = _gap_summary(adata.uns[key]["amortization_gap"])
+    bar.set_postfix_str(text, refresh=True)  # the bar's last line holds the result
+    bar.close()
+    logg.info(f"    {text}")
+    for split, r in adata.uns[key]["amortization_gap"].items():
+        if split in ("train", "validation"):
+            logg.info(f"    {split}: approximation gap {r['approximation_gap_mean']:.2f} ± "
+                      f"{r['approximation_gap_se']:.2f} nats/cell")
     logg.info("    finished", time=start,
               deep="added\n    " + ", ".join(f"{c!r}" for c in written)
               + " (adata.obs)\n    'amortization_gap' (adata.uns['" + key + "'])")
@@ -222,8 +239,9 @@ def refine(
     start = logg.info(f"refining the latent space of {key!r} on {adata.n_obs} cells")
     gen = torch.Generator(device=dev).manual_seed(random_state)
     means, gains, steps = [], [], []
-    for mb in tqdm(stored_loader(adata, key, batch_size=batch_size, device=dev), desc="refine",
-                   unit="batch", disable=not progress, leave=False):
+    bar = tqdm(stored_loader(adata, key, batch_size=batch_size, device=dev), desc="refine", unit="batch",
+               disable=not progress)
+    for mb in bar:
         qs = optimize_q(module, mb.x, mb.batch, mb.log_library, cov=mb.cov, method=method,
                         n_samples_step=n_samples_step, lr=lr,
                         max_steps=max_steps, window=window, patience=patience, tol=tol, generator=gen)
@@ -241,6 +259,8 @@ def refine(
         "params": params, "n_cells": adata.n_obs, "elbo_gain_mean": float(gain.mean()),
         "elbo_gain_median": float(np.median(gain)), "steps_mean": float(steps.mean()), "steps_max": int(steps.max()),
     }
+    bar.set_postfix_str(f"ELBO gained {gain.mean():.2f} nats/cell on average", refresh=True)
+    bar.close()
     logg.info(f"    ELBO gained {gain.mean():.2f} nats/cell on average, {steps.mean():.0f} steps per cell")
     logg.info("    finished", time=start, deep=f"added\n    'X_{key}_refined' (adata.obsm)\n"
               f"    '{key}_refine_gain' (adata.obs)\n    'refine' (adata.uns['{key}'])")
