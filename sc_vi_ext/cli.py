@@ -26,18 +26,20 @@ def _demo(args) -> int:
     sv.tl.vae(adata, layer="counts", max_epochs=args.max_epochs, progress=not args.quiet)
     sc.pp.neighbors(adata, use_rep="X_vae")
     sc.tl.umap(adata, random_state=0)
-    sc.tl.leiden(adata, flavor="igraph", n_iterations=2, random_state=0)
+    sc.tl.leiden(adata, flavor="igraph", n_iterations=2, directed=False, random_state=0)
     figs = {}
     figs["elbo.png"] = sv.pl.elbo(adata, return_fig=True)
     figs["latent_umap.png"] = sv.pl.latent(adata, color=["bulk_labels", "leiden"], wspace=0.9, return_fig=True)
     if not args.no_gap:
         sv.tl.amortization_gap(adata, n_cells=args.gap_cells, progress=not args.quiet)
+        sv.tl.trust_score(adata, progress=not args.quiet)
         figs["amortization_gap.png"] = sv.pl.amortization_gap(adata, groupby="bulk_labels", return_fig=True)
-        figs["latent_gap.png"] = sv.pl.latent(
-            adata, color="vae_amortization_gap", vmax="p99", return_fig=True,
-            title=f"amortization gap, nats (grey: {int(adata.obs['vae_amortization_gap'].isna().sum())} cells "
-                  "not evaluated; colours capped at the 99th percentile)",
-        )
+        fig = sv.pl.latent(adata, color="vae_trust", cmap="magma", vmax=0.5, return_fig=True,
+                           title="Trust in each cell's latent position (dark: served worse than comparable "
+                                 "training cells)")
+        fig.axes[-1].set_ylabel("trust (0-1; capped at 0.5): fraction of comparable\ntraining cells with an "
+                                "amortization gap at least as large", fontsize="small")
+        figs["latent_trust.png"] = fig
     for name, fig in figs.items():
         fig.savefig(out / name, dpi=110, bbox_inches="tight")
         plt.close(fig)
@@ -63,6 +65,10 @@ def _demo(args) -> int:
                 f"{res['amortization_gap_se']:.2f}, approximation {res['approximation_gap_mean']:.2f} ± "
                 f"{res['approximation_gap_se']:.2f} nats/cell (n={res['n_cells']})"
             )
+    for split, res in adata.uns["vae"].get("trust", {}).items():
+        if split in ("train", "validation"):
+            print(f"  trust, {split + ' cells':16s}median {res['trust_median']:.2f}, flagged untrusted "
+                  f"{100 * res['frac_untrusted']:.1f}% (n={res['n_cells']})")
     print(f"  wrote                {', '.join(sorted([*figs, 'pbmc68k_vae.h5ad']))} in {out}/")
     return 0
 
@@ -103,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="train on the bundled PBMC data; write the h5ad and figures")
     d.add_argument("--out", default="sc_vi_ext_demo", help="output folder (default: %(default)s)")
     d.add_argument("--max-epochs", type=int, default=None)
-    d.add_argument("--gap-cells", type=int, default=256, help="cells for the amortization-gap diagnostics")
+    d.add_argument("--gap-cells", type=int, default=None,
+                   help="cells for the amortization-gap diagnostics (default: all)")
     d.add_argument("--no-gap", action="store_true", help="skip the amortization-gap diagnostics")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=_demo)

@@ -61,8 +61,10 @@ def gap_history(
     title = "Gaps over training"
     if "amortization_gap_validation" in h:
         bad = overfitting_epochs(h)
-        for e in epochs[bad]:
-            ax_.axvspan(e - 0.5, e + 0.5, color="red", alpha=0.12, lw=0)
+        rec = epochs[np.isfinite(np.asarray(h["amortization_gap_validation"], dtype=float))]
+        for i, e in enumerate(rec):  # shade back to the previous measurement
+            if bad[epochs == e].any():
+                ax_.axvspan(rec[i - 1] if i else e - 0.5, e, color="red", alpha=0.1, lw=0)
         title = (f"Held-out gap well above the training gap from epoch {int(epochs[bad][0])}: the encoder overfits"
                  if bad.any() else "Held-out and training cells: no sign of an overfitting encoder")
     if uns.get("best_epoch", -1) > 0:
@@ -72,5 +74,7 @@ def gap_history(
     ax_.set_ylabel("nats per cell (mean over a fixed subset)")
     ax_.set_title(title, fontsize="medium", loc="left")
     ax_.grid(alpha=0.3)
-    ax_.legend(fontsize="small", frameon=False)
+    ax_.legend(fontsize="small", frameon=False, loc="upper right",
+               title="shaded red: held-out gap > 2x training and by > 2 s.e." if "overfits" in title else None,
+               title_fontsize="small")
     return finish(fig, ax_, show=show, return_fig=return_fig, ax_given=ax is not None)
