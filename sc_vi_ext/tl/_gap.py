@@ -157,10 +157,12 @@ def amortization_gap(
            "window": window, "patience": patience, "tol": tol}
     parts = []
     loader = stored_loader(adata, key, idx, batch_size=batch_size, device=str(next(module.parameters()).device))
-    bar = tqdm(loader, desc="amortization gap", unit="batch", disable=not progress)
-    for mb in bar:
+    # a bar over an iterable closes itself at the end; this one stays open for the result line
+    bar = tqdm(total=len(loader), desc="amortization gap", unit="batch", disable=not progress)
+    for mb in loader:
         parts.append(decompose(module, mb.x, mb.batch, mb.log_library, cov=mb.cov, n_samples=n_samples,
                                n_samples_elbo=n_samples_elbo, generator=gen, **opt))
+        bar.update()
     per_cell = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     cols = (*COLUMNS, "amortization_gap_se", "approximation_gap_se", "library_size")
     written = _write_obs(adata, key, idx, {c: per_cell[c] for c in cols})
@@ -239,9 +241,9 @@ def refine(
     start = logg.info(f"refining the latent space of {key!r} on {adata.n_obs} cells")
     gen = torch.Generator(device=dev).manual_seed(random_state)
     means, gains, steps = [], [], []
-    bar = tqdm(stored_loader(adata, key, batch_size=batch_size, device=dev), desc="refine", unit="batch",
-               disable=not progress)
-    for mb in bar:
+    loader = stored_loader(adata, key, batch_size=batch_size, device=dev)
+    bar = tqdm(total=len(loader), desc="refine", unit="batch", disable=not progress)
+    for mb in loader:
         qs = optimize_q(module, mb.x, mb.batch, mb.log_library, cov=mb.cov, method=method,
                         n_samples_step=n_samples_step, lr=lr,
                         max_steps=max_steps, window=window, patience=patience, tol=tol, generator=gen)
@@ -252,6 +254,7 @@ def refine(
         means.append(module.representation(qs.mean).cpu().numpy())
         gains.append((l_opt - l_q).cpu().numpy())
         steps.append(qs.n_steps.cpu().numpy())
+        bar.update()
     gain, steps = np.concatenate(gains), np.concatenate(steps)
     adata.obsm[f"X_{key}_refined"] = np.concatenate(means).astype(np.float32)
     adata.obs[f"{key}_refine_gain"] = gain

@@ -90,11 +90,12 @@ def trust_score(
     gen = torch.Generator(device=dev).manual_seed(random_state)
     gaps, log_lib = [], []
     loader = stored_loader(adata, key, batch_size=batch_size, device=dev)
-    bar = tqdm(loader, desc="trust score", unit="batch", disable=not progress)
-    for mb in bar:
+    bar = tqdm(total=len(loader), desc="trust score", unit="batch", disable=not progress)
+    for mb in loader:
         qs = optimize_q(module, mb.x, mb.batch, mb.log_library, cov=mb.cov, max_steps=max_steps, generator=gen)
         gaps.append(qs.saa_gain.cpu().numpy().astype(np.float64))
         log_lib.append(mb.log_library.cpu().numpy().astype(np.float64))
+        bar.update()
     gap, log_lib = np.concatenate(gaps), np.concatenate(log_lib)
     val = np.zeros(adata.n_obs, bool)
     val[np.asarray(adata.uns[key].get("validation_indices", []), dtype=int)] = True
