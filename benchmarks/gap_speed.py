@@ -57,7 +57,8 @@ def old_decompose(module, mb, gen) -> dict[str, np.ndarray]:
     lpx, _, se_lpx = iwae(module, mb.x, mb.batch, mb.log_library, *q, n_samples=1000, generator=gen, cov=mb.cov,
                           also=(qs.mean, qs.log_var))
     out = {"elbo": l_q, "elbo_opt": l_o, "log_px": lpx, "amortization_gap": l_o - l_q, "approximation_gap": lpx - l_o,
-           "amortization_gap_se": (ro - rq).std(0) / 16, "approximation_gap_se": torch.sqrt(se_lpx**2 + ro.var(0) / 256),
+           "amortization_gap_se": (ro - rq).std(0) / 16,
+           "approximation_gap_se": torch.sqrt(se_lpx**2 + ro.var(0) / 256),
            "displacement": torch.zeros_like(l_q), "opt_steps": qs.n_steps.double()}
     return {k: v.detach().cpu().numpy().astype(np.float64) for k, v in out.items()}
 

@@ -24,6 +24,11 @@ def _demo(args) -> int:
     adata = sv.datasets.pbmc68k()
     print(f"PBMC data: {adata.n_obs} cells x {adata.n_vars} genes, {adata.obs['bulk_labels'].nunique()} cell types")
     sv.tl.vae(adata, layer="counts", max_epochs=args.max_epochs, progress=not args.quiet)
+    if not args.no_gap:
+        # before the kNN graph: sc.pp.neighbors leaves torch with one thread per core, which on a
+        # busy machine slows the diagnostics several-fold
+        sv.tl.amortization_gap(adata, n_cells=args.gap_cells, progress=not args.quiet)
+        sv.tl.trust_score(adata, progress=not args.quiet)
     sc.pp.neighbors(adata, use_rep="X_vae")
     sc.tl.umap(adata, random_state=0)
     sc.tl.leiden(adata, flavor="igraph", n_iterations=2, directed=False, random_state=0)
@@ -31,8 +36,6 @@ def _demo(args) -> int:
     figs["elbo.png"] = sv.pl.elbo(adata, return_fig=True)
     figs["latent_umap.png"] = sv.pl.latent(adata, color=["bulk_labels", "leiden"], wspace=0.9, return_fig=True)
     if not args.no_gap:
-        sv.tl.amortization_gap(adata, n_cells=args.gap_cells, progress=not args.quiet)
-        sv.tl.trust_score(adata, progress=not args.quiet)
         figs["amortization_gap.png"] = sv.pl.amortization_gap(adata, groupby="bulk_labels", return_fig=True)
         fig = sv.pl.latent(adata, color="vae_trust", cmap="magma", vmax=0.5, return_fig=True,
                            title="Trust in each cell's latent position (dark: served worse than comparable "

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from ._progress import tqdm
 
+from ._progress import tqdm
 from .dataloader import Minibatches
 from .distributed import all_reduce_sum, rank_and_world, wrap
 from .module import VAE

@@ -46,7 +46,7 @@ class GapTracker:
 
 
 def overfitting_epochs(history: dict, *, ratio: float = 2.0, n_se: float = 2.0) -> np.ndarray:
-    """Per recorded epoch: is the held-out amortization gap well beyond the training one?
+    """Flag the recorded epochs where the held-out amortization gap is well beyond the training one.
 
     Well beyond: above ``ratio`` times the training gap and above it by more than ``n_se``
     combined standard errors. False where nothing was recorded.
@@ -62,7 +62,7 @@ def overfitting_epochs(history: dict, *, ratio: float = 2.0, n_se: float = 2.0) 
 
 def overfitting_alarm(history: dict, *, best_epoch: int | None = None, ratio: float = 2.0,
                       n_se: float = 2.0) -> str | None:
-    """A warning text when the held-out amortization gap has grown well beyond the training one.
+    """Return a warning text when the held-out amortization gap has grown well beyond the training one.
 
     Checked (see :func:`overfitting_epochs`) at the last recorded epoch up to ``best_epoch``,
     whose weights are the ones kept. Returns None when all is well.

@@ -134,7 +134,7 @@ def _lbfgs(fg, p, *, max_steps: int, tol: float, patience: int, history: int = 6
 
 
 def _adam(fg_stoch, p, *, lr: float, max_steps: int, window: int, patience: int, tol: float):
-    """The stochastic reference: Adam written out so that a stopped cell really stops."""
+    """Run the stochastic reference: Adam written out so that a stopped cell really stops."""
     n = p.shape[0]
     dev = p.device
     m1, m2 = torch.zeros_like(p), torch.zeros_like(p)
@@ -230,7 +230,7 @@ def optimize_q(
                                   patience=patience, tol=tol)
         return QStar(params[:, :d].contiguous(), params[:, d:].contiguous(), steps, gain)
     finally:
-        for p, f in zip(module.parameters(), flags):
+        for p, f in zip(module.parameters(), flags, strict=True):
             p.requires_grad_(f)
         module.train(was_training)
 

@@ -23,7 +23,9 @@ _SE_NOTE = "error bars: ±2 s.e. of the mean over cells"
 def _gap_results(adata: AnnData, key: str) -> dict:
     uns = get_uns(adata, key)
     if "amortization_gap" not in uns:
-        raise KeyError(f"No gap diagnostics in adata.uns[{key!r}]; run sv.tl.amortization_gap(adata, key={key!r}) first.")
+        raise KeyError(
+            f"No gap diagnostics in adata.uns[{key!r}]; run sv.tl.amortization_gap(adata, key={key!r}) first."
+        )
     return uns["amortization_gap"]
 
 
@@ -111,7 +113,7 @@ def _by_depth(ax, gap, lib, split) -> None:
             which = np.clip(np.searchsorted(edges, np.log(lib[m]), side="right") - 1, 0, 5)
             med = [(np.exp(np.log(lib[m])[which == b].mean()), np.median(gap[m][which == b])) for b in range(6)
                    if (which == b).any()]
-            ax.plot(*zip(*med), color=color, lw=2, zorder=4)
+            ax.plot(*zip(*med, strict=True), color=color, lw=2, zorder=4)
     ax.set_xscale("log")
     ax.axhline(0, color="k", lw=0.8)
     ax.set_xlabel("library size (counts per cell, log scale)")
@@ -227,7 +229,7 @@ def amortization_gap(
         groups = adata.obs[groupby].astype(str).to_numpy()[done]
         _by_group(axd["D"], g, split, groups, groupby)
         axes.append(axd["D"])
-    for letter, a in zip("ABCD", axes):
+    for letter, a in zip("ABCD", axes, strict=False):
         a.text(-0.01, 1.02, letter, transform=a.transAxes, fontweight="bold", fontsize="large", ha="right",
                va="bottom")
     return finish(fig, axes, show=show, return_fig=return_fig, ax_given=False)

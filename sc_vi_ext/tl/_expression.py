@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from anndata import AnnData
 from scanpy import logging as logg
-from .._progress import tqdm
 
 from .._docs import doc_params
+from .._progress import tqdm
 from ..model_store import get_model, stored_loader
 from ..module import VAE
 from ._vae import resolve_device

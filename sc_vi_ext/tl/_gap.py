@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from anndata import AnnData
 from scanpy import logging as logg
-from .._progress import tqdm
 
 from .._docs import doc_params
+from .._progress import tqdm
 from ..diagnostics import COLUMNS, decompose, elbo_paired, iwae, optimize_q, summarize
 from ..model_store import get_model, stored_loader
 from ._vae import resolve_device
