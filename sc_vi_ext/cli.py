@@ -70,7 +70,7 @@ def _demo(args) -> int:
             )
     for split, res in adata.uns["vae"].get("trust", {}).items():
         if split in ("train", "validation"):
-            print(f"  trust, {split + ' cells':16s}median {res['trust_median']:.2f}, flagged untrusted "
+            print(f"  trust, {split + ' cells':17s}median {res['trust_median']:.2f}, flagged untrusted "
                   f"{100 * res['frac_untrusted']:.1f}% (n={res['n_cells']})")
     print(f"  wrote                {', '.join(sorted([*figs, 'pbmc68k_vae.h5ad']))} in {out}/")
     return 0
