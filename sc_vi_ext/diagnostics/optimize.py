@@ -186,15 +186,15 @@ def optimize_q(
 ) -> QStar:
     """Optimise (mean, log_var) of q(z) per cell; the module's weights are not changed.
 
-    ``n_samples_step``, ``max_steps`` and ``patience`` default per method: 2 x latent_dim
-    draws (at least 16), 60 evaluations, 2 quiet steps for ``"lbfgs"``; 8 draws, 500 steps, 3 windows for
-    ``"adam"``. ``lr`` and ``window`` are used by ``"adam"`` only.
+
+
+
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     lbfgs = method == "lbfgs"
     max_steps = max_steps or (60 if lbfgs else 500)
-    patience = patience or (2 if lbfgs else 3)
+    patience = patience or (1 if lbfgs else 3)
     was_training = module.training
     module.eval()
     flags = [p.requires_grad for p in module.parameters()]

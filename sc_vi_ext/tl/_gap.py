@@ -29,7 +29,7 @@ n_samples_step
 window
     Steps per window, over which ``"adam"`` averages a cell's ELBO estimates.
 patience
-    A cell stops after this many steps (``"lbfgs"``; None: 2) or windows (``"adam"``;
+    A cell stops after this many steps (``"lbfgs"``; None: 1) or windows (``"adam"``;
     None: 3) that gain less than ``tol``.
 tol
     Improvement (nats) that counts."""
