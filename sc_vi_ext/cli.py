@@ -12,6 +12,8 @@ def _demo(args) -> int:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+    import pandas as pd
     import scanpy as sc
 
     import sc_vi_ext as sv
@@ -37,11 +39,14 @@ def _demo(args) -> int:
     figs["latent_umap.png"] = sv.pl.latent(adata, color=["bulk_labels", "leiden"], wspace=0.9, return_fig=True)
     if not args.no_gap:
         figs["amortization_gap.png"] = sv.pl.amortization_gap(adata, groupby="bulk_labels", return_fig=True)
-        fig = sv.pl.latent(adata, color="vae_trust", cmap="magma", vmax=0.5, return_fig=True,
-                           title="Trust in each cell's latent position (dark: served worse than comparable "
-                                 "training cells)")
-        fig.axes[-1].set_ylabel("trust (0-1; capped at 0.5): fraction of comparable\ntraining cells with an "
-                                "amortization gap at least as large", fontsize="small")
+        # the flag reads at a glance; the trust score itself is uniform over typical training cells
+        flagged = adata.copy()
+        flagged.obs["trust"] = pd.Categorical(np.where(adata.obs["vae_untrusted"], "untrusted", "trusted"),
+                                              categories=["trusted", "untrusted"])
+        flagged.uns["trust_colors"] = ["#d9d9d9", "#d62728"]
+        fig = sv.pl.latent(flagged, color="trust", return_fig=True,
+                           title="Cells flagged by tl.trust_score (gap > median + 3 robust s.d.\n"
+                                 "of the training cells of similar library size)")
         figs["latent_trust.png"] = fig
     for name, fig in figs.items():
         fig.savefig(out / name, dpi=110, bbox_inches="tight")
