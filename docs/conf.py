@@ -33,7 +33,7 @@ exclude_patterns = ["_build", "**.ipynb_checkpoints", "Thumbs.db", ".DS_Store"]
 
 # -- API reference ---------------------------------------------------------------------------
 autosummary_generate = True
-autodoc_default_options = {"members": False, "show-inheritance": False}
+autodoc_default_options = {"members": True, "show-inheritance": False}  # classes show their methods
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 autodoc_typehints_description_target = "documented_params"

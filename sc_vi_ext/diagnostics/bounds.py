@@ -61,36 +61,43 @@ def elbo_paired(module: VAE, x, batch, log_library, qs, *, n_samples: int, gener
 
 @torch.no_grad()
 def iwae(module: VAE, x, batch, log_library, mean, log_var, *, n_samples: int, generator: torch.Generator,
-         cov=None, also=None):
+         cov=None, also=None, return_rec: bool = False):
     """IWAE estimate of log p(x) with proposal N(mean, exp(log_var)), per cell.
 
     With ``also=(mean2, log_var2)`` the proposal is the equal mixture of the two Gaussians,
     half the samples drawn from each and weighted by the mixture density (multiple
     importance sampling with the balance heuristic: unbiased for p(x), and its weights stay
     bounded by twice those of the wider component, so a too-narrow q* cannot produce the
-    rare huge weights that would push the estimate above log p(x)).
+    rare huge weights that would push the estimate above log p(x)). The two halves share
+    their standard-normal draws (sample j of one component and of the other use the same
+    noise): the estimate stays unbiased, and the same draws give both ELBOs with common
+    random numbers at no extra cost (``return_rec``).
 
     Returns (log_px, ess, se): the estimate, the effective sample size of the importance
-    weights, and a delta-method standard error sqrt(1/ESS - 1/K).
+    weights, and a delta-method standard error sqrt(1/ESS - 1/K); with ``return_rec`` also
+    the list of log p(x | z) draws, (K / components, cells), one per component.
     """
     n_cells, d = mean.shape
     comps = [(mean, log_var)] + ([also] if also is not None else [])
-    chunk = sample_chunk(n_samples, n_cells, x.shape[-1])
+    n_pairs = -(-n_samples // len(comps))  # draws per component
+    n_samples = n_pairs * len(comps)
+    chunk = max(1, sample_chunk(n_samples, n_cells, x.shape[-1]) // len(comps))
     lse = torch.full((n_cells,), -math.inf, dtype=torch.float64, device=x.device)
     lse2 = lse.clone()
+    recs = [[] for _ in comps]
     nz = nonzeros(x)
-    for lo in range(0, n_samples, chunk):
-        k = min(chunk, n_samples - lo)
+    for lo in range(0, n_pairs, chunk):
+        k = min(chunk, n_pairs - lo)
         eps = torch.randn((k, n_cells, d), generator=generator, device=x.device)
-        # sample j comes from component j mod (number of components)
-        pick = (torch.arange(lo, lo + k, device=x.device) % len(comps))[:, None, None]
-        m = torch.where(pick == 0, comps[0][0], comps[-1][0])
-        lv = torch.where(pick == 0, comps[0][1], comps[-1][1])
-        rec, z = log_px_given(module, x, batch, log_library, m, lv, eps, cov, nz)
-        log_q = torch.logsumexp(torch.stack([log_normal(z, *c) for c in comps]), 0) - math.log(len(comps))
-        log_w = (rec + module.log_prior(z, batch) - log_q).double()
-        lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
-        lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * log_w, 0))
+        for i, (m, lv) in enumerate(comps):
+            rec, z = log_px_given(module, x, batch, log_library, m, lv, eps, cov, nz)
+            log_q = torch.logsumexp(torch.stack([log_normal(z, *c) for c in comps]), 0) - math.log(len(comps))
+            log_w = (rec + module.log_prior(z, batch) - log_q).double()
+            lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
+            lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * log_w, 0))
+            if return_rec:
+                recs[i].append(rec.double())
     ess = torch.exp(2 * lse - lse2)
     se = torch.sqrt(torch.clamp(1 / ess - 1 / n_samples, min=0))
-    return lse - math.log(n_samples), ess, se
+    out = (lse - math.log(n_samples), ess, se)
+    return (*out, [torch.cat(r) for r in recs]) if return_rec else out

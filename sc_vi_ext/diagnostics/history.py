@@ -41,4 +41,52 @@ class GapTracker:
             res = decompose(module, mb.x, mb.batch, mb.log_library, generator=gen, cov=mb.cov, **self.kw)
             for name in ("amortization_gap", "approximation_gap"):
                 out[f"{name}_{split}"] = float(res[name].mean())
+                out[f"{name}_{split}_se"] = float(res[name].std(ddof=1) / np.sqrt(len(res[name])))
         return out
+
+
+def overfitting_epochs(history: dict, *, ratio: float = 2.0, n_se: float = 2.0) -> np.ndarray:
+    """Flag the recorded epochs where the held-out amortization gap is well beyond the training one.
+
+    Well beyond: above ``ratio`` times the training gap and above it by more than ``n_se``
+    combined standard errors. False where nothing was recorded.
+    """
+    tr = np.asarray(history["amortization_gap_train"], dtype=float)
+    va = np.asarray(history["amortization_gap_validation"], dtype=float)
+    se_t = np.asarray(history.get("amortization_gap_train_se", np.zeros_like(tr)), dtype=float)
+    se_v = np.asarray(history.get("amortization_gap_validation_se", np.zeros_like(va)), dtype=float)
+    rec = np.isfinite(tr) & np.isfinite(va)
+    with np.errstate(invalid="ignore"):
+        return rec & (va > ratio * np.maximum(tr, 0)) & (va - tr > n_se * np.nan_to_num(np.hypot(se_t, se_v)))
+
+
+def overfitting_alarm(history: dict, *, best_epoch: int | None = None, ratio: float = 2.0,
+                      n_se: float = 2.0) -> str | None:
+    """Return a warning text when the held-out amortization gap has grown well beyond the training one.
+
+    Checked (see :func:`overfitting_epochs`) at the last recorded epoch up to ``best_epoch``,
+    whose weights are the ones kept. Returns None when all is well.
+    """
+    if "amortization_gap_validation" not in history:
+        return None
+    epochs = np.asarray(history["epoch"])
+    tr = np.asarray(history["amortization_gap_train"], dtype=float)
+    va = np.asarray(history["amortization_gap_validation"], dtype=float)
+    se_t = np.asarray(history.get("amortization_gap_train_se", np.full_like(tr, np.nan)), dtype=float)
+    se_v = np.asarray(history.get("amortization_gap_validation_se", np.full_like(va, np.nan)), dtype=float)
+    bad = overfitting_epochs(history, ratio=ratio, n_se=n_se)
+    upto = np.isfinite(tr) & np.isfinite(va) & (epochs <= (best_epoch if best_epoch else epochs.max()))
+    if not upto.any():
+        return None
+    i = np.flatnonzero(upto)[-1]
+    if not bad[i]:
+        return None
+    first = int(epochs[np.flatnonzero(bad)[0]])
+    return (
+        f"The encoder overfits its training cells: at epoch {int(epochs[i])} the held-out cells' amortization gap "
+        f"is {va[i]:.2f} ± {se_v[i]:.2f} nats/cell, {va[i] / max(tr[i], 1e-9):.1f}x the training cells' "
+        f"({tr[i]:.2f} ± {se_t[i]:.2f}); first seen at epoch {first}. New cells get worse latent positions than "
+        "the training ELBO suggests. Consider fewer epochs or early stopping, more cells, a smaller encoder "
+        "(n_hidden, dropout); check cells with sv.tl.trust_score and improve them with sv.tl.refine. "
+        "sv.pl.gap_history(adata) shows the gaps over training."
+    )

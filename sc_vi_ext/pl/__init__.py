@@ -1,7 +1,8 @@
 """Plots: training curves, latent embeddings and inference diagnostics."""
 
 from ._elbo import elbo
-from ._gap import amortization_gap, gap_history
+from ._gap import amortization_gap
+from ._gap_history import gap_history
 from ._latent import latent
 from ._ppc import posterior_predictive
 

@@ -1,4 +1,9 @@
-"""``pl.amortization_gap`` and ``pl.gap_history``: the inference diagnostics at a glance."""
+"""``pl.amortization_gap``: the inference diagnostics of ``tl.amortization_gap`` at a glance.
+
+Everything drawn is read from what the tool wrote (``obs`` columns and ``uns[key]``); the
+data are not touched. Training and held-out cells are drawn apart in every panel, in the
+same two colours, and every panel states its one message in its title.
+"""
 
 from __future__ import annotations
 
@@ -8,41 +13,159 @@ import pandas as pd
 from anndata import AnnData
 
 from .._docs import doc_params
-from ..dataloader import get_counts, row_totals
+from ..model_store import held_out_mask
 from ._utils import finish, get_uns
 
-_SPLIT_LABEL = {"train": "training cells", "validation": "held-out cells"}
-_COLORS = {"amortization": "#d95f02", "approximation": "#7570b3"}
+SPLITS = {"train": ("training cells", "#4c72b0"), "validation": ("held-out cells", "#dd8452")}
+SMALL_GROUP = 10  # fewer cells than this in a group: its summary is drawn hollow and marked
+_SE_NOTE = "error bars: ±2 s.e. of the mean over cells"
 
 
 def _gap_results(adata: AnnData, key: str) -> dict:
     uns = get_uns(adata, key)
     if "amortization_gap" not in uns:
-        raise KeyError(f"No gap diagnostics in adata.uns[{key!r}]; run sv.tl.amortization_gap(adata, key={key!r}) first.")
+        raise KeyError(
+            f"No gap diagnostics in adata.uns[{key!r}]; run sv.tl.amortization_gap(adata, key={key!r}) first."
+        )
     return uns["amortization_gap"]
 
 
-def _ladder(ax, res: dict) -> None:
-    """Stacked bars: inference gap = amortization gap + approximation gap, per split."""
-    splits = [s for s in ("train", "validation") if s in res] or ["all"]
-    y = np.arange(len(splits))
-    for i, s in enumerate(splits):
-        r = res[s]
-        a, b = r["amortization_gap_mean"], r["approximation_gap_mean"]
-        ax.barh(i, a, height=0.5, color=_COLORS["amortization"], xerr=r["amortization_gap_se"], capsize=3,
-                label="amortization gap  L[q*] − L[q]" if i == 0 else None)
-        ax.barh(i, b, height=0.5, left=a, color=_COLORS["approximation"], xerr=r["approximation_gap_se"], capsize=3,
-                label="approximation gap  log p(x) − L[q*]" if i == 0 else None)
-        ax.text(a + b, i, f"  {a + b:.2f}", va="center", fontsize="small")
-        ax.text(0.01, i + 0.36,
-                f"L[q] {r['elbo_mean']:.1f}  ≤  L[q*] {r['elbo_opt_mean']:.1f}  ≤  log p(x) {r['log_px_mean']:.1f}"
-                f"   (n={r['n_cells']})", fontsize="x-small", va="center", color="0.3")
-    ax.set_yticks(y, [_SPLIT_LABEL.get(s, s) for s in splits])
-    ax.set_ylim(-0.5, len(splits) - 0.35)
-    ax.set_xlabel("nats per cell (mean ± s.e.)")
-    ax.set_title("Inference gap = log p(x) − L[q]")
-    ax.legend(loc="lower right", fontsize="x-small")
-    ax.set_xlim(0, ax.get_xlim()[1] * 1.15)
+def _split_of_cells(adata: AnnData, key: str) -> np.ndarray:
+    """'train' or 'validation' per cell, from the held-out cells ``tl.vae`` stored."""
+    split = np.full(adata.n_obs, "train", dtype=object)
+    split[held_out_mask(adata, key)] = "validation"
+    return split
+
+
+def _means(ax, res: dict) -> None:
+    """Panel A: mean amortization and approximation gap, training vs held-out cells."""
+    splits = [s for s in SPLITS if s in res]
+    rows = [("amortization_gap", "amortization gap\nL[q*] − L[q]\n(the shared encoder)"),
+            ("approximation_gap", "approximation gap\nlog p(x) − L[q*]\n(the Gaussian family)")]
+    h = 0.8 / max(len(splits), 1)
+    top = 0.0
+    for i, (col, _) in enumerate(rows):
+        for j, s in enumerate(splits):
+            r = res[s]
+            y = i + (j - (len(splits) - 1) / 2) * h
+            m, se = r[f"{col}_mean"], r[f"{col}_se"]
+            label, color = SPLITS[s]
+            ax.barh(y, m, height=h * 0.9, color=color, xerr=2 * se, capsize=3,
+                    label=f"{label} (n={r['n_cells']})" if i == 0 else None)
+            ax.text(m + 2 * se, y, f"  {m:.2f} ± {se:.2f}", va="center", fontsize="small")
+            top = max(top, m + 2 * se)
+    ax.set_yticks(range(len(rows)), [lab for _, lab in rows], fontsize="small")
+    ax.invert_yaxis()
+    ax.set_xlim(min(0, ax.get_xlim()[0]), top * 1.45)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel(f"nats per cell (mean; {_SE_NOTE})")
+    ax.legend(loc="lower right", fontsize="small", frameon=False)
+    if {"train", "validation"} <= set(res):
+        t, v = res["train"], res["validation"]
+        diff = v["amortization_gap_mean"] - t["amortization_gap_mean"]
+        sig = diff > 2 * np.hypot(v["amortization_gap_se"], t["amortization_gap_se"])
+        ratio = v["amortization_gap_mean"] / max(t["amortization_gap_mean"], 1e-9)
+        title = (f"The encoder serves held-out cells worse: {ratio:.1f}× the training cells' gap" if sig
+                 else "The encoder serves held-out and training cells alike")
+    else:
+        title = "What the encoder and the Gaussian family cost per cell"
+    ax.set_title(title, fontsize="medium", loc="left")
+
+
+def _spread(ax, gap, se, split) -> None:
+    """Panel B: histogram of per-cell gaps per split, as fractions of each split's cells."""
+    hi = np.quantile(gap, 0.995)
+    lo = min(0.0, np.quantile(gap, 0.001))
+    bins = np.linspace(lo, hi, 41)
+    for s, (label, color) in SPLITS.items():
+        g = gap[split == s]
+        if len(g) == 0:
+            continue
+        ax.hist(np.clip(g, lo, hi), bins=bins, weights=np.full(len(g), 1 / len(g)), histtype="step", lw=1.6,
+                color=color, label=f"{label} (n={len(g)}), median {np.median(g):.2f}")
+        ax.axvline(np.median(g), color=color, ls="--", lw=1)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("amortization gap per cell (nats)")
+    ax.set_ylabel("fraction of the split's cells")
+    neg = int((gap < -3 * se).sum())
+    n_out = int((gap > hi).sum())
+    notes = ["dashed: medians"]
+    if n_out:
+        notes.append(f"{n_out} cells above {hi:.1f} counted in the last bin")
+    notes.append("no cell's gap is below zero beyond its noise" if neg == 0 else
+                 f"{neg} cell(s) below zero by > 3 s.e.: optimisation failed")
+    ax.legend(fontsize="small", frameon=False, title="\n".join(notes), title_fontsize="small",
+              alignment="right")
+    train = gap[split == "train"] if (split == "train").any() else gap
+    ax.set_title(f"90% of training cells lose under {np.quantile(train, 0.9):.1f} nats",
+                 fontsize="medium", loc="left")
+
+
+def _by_depth(ax, gap, lib, split) -> None:
+    """Panel C: gap against library size, per split, with binned medians."""
+    for s, (label, color) in SPLITS.items():
+        m = split == s
+        if not m.any():
+            continue
+        ax.scatter(lib[m], gap[m], s=7, alpha=0.45 if s == "train" else 0.8, color=color, lw=0,
+                   label=f"{label} (n={m.sum()})", zorder=2 if s == "train" else 3)
+        if m.sum() >= 20:
+            edges = np.quantile(np.log(lib[m]), np.linspace(0, 1, 7))
+            which = np.clip(np.searchsorted(edges, np.log(lib[m]), side="right") - 1, 0, 5)
+            med = [(np.exp(np.log(lib[m])[which == b].mean()), np.median(gap[m][which == b])) for b in range(6)
+                   if (which == b).any()]
+            ax.plot(*zip(*med, strict=True), color=color, lw=2, zorder=4)
+    ax.set_xscale("log")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xlabel("library size (counts per cell, log scale)")
+    ax.set_ylabel("amortization gap (nats)")
+    ax.legend(fontsize="small", frameon=False, title="lines: medians in 6 depth bins", title_fontsize="small")
+    rho = pd.Series(gap).corr(pd.Series(lib), method="spearman")
+    title = ("Deeper cells have larger gaps (nats scale with counts)" if rho > 0.3 else
+             "The gap hardly depends on library size")
+    ax.set_title(f"{title}; Spearman ρ = {rho:.2f}", fontsize="medium", loc="left")
+
+
+def _by_group(ax, gap, split, groups, groupby: str) -> None:
+    """Panel D: median and interquartile range per group and split, with n; small groups marked."""
+    cats = list(pd.unique(groups))
+    ref = split == "train" if (split == "train").any() else np.ones_like(split, bool)
+
+    def key(c):  # the training cells' median orders the groups: it is what the encoder was fitted on
+        g = gap[(groups == c) & ref]
+        return -np.median(g) if len(g) else np.inf
+
+    order = sorted(cats, key=key)
+    labels, worse, both = [], 0, 0
+    for i, c in enumerate(order):
+        ns, meds = [], []
+        for j, (s, (_, color)) in enumerate(SPLITS.items()):
+            g = gap[(groups == c) & (split == s)]
+            ns.append(len(g))
+            if len(g) == 0:
+                continue
+            y = i + (j - 0.5) * 0.35
+            q1, med, q3 = np.quantile(g, [0.25, 0.5, 0.75])
+            meds.append(med)
+            small = len(g) < SMALL_GROUP
+            ax.plot([q1, q3], [y, y], color=color, lw=2, alpha=0.5 if small else 1)
+            ax.plot(med, y, "o", ms=6, color=color, mfc="white" if small else color)
+        if len(meds) == 2:
+            both += 1
+            worse += meds[1] > meds[0]
+        tag = " (small group)" if sum(ns) < SMALL_GROUP else ""
+        labels.append(f"{c}  n={ns[0]} | {ns[1]}{tag}")
+    ax.set_yticks(range(len(order)), labels, fontsize="small")
+    ax.set_ylim(len(order) - 0.4, -0.6)
+    ax.set_ylabel(f"{groupby} (sorted by the training cells' median)", fontsize="small")
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel(f"amortization gap (nats); dot: median, line: quartiles\n"
+                  f"n = training | held-out; hollow: < {SMALL_GROUP} cells")
+    if both and worse >= 0.8 * both:
+        title = f"Held-out cells have the larger gap in {worse} of {both} groups"
+    else:
+        title = f"Largest training-cell gap: {order[0]}"
+    ax.set_title(title, fontsize="medium", loc="left")
 
 
 @doc_params()
@@ -57,124 +180,57 @@ def amortization_gap(
 ):
     """Plot the amortization-gap diagnostics of :func:`sc_vi_ext.tl.amortization_gap`.
 
-    Panels: (1) the bound ladder L[q] ≤ L[q*] ≤ log p(x) for training and held-out
-    cells, as the inference gap split into amortization and approximation gap, with
-    standard errors; (2) the per-cell amortization gap histogram, its 95th percentile and
-    cells below zero by more than 3 standard errors marked; (3) the gap against total
-    counts, coloured by batch when the model has one; (4) with ``groupby``, the gap per group.
+    A grid of panels, each with its message in the title and training cells (blue) and
+    held-out cells (orange) drawn apart: (A) the mean amortization and approximation gaps
+    with ±2 standard errors and the number of cells, which says whether the encoder
+    generalises; (B) how the gap is spread over cells, and whether any cell's gap is below
+    zero beyond noise (a failed optimisation); (C) the gap against library size, with
+    medians per depth bin; (D) with ``groupby``, per group the median and quartiles with
+    the number of cells, groups of fewer than 10 cells hollow and marked "(small)". All
+    values are in nats and read from ``adata.obs`` and ``adata.uns[key]``. See the
+    documentation page "Reading the amortization-gap figure".
 
     Parameters
     ----------
     {adata}
     {key}
     groupby
-        Column of ``adata.obs`` (e.g. cell types or clusters) for panel (4).
+        Column of ``adata.obs`` (e.g. cell types or clusters) for panel (D).
     {plot_common}
-        With ``ax``, only the ladder panel (1) is drawn, into ``ax``.
+        With ``ax``, only panel (A) is drawn, into ``ax``.
 
     Returns
     -------
-    The list of Axes (or the one given ``ax``) when not shown; the Figure with ``return_fig``.
+    The list of Axes (A, B, C and with ``groupby`` D; or the one given ``ax``) when not
+    shown; the Figure with ``return_fig``.
     """
     res = _gap_results(adata, key)
     if ax is not None:
-        _ladder(ax, res)
+        _means(ax, res)
         return finish(ax.figure, ax, show=show, return_fig=return_fig, ax_given=True)
     if groupby is not None and groupby not in adata.obs:
         raise KeyError(f"groupby {groupby!r} is not a column of adata.obs.")
-    n_panels = 4 if groupby else 3
-    fig, axes = plt.subplots(1, n_panels, figsize=(4.8 * n_panels + 1, 3.8), layout="constrained",
-                             width_ratios=[1.4] + [1] * (n_panels - 1))
-    _ladder(axes[0], res)
-
-    gap = adata.obs[f"{key}_amortization_gap"].to_numpy()
+    gap = adata.obs[f"{key}_amortization_gap"].to_numpy(dtype=float)
     done = np.isfinite(gap)
-    g = gap[done]
-    se = adata.obs[f"{key}_amortization_gap_se"].to_numpy()[done]
-    ax2 = axes[1]
-    ax2.hist(g, bins=40, color=_COLORS["amortization"], alpha=0.85)
-    q95 = np.quantile(g, 0.95)
-    ax2.axvspan(q95, g.max(), color="0.5", alpha=0.15, label=f"top 5% (> {q95:.2f})")
-    ax2.axvline(0, color="k", lw=0.8)
-    neg = int((g < -3 * se).sum())
-    ax2.set_title(f"Per-cell amortization gap ({neg} cell(s) < 0 by > 3 s.e.)", fontsize="medium")
-    ax2.set_xlabel("L[q*] − L[q] (nats)")
-    ax2.set_ylabel("cells")
-    ax2.legend(fontsize="x-small")
-
-    params = adata.uns[key]["params"]
-    totals = row_totals(get_counts(adata, params["layer"]))[done]
-    ax3 = axes[2]
-    bkey = params.get("batch_key")
-    if bkey:
-        labels = adata.obs[bkey].astype(str).to_numpy()[done]
-        for i, b in enumerate(np.unique(labels)):
-            m = labels == b
-            ax3.scatter(totals[m], g[m], s=6, alpha=0.6, color=f"C{i}", label=b)
-        ax3.legend(fontsize="x-small", markerscale=2, title=bkey, title_fontsize="x-small")
-    else:
-        ax3.scatter(totals, g, s=6, alpha=0.6, color=_COLORS["amortization"])
-    ax3.set_xscale("log")
-    ax3.axhline(0, color="k", lw=0.8)
-    ax3.set_xlabel("total counts")
-    ax3.set_ylabel("amortization gap (nats)")
-    ax3.set_title("Gap against library size")
-
+    lib_col = f"{key}_library_size"
+    if lib_col not in adata.obs:
+        raise KeyError(f"adata.obs[{lib_col!r}] not found; rerun sv.tl.amortization_gap(adata, key={key!r}).")
+    split = _split_of_cells(adata, key)[done]
+    g, se = gap[done], adata.obs[f"{key}_amortization_gap_se"].to_numpy(dtype=float)[done]
+    lib = adata.obs[lib_col].to_numpy(dtype=float)[done]
+    mosaic = "AB;CD" if groupby else "AA;BC"
+    n_groups = adata.obs[groupby].nunique() if groupby else 0
+    fig, axd = plt.subplot_mosaic(mosaic, figsize=(12.5, 8.5 + 0.12 * max(0, n_groups - 10)), layout="constrained",
+                                  height_ratios=[1, 1.25] if groupby else [0.7, 1])
+    _means(axd["A"], res)
+    _spread(axd["B"], g, se, split)
+    _by_depth(axd["C"], g, lib, split)
+    axes = [axd["A"], axd["B"], axd["C"]]
     if groupby:
-        ax4 = axes[3]
-        groups = adata.obs[groupby].to_numpy()[done]
-        cats = [c for c in pd.unique(groups)]
-        order = sorted(cats, key=lambda c: -np.median(g[groups == c]))
-        ax4.boxplot([g[groups == c] for c in order], vert=False, showfliers=True,
-                    flierprops={"markersize": 2})
-        ax4.set_yticks(np.arange(1, len(order) + 1), [str(c) for c in order], fontsize="x-small")
-        ax4.invert_yaxis()
-        ax4.axvline(0, color="k", lw=0.8)
-        ax4.set_xlabel("amortization gap (nats)")
-        ax4.set_title(f"Gap per {groupby}")
-    return finish(fig, list(axes), show=show, return_fig=return_fig, ax_given=False)
-
-
-@doc_params()
-def gap_history(
-    adata: AnnData,
-    *,
-    key: str = "vae",
-    ax=None,
-    show: bool | None = None,
-    return_fig: bool = False,
-):
-    """Plot the gaps recorded during training (``tl.vae(..., gap_every=N)``) against epochs.
-
-    A held-out amortization gap that grows while the training one stays flat or shrinks
-    means the encoder overfits the training cells.
-
-    Parameters
-    ----------
-    {adata}
-    {key}
-    {plot_common}
-
-    Returns
-    -------
-    The Axes when not shown; the Figure with ``return_fig``.
-    """
-    h = get_uns(adata, key)["history"]
-    if "amortization_gap_train" not in h:
-        raise KeyError(f"No gaps in adata.uns[{key!r}]['history']; train with sv.tl.vae(..., gap_every=N).")
-    fig, ax_ = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5.5, 3.8), layout="constrained")
-    epochs = np.asarray(h["epoch"])
-    for gap, color in (("amortization", _COLORS["amortization"]), ("approximation", _COLORS["approximation"])):
-        for split, ls in (("train", "-"), ("validation", "--")):
-            col = f"{gap}_gap_{split}"
-            if col not in h:
-                continue
-            v = np.asarray(h[col], dtype=float)
-            m = np.isfinite(v)
-            ax_.plot(epochs[m], v[m], ls=ls, marker="o", ms=3, color=color, label=f"{gap} gap, {_SPLIT_LABEL[split]}")
-    ax_.set_xlabel("epoch")
-    ax_.set_ylabel("nats per cell")
-    ax_.set_title("Gaps over training")
-    ax_.grid(alpha=0.3)
-    ax_.legend(fontsize="x-small")
-    return finish(fig, ax_, show=show, return_fig=return_fig, ax_given=ax is not None)
+        groups = adata.obs[groupby].astype(str).to_numpy()[done]
+        _by_group(axd["D"], g, split, groups, groupby)
+        axes.append(axd["D"])
+    for letter, a in zip("ABCD", axes, strict=False):
+        a.text(-0.01, 1.02, letter, transform=a.transAxes, fontweight="bold", fontsize="large", ha="right",
+               va="bottom")
+    return finish(fig, axes, show=show, return_fig=return_fig, ax_given=False)

@@ -5,9 +5,10 @@ from ._expression import normalized_expression
 from ._gap import amortization_gap, log_likelihood, refine
 from ._map import vae_map
 from ._ppc import posterior_predictive
+from ._trust import trust_score
 from ._vae import vae
 
 __all__ = [
     "amortization_gap", "differential_expression", "log_likelihood", "normalized_expression",
-    "posterior_predictive", "refine", "vae", "vae_map",
+    "posterior_predictive", "refine", "trust_score", "vae", "vae_map",
 ]

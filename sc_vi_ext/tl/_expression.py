@@ -9,9 +9,9 @@ import pandas as pd
 import torch
 from anndata import AnnData
 from scanpy import logging as logg
-from tqdm.auto import tqdm
 
 from .._docs import doc_params
+from .._progress import tqdm
 from ..model_store import gene_alignment, get_model, stored_loader
 from ..module import VAE
 from ._vae import resolve_device

@@ -6,24 +6,31 @@ import numpy as np
 import torch
 from anndata import AnnData
 from scanpy import logging as logg
-from tqdm.auto import tqdm
 
 from .._docs import doc_params
+from .._progress import tqdm
 from ..diagnostics import COLUMNS, decompose, elbo_paired, iwae, optimize_q, summarize
 from ..model_store import get_model, held_out_mask, stored_loader
 from ._vae import resolve_device
 
 _OPT_DOC = """\
+method
+    Per-cell optimiser of q*: ``"lbfgs"`` (sample-average approximation: each cell's
+    noise fixed, L-BFGS with a line search; converges in 10-20 evaluations) or ``"adam"``
+    (the earlier stochastic optimiser, about 4x slower; kept for comparison).
 max_steps
-    Cap on Adam steps per cell.
+    Cap on objective evaluations (decoder passes with gradient) per cell; None: 60 for
+    ``"lbfgs"``, 500 for ``"adam"``.
 lr
-    Adam learning rate of the per-cell optimisation.
+    Adam learning rate (``"adam"`` only).
 n_samples_step
-    Reparameterised samples per step.
+    Draws per evaluation of a cell's ELBO; None: 2 x latent dimension (at least 16) for
+    ``"lbfgs"``, 8 for ``"adam"``.
 window
-    Steps per window; a cell's ELBO estimates are averaged over a window.
+    Steps per window, over which ``"adam"`` averages a cell's ELBO estimates.
 patience
-    A cell stops after this many windows without improvement.
+    A cell stops after this many steps (``"lbfgs"``; None: 1) or windows (``"adam"``;
+    None: 3) that gain less than ``tol``.
 tol
     Improvement (nats) that counts."""
 
@@ -57,20 +64,30 @@ def _write_obs(adata: AnnData, key: str, idx: np.ndarray, values: dict[str, np.n
     return cols
 
 
+def _gap_summary(res: dict) -> str:
+    """One line: amortization gap +- s.e. for training and held-out cells (or all cells)."""
+    labels = {"train": "training", "validation": "held-out"}
+    splits = [s for s in labels if s in res] or ["all"]
+    parts = [f"{labels.get(s, s)} {res[s]['amortization_gap_mean']:.2f} ± {res[s]['amortization_gap_se']:.2f} "
+             f"(n={res[s]['n_cells']})" for s in splits]
+    return "amortization gap, nats/cell: " + ", ".join(parts)
+
+
 @doc_params(opt=_OPT_DOC)
 def amortization_gap(
     adata: AnnData,
     *,
     key: str = "vae",
     n_cells: int | None = 1000,
-    n_samples: int = 1000,
-    n_samples_elbo: int = 256,
+    n_samples: int = 500,
+    n_samples_elbo: int | None = None,
     init: str = "encoder",
-    max_steps: int = 500,
+    method: str = "lbfgs",
+    max_steps: int | None = None,
     lr: float = 0.02,
-    n_samples_step: int = 8,
+    n_samples_step: int | None = None,
     window: int = 20,
-    patience: int = 3,
+    patience: int | None = None,
     tol: float = 0.01,
     batch_size: int = 128,
     random_state: int = 0,
@@ -96,9 +113,11 @@ def amortization_gap(
         Random subset of cells to evaluate (seeded; drawn from training and held-out
         cells alike); None for all.
     n_samples
-        Importance samples K for log p(x).
+        Importance samples K for log p(x), half from q and half from q*; the same draws
+        (K / 2 common random numbers) estimate L[q] and L[q*].
     n_samples_elbo
-        Samples for the final estimates of L[q] and L[q*].
+        At least this many draws for each of L[q] and L[q*] (K grows to twice this when
+        larger); None: K / 2.
     init
         Start of the per-cell optimisation: ``"encoder"`` (q(z|x)) or ``"prior"``.
     {opt}
@@ -115,7 +134,11 @@ def amortization_gap(
     ``adata.obs[key + "_elbo"]``, ``[key + "_elbo_opt"]``, ``[key + "_log_px"]``
         L[q], L[q*] and log p(x) per cell, nats.
     ``adata.obs[key + "_amortization_gap"]``, ``[key + "_approximation_gap"]``
-        The gaps, nats; ``[key + "_amortization_gap_se"]`` is each cell's standard error.
+        The gaps, nats; ``[key + "_amortization_gap_se"]`` and ``[key + "_approximation_gap_se"]``
+        are each cell's standard errors.
+    ``adata.obs[key + "_library_size"]``
+        The library size the model used for the cell (total counts, or the size factor);
+        :func:`sc_vi_ext.pl.amortization_gap` plots the gap against it.
     ``adata.uns[key]["amortization_gap"]``
         ``params``, and for ``"train"``, ``"validation"`` and ``"all"`` cells: means and
         standard errors of each bound and gap, the fraction of cells with a gap below
@@ -129,25 +152,32 @@ def amortization_gap(
     idx = _subset(adata, n_cells, rng)
     start = logg.info(f"computing amortization gap of {key!r} on {len(idx)} cells")
     gen = torch.Generator(device=next(module.parameters()).device).manual_seed(random_state)
-    opt = {"init": init, "max_steps": max_steps, "lr": lr, "n_samples_step": n_samples_step,
+    opt = {"init": init, "method": method, "max_steps": max_steps, "lr": lr, "n_samples_step": n_samples_step,
            "window": window, "patience": patience, "tol": tol}
     parts = []
     loader = stored_loader(adata, key, idx, batch_size=batch_size, device=str(next(module.parameters()).device))
     masks = _split_masks(adata, key, idx)  # every check before anything is written
-    for mb in tqdm(loader, desc="amortization gap", unit="batch", disable=not progress, leave=False):
+    # a bar over an iterable closes itself at the end; this one stays open for the result line
+    bar = tqdm(total=len(loader), desc="amortization gap", unit="batch", disable=not progress)
+    for mb in loader:
         parts.append(decompose(module, mb.x, mb.batch, mb.log_library, cov=mb.cov, n_samples=n_samples,
                                n_samples_elbo=n_samples_elbo, generator=gen, **opt))
+        bar.update()
     per_cell = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    written = _write_obs(adata, key, idx, {c: per_cell[c] for c in (*COLUMNS, "amortization_gap_se")})
+    cols = (*COLUMNS, "amortization_gap_se", "approximation_gap_se", "library_size")
+    written = _write_obs(adata, key, idx, {c: per_cell[c] for c in cols})
     adata.uns[key]["amortization_gap"] = {
         "params": params,
         **{s: summarize({k: v[m] for k, v in per_cell.items()}) for s, m in masks.items() if m.sum() > 0},
     }
-    s = adata.uns[key]["amortization_gap"]["all"]
-    logg.info(
-        f"    amortization gap {s['amortization_gap_mean']:.2f} ± {s['amortization_gap_se']:.2f}, "
-        f"approximation gap {s['approximation_gap_mean']:.2f} ± {s['approximation_gap_se']:.2f} nats/cell"
-    )
+    text = _gap_summary(adata.uns[key]["amortization_gap"])
+    bar.set_postfix_str(text, refresh=True)  # the bar's last line holds the result
+    bar.close()
+    logg.info(f"    {text}")
+    for split, r in adata.uns[key]["amortization_gap"].items():
+        if split in ("train", "validation"):
+            logg.info(f"    {split}: approximation gap {r['approximation_gap_mean']:.2f} ± "
+                      f"{r['approximation_gap_se']:.2f} nats/cell")
     logg.info("    finished", time=start,
               deep="added\n    " + ", ".join(f"{c!r}" for c in written)
               + " (adata.obs)\n    'amortization_gap' (adata.uns['" + key + "'])")
@@ -159,11 +189,12 @@ def refine(
     adata: AnnData,
     *,
     key: str = "vae",
-    max_steps: int = 500,
+    method: str = "lbfgs",
+    max_steps: int | None = None,
     lr: float = 0.02,
-    n_samples_step: int = 8,
+    n_samples_step: int | None = None,
     window: int = 20,
-    patience: int = 3,
+    patience: int | None = None,
     tol: float = 0.01,
     n_samples_elbo: int = 64,
     batch_size: int = 256,
@@ -209,9 +240,11 @@ def refine(
     start = logg.info(f"refining the latent space of {key!r} on {adata.n_obs} cells")
     gen = torch.Generator(device=dev).manual_seed(random_state)
     means, gains, steps = [], [], []
-    for mb in tqdm(stored_loader(adata, key, batch_size=batch_size, device=dev), desc="refine",
-                   unit="batch", disable=not progress, leave=False):
-        qs = optimize_q(module, mb.x, mb.batch, mb.log_library, cov=mb.cov, n_samples_step=n_samples_step, lr=lr,
+    loader = stored_loader(adata, key, batch_size=batch_size, device=dev)
+    bar = tqdm(total=len(loader), desc="refine", unit="batch", disable=not progress)
+    for mb in loader:
+        qs = optimize_q(module, mb.x, mb.batch, mb.log_library, cov=mb.cov, method=method,
+                        n_samples_step=n_samples_step, lr=lr,
                         max_steps=max_steps, window=window, patience=patience, tol=tol, generator=gen)
         with torch.no_grad():
             q = module.inference(mb.x, mb.batch, mb.cov)
@@ -220,6 +253,7 @@ def refine(
         means.append(module.representation(qs.mean).cpu().numpy())
         gains.append((l_opt - l_q).cpu().numpy())
         steps.append(qs.n_steps.cpu().numpy())
+        bar.update()
     gain, steps = np.concatenate(gains), np.concatenate(steps)
     adata.obsm[f"X_{key}_refined"] = np.concatenate(means).astype(np.float32)
     adata.obs[f"{key}_refine_gain"] = gain
@@ -227,6 +261,8 @@ def refine(
         "params": params, "n_cells": adata.n_obs, "elbo_gain_mean": float(gain.mean()),
         "elbo_gain_median": float(np.median(gain)), "steps_mean": float(steps.mean()), "steps_max": int(steps.max()),
     }
+    bar.set_postfix_str(f"ELBO gained {gain.mean():.2f} nats/cell on average", refresh=True)
+    bar.close()
     logg.info(f"    ELBO gained {gain.mean():.2f} nats/cell on average, {steps.mean():.0f} steps per cell")
     logg.info("    finished", time=start, deep=f"added\n    'X_{key}_refined' (adata.obsm)\n"
               f"    '{key}_refine_gain' (adata.obs)\n    'refine' (adata.uns['{key}'])")

@@ -143,7 +143,9 @@ def vae(
         Epochs without improvement before stopping.
     gap_every
         Every this many epochs, record the amortization and approximation gaps on small
-        fixed subsets of training and held-out cells (see :func:`amortization_gap`).
+        fixed subsets of training and held-out cells (see :func:`amortization_gap`), and
+        warn when the held-out amortization gap ends up well beyond the training one
+        (more than twice, and by more than 2 standard errors): the encoder overfits.
     {random_state}
     key_added
         Name of the result: ``obsm["X_" + key_added]`` and ``uns[key_added]``.
@@ -169,7 +171,9 @@ def vae(
         Per epoch: ``epoch``, ``elbo_train``, ``elbo_validation``, ``reconstruction_train``,
         ``reconstruction_validation``, ``kl_train``, ``kl_validation`` (nats per cell,
         unweighted), ``kl_weight`` and ``seconds`` (wall time of the epoch); with
-        ``gap_every`` also the gap columns.
+        ``gap_every`` also ``amortization_gap_train``, ``amortization_gap_validation``,
+        ``approximation_gap_train``, ``approximation_gap_validation`` and their standard
+        errors (``..._se``), NaN at epochs without a measurement.
     ``adata.uns[key_added]["validation_obs_names"]``
         Names of the held-out cells (names, so that subsets of ``adata`` keep them).
     ``adata.uns[key_added]["model"]``, ``["var_names"]``
@@ -271,6 +275,12 @@ def vae(
         "interrupted": res.interrupted,
     }
     h = res.history
+    if gap_every:
+        from ..diagnostics.history import overfitting_alarm
+
+        alarm = overfitting_alarm(h, best_epoch=res.best_epoch)
+        if alarm:
+            warnings.warn(alarm, UserWarning, stacklevel=2)
     if h["epoch"]:
         best = res.best_epoch - 1
         logg.info(
