@@ -93,7 +93,8 @@ def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def worker(mode: str, data: str, epochs: str, batch_size: int, threads: int, after: bool) -> None:
+def worker(mode: str, data: str, epochs: str, batch_size: int, threads: int, after: bool,
+           compile_: str = "auto") -> None:
     import anndata as ad
     import numpy as np
     import scanpy as sc
@@ -111,7 +112,8 @@ def worker(mode: str, data: str, epochs: str, batch_size: int, threads: int, aft
     t_load = time.perf_counter() - t0
     run = {} if epochs == "default" else {"max_epochs": int(epochs), "early_stopping": False}
     t0 = time.perf_counter()
-    sv.tl.vae(adata, batch_size=batch_size, progress=False, **run)
+    compile_arg = {"auto": "auto", "true": True, "false": False}[compile_]
+    sv.tl.vae(adata, batch_size=batch_size, progress=False, n_threads=threads, compile=compile_arg, **run)
     t_vae = time.perf_counter() - t0
     uns = adata.uns["vae"]
     h = uns["history"]
@@ -157,7 +159,7 @@ def _free_port() -> int:
 
 def run_row(mode: str, path: Path, a) -> dict:
     args = [str(HERE), "--_worker", mode, "--_data", str(path), "--epochs", str(a.epochs), "--batch-size",
-            str(a.batch_size), "--threads", str(a.threads), *(["--after"] if a.after else [])]
+            str(a.batch_size), "--threads", str(a.threads), "--compile", a.compile, *(["--after"] if a.after else [])]
     if mode == "ddp2":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                "--master-port", str(_free_port()), *args]
@@ -213,11 +215,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per process (default 1: each DDP rank gets 1 as torchrun sets it; "
                         "on a busy 2-core machine 2 threads in one process oversubscribe the cores)")
+    p.add_argument("--compile", choices=["auto", "true", "false"], default="auto",
+                   help="tl.vae's compile= (the fused likelihood); auto compiles runs of >= 4,000 steps")
     p.add_argument("--_worker")
     p.add_argument("--_data")
     a = p.parse_args()
     if a._worker:
-        worker(a._worker, a._data, a.epochs, a.batch_size, a.threads, a.after)
+        worker(a._worker, a._data, a.epochs, a.batch_size, a.threads, a.after, a.compile)
         return
     if a.epochs != "default":
         int(a.epochs)
