@@ -71,8 +71,9 @@ def make_log_zinb_without_lgamma_x1(D):
 # --------------------------------------------------------------------------- the harness
 class Setup:
     def __init__(self, args):
-        import sc_vi_ext as sv
         from scipy.special import gammaln
+
+        import sc_vi_ext as sv
         from sc_vi_ext.dataloader import check_counts, get_counts
         from sc_vi_ext.tl._vae import split_indices
 

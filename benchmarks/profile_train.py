@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import sys
 import time
 import warnings
 
@@ -69,30 +68,37 @@ def stage_times(module, loader, steps):
     T = collections.defaultdict(float)
     it = iter(loader)
     t_all = time.perf_counter()
-    for s in range(steps):
+    for _step in range(steps):
         t = time.perf_counter()
         try:
             mb = next(it)
         except StopIteration:
             it = iter(loader)
             mb = next(it)
-        t1 = time.perf_counter(); T["minibatch (_rows_dense + tensors)"] += t1 - t
+        t1 = time.perf_counter()
+        T["minibatch (_rows_dense + tensors)"] += t1 - t
         mean, log_var = module.inference(mb.x, mb.batch)
         eps = torch.randn(mean.shape)
         z = mean + torch.exp(0.5 * log_var) * eps
-        t2 = time.perf_counter(); T["encoder forward (log1p, Linear 2000->128, BN, heads)"] += t2 - t1
+        t2 = time.perf_counter()
+        T["encoder forward (log1p, Linear 2000->128, BN, heads)"] += t2 - t1
         params = module.generative(z, mb.batch, mb.log_library)
-        t3 = time.perf_counter(); T["decoder forward (Linear 128->2x2000, log_softmax, exp)"] += t3 - t2
+        t3 = time.perf_counter()
+        T["decoder forward (Linear 128->2x2000, log_softmax, exp)"] += t3 - t2
         rec = module.log_px_z(mb.x, params, **_nz_kw(module, mb))
-        t4 = time.perf_counter(); T["likelihood forward (log_zinb)"] += t4 - t3
+        t4 = time.perf_counter()
+        T["likelihood forward (log_zinb)"] += t4 - t3
         kl = module.kl(mean, log_var, mb.batch)
         loss = -(rec - 0.5 * kl).mean()
-        t5 = time.perf_counter(); T["KL + loss"] += t5 - t4
+        t5 = time.perf_counter()
+        T["KL + loss"] += t5 - t4
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        t6 = time.perf_counter(); T["backward (all)"] += t6 - t5
+        t6 = time.perf_counter()
+        T["backward (all)"] += t6 - t5
         opt.step()
-        t7 = time.perf_counter(); T["Adam step"] += t7 - t6
+        t7 = time.perf_counter()
+        T["Adam step"] += t7 - t6
         _ = rec.detach().sum(), kl.detach().sum()
         T["bookkeeping"] += time.perf_counter() - t7
     total = time.perf_counter() - t_all
@@ -152,12 +158,17 @@ FAMILIES = [
     ("lgamma / digamma (likelihood)", ("lgamma", "digamma", "polygamma")),
     ("matmul / linear (addmm, mm)", ("addmm", "aten::mm", "matmul", "linear", "aten::t", "bmm")),
     ("nonzero / gather / index / scatter", ("nonzero", "index", "gather", "scatter", "take", "masked")),
-    ("log / exp / softplus / log_softmax / log1p", ("aten::log", "aten::exp", "softplus", "softmax", "log1p", "sigmoid")),
+    ("log / exp / softplus / log_softmax / log1p",
+     ("aten::log", "aten::exp", "softplus", "softmax", "log1p", "sigmoid")),
     ("batch norm", ("batch_norm",)),
     ("sum / mean reductions", ("aten::sum", "aten::mean")),
     ("optimizer (Adam)", ("Optimizer", "adam", "_foreach", "lerp", "addcdiv", "addcmul", "sqrt")),
-    ("elementwise arithmetic (add/mul/sub/div/neg/pow/relu/dropout)", ("aten::add", "aten::mul", "aten::sub", "aten::div", "aten::neg", "aten::pow", "relu", "threshold", "dropout", "bernoulli", "rsub", "where")),
-    ("copies / allocation / views", ("copy_", "empty", "zeros", "fill_", "clone", "to", "contiguous", "cat", "expand", "view", "reshape", "as_strided", "select", "slice", "ones", "new_", "randn", "normal_", "uniform_")),
+    ("elementwise arithmetic (add/mul/sub/div/neg/pow/relu/dropout)",
+     ("aten::add", "aten::mul", "aten::sub", "aten::div", "aten::neg", "aten::pow", "relu", "threshold", "dropout",
+      "bernoulli", "rsub", "where")),
+    ("copies / allocation / views",
+     ("copy_", "empty", "zeros", "fill_", "clone", "to", "contiguous", "cat", "expand", "view", "reshape", "as_strided",
+      "select", "slice", "ones", "new_", "randn", "normal_", "uniform_")),
 ]
 
 

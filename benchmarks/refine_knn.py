@@ -25,7 +25,7 @@ def knn(rep, k=15):
 
 
 a, b = knn(adata.obsm["X_vae"]), knn(adata.obsm["X_vae_refined"])
-jac = np.array([len(set(x) & set(y)) / len(set(x) | set(y)) for x, y in zip(a, b)])
+jac = np.array([len(set(x) & set(y)) / len(set(x) | set(y)) for x, y in zip(a, b, strict=True)])
 r = adata.uns["vae"]["refine"]
 print(f"mean Jaccard of 15-NN sets, X_vae vs X_vae_refined: {jac.mean():.3f} (median {np.median(jac):.3f})")
 print(f"cells with Jaccard < 0.5: {(jac < 0.5).mean():.1%}")

@@ -142,6 +142,7 @@ def ours_train(adata, *, epoch_times: list | None = None, **kw):
 def ours_latent(adata, key="vae", batch_size=1024) -> np.ndarray:
     """Latent means of every cell from the stored model (what fills ``obsm``)."""
     import torch
+
     import sc_vi_ext as sv
     from sc_vi_ext.model_store import stored_loader
 
@@ -164,8 +165,9 @@ def ours_iwae(adata, indices, *, key="vae", k=K_IWAE, batch_size=128, seed=0) ->
     with the full likelihood (including -log x!), the same quantity as scvi-tools'
     ``get_marginal_ll`` (observed library size, so no library term).
     """
-    import sc_vi_ext as sv
     import torch
+
+    import sc_vi_ext as sv
     from sc_vi_ext.model_store import stored_loader
     from sc_vi_ext.module.distributions import log_normal, log_normal_std
 
@@ -280,7 +282,8 @@ def worker(args) -> dict:
             stamps = timer.stamps()
         epochs = list(np.diff(stamps[:, 0]))
         res["peak_rss_train_mib"] = peak_rss_mib()
-        res.update(epoch_s=epochs, epoch_cpu_s=list(np.diff(stamps[:, 1])), train_call_s=total, overhead_s=total - sum(epochs),
+        res.update(epoch_s=epochs, epoch_cpu_s=list(np.diff(stamps[:, 1])), train_call_s=total,
+                   overhead_s=total - sum(epochs),
                    n_train=len(train_idx), n_val=len(val_idx))
         # c. inference on the model just trained
         sub = np.random.default_rng(1).choice(adata.n_obs, min(args.iwae_cells, adata.n_obs), replace=False)
@@ -472,8 +475,8 @@ def main(argv=None):
         return
 
     quiet()
+
     import sc_vi_ext as sv
-    import anndata as ad
 
     tools = ["ours"] + (["alt"] if args.ours_alt else []) + (["scvi"] if have_scvi() and not args.no_scvi else [])
     batch_key = "batch" if args.batch else None
@@ -602,7 +605,7 @@ def main(argv=None):
                 add("wall time extrapolated to default epochs (s)", r, "wall_extrapolated_s", ".0f", show_ratio=True)
             add("epochs run", r, "epochs_str", "")
             add(f"held-out IWAE log p(x) per cell (K={K_IWAE}, nats; higher is better)", r, "iwae_heldout", ".2f")
-            add(f"IWAE time on the held-out cells (s)", r, "iwae_s", ".1f", show_ratio=True)
+            add("IWAE time on the held-out cells (s)", r, "iwae_s", ".1f", show_ratio=True)
             add("held-out cells (same split for both)", r, "n_heldout", "d")
             add(f"kNN accuracy of {label_key} (5-fold, k=15)", r, "knn_acc", ".3f")
             add(f"ARI Leiden vs {label_key}", r, "ari", ".3f")
@@ -639,7 +642,8 @@ def main(argv=None):
         "",
     ]
     names = {"ours": "sc_vi_ext", "alt": f"sc_vi_ext @ {args.ours_alt}", "scvi": "scvi-tools"}
-    head = ["metric"] + [names[t] for t in tools] + [f"{'alt' if t == 'alt' else 'scvi'} / ours (time)" for t in ratio_cols]
+    head = ["metric"] + [names[t] for t in tools]
+    head += [f"{'alt' if t == 'alt' else 'scvi'} / ours (time)" for t in ratio_cols]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for metric, vals, rats in rows:
         lines.append("| " + " | ".join([metric] + [vals[t] for t in tools] + [rats[t] for t in ratio_cols]) + " |")

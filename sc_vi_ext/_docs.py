@@ -15,7 +15,8 @@ _shared = {
     "device": 'device\n    Torch device; ``"auto"`` picks CUDA when available, else CPU.',
     "n_threads": (
         "n_threads\n    CPU threads for torch during this call. None: torch's default, reduced to the cores "
-        "that are idle now (sampled for 0.2 s), since busy cores make torch's spin-waiting threads very slow. A seed reproduces a result "
+        "that are idle now (sampled for 0.2 s), since busy cores make torch's spin-waiting threads very slow. "
+        "A seed reproduces a result "
         "bit for bit only with the same thread count: pass it for runs that must match (the count used is "
         "stored in ``params['n_threads_used']``)."
     ),

@@ -107,7 +107,8 @@ def _train(args) -> int:
         if args.backed:
             adata = adata.to_memory()
         adata.write_h5ad(args.output)
-        interrupted = " after Ctrl-C, best weights so far" if adata.uns.get(args.key_added, {}).get("interrupted") else ""
+        interrupted = (" after Ctrl-C, best weights so far"
+                       if adata.uns.get(args.key_added, {}).get("interrupted") else "")
         print(f"wrote {args.output}" + (f" (trained on {world} processes)" if world > 1 else "") + interrupted,
               flush=True)
     if world > 1:

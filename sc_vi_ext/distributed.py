@@ -77,8 +77,10 @@ def wrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def global_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, identical in every bit on every rank (rank 0's result is broadcast), so
-    that decisions taken from it (early stopping, the best epoch) agree everywhere."""
+    """Sum over ranks, identical in every bit on every rank (rank 0's result is broadcast).
+
+    Decisions taken from it (early stopping, the best epoch) therefore agree everywhere.
+    """
     if rank_and_world()[1] > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         dist.broadcast(t, src=0)
@@ -110,8 +112,9 @@ def _on_sigint(signum, frame) -> None:
 
 
 def defer_sigint() -> Callable[[], None]:
-    """In a multi-process run (``WORLD_SIZE`` > 1), make SIGINT set a flag instead of raising
-    KeyboardInterrupt; returns the function that restores the previous handler.
+    """In a multi-process run (``WORLD_SIZE`` > 1), make SIGINT set a flag instead of raising KeyboardInterrupt.
+
+    Returns the function that restores the previous handler.
 
     A KeyboardInterrupt on one rank would leave the others blocked in a collective; with the
     flag, :func:`interrupt_requested` lets all ranks stop at the same step. Outside a
@@ -133,8 +136,11 @@ def interrupt_requested(device: str | torch.device = "cpu") -> bool:
 
 
 class Interruptible:
-    """Wrap a training loader: every ``every`` minibatches (and before the first), all ranks
-    check :func:`interrupt_requested` together and raise KeyboardInterrupt at the same step."""
+    """Wrap a training loader so that all ranks stop together on an interrupt.
+
+    Every ``every`` minibatches (and before the first), all ranks check :func:`interrupt_requested`
+    together and raise KeyboardInterrupt at the same step.
+    """
 
     def __init__(self, loader, every: int = INTERRUPT_POLL_STEPS):
         self.loader, self.every = loader, every
@@ -153,8 +159,11 @@ class Interruptible:
 
 
 def interruptible(loader):
-    """(loader, restore): under a multi-process run, ``loader`` wrapped in :class:`Interruptible`
-    with SIGINT deferred until ``restore()``; else ``loader`` unchanged and a no-op."""
+    """Return (loader, restore).
+
+    Under a multi-process run, ``loader`` wrapped in :class:`Interruptible`
+    with SIGINT deferred until ``restore()``; else ``loader`` unchanged and a no-op.
+    """
     if rank_and_world()[1] <= 1:
         return loader, lambda: None
     restore_handler = defer_sigint()

@@ -48,7 +48,7 @@ def busy_cpus(seconds: float = 0.2) -> float | None:
 
 
 def default_threads() -> int:
-    """torch's own thread count, reduced to the cores that are idle now."""
+    """Torch's own thread count, reduced to the cores that are idle now."""
     n = min(torch.get_num_threads(), available_cpus())
     busy = busy_cpus()
     if busy is None:

@@ -68,9 +68,12 @@ class TrainResult:
 COMPILE_MIN_STEPS = 4000
 
 
-def use_compiled(setting: bool | str, n_steps: int, device) -> bool:
-    """Whether to train with the compiled likelihood: ``setting`` True/False, or "auto"
-    (at least ``COMPILE_MIN_STEPS`` optimiser steps in the budget and a compiler here)."""
+def use_compiled(setting: bool | str, n_steps: int, device) -> bool:  # noqa: FBT001 - True/False/"auto", passed positionally
+    """Whether to train with the compiled likelihood.
+
+    ``setting`` True/False, or "auto" (at least ``COMPILE_MIN_STEPS`` optimiser steps in the budget
+    and a compiler here).
+    """
     if setting not in (True, False, "auto"):
         raise ValueError(f"compile must be True, False or 'auto', not {setting!r}.")
     if setting == "auto":

@@ -66,7 +66,7 @@ def test_iwae_does_not_decrease_with_k(trained):
         lp, ess, _ = iwae(module, mb.x, mb.batch, mb.log_library, *q, n_samples=k, generator=gen)
         means.append(lp.mean().item())
         assert (ess >= 1 - 1e-6).all() and (ess <= k + 1e-6).all()
-    assert all(b >= a - 0.02 for a, b in zip(means, means[1:])), means
+    assert all(b >= a - 0.02 for a, b in zip(means, means[1:], strict=False)), means
     assert means[-1] > means[0]
 
 

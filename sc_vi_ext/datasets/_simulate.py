@@ -58,7 +58,7 @@ def simulate_blocks(
     random_state: int = 0,
     block_rows: int = 20_000,
 ):
-    """The data of :func:`simulate` as (obs, var, iterator of CSR blocks of ``block_rows`` rows).
+    """Return the data of :func:`simulate` as (obs, var, iterator of CSR blocks of ``block_rows`` rows).
 
     Stacking the blocks gives ``simulate(...).X`` exactly (with the default ``block_rows``;
     other block sizes draw the same model in another order); writing them one at a time puts

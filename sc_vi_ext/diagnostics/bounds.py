@@ -26,7 +26,7 @@ def sample_chunk(n_samples: int, n_cells: int, n_genes: int) -> int:
 
 
 def log_px_given(module: VAE, x, batch, log_library, mean, log_var, eps, cov=None, nz=None):
-    """log p(x | z) and z for z = mean + sigma * eps; ``eps`` is (K, cells, latent_dim). Returns (K, cells).
+    """Log p(x | z) and z for z = mean + sigma * eps; ``eps`` is (K, cells, latent_dim). Returns (K, cells).
 
     ``nz``: the non-zeros of ``x`` (:func:`~sc_vi_ext.module.distributions.nonzeros`), found
     once by the caller rather than once per chunk of samples.
@@ -53,7 +53,7 @@ def elbo_paired(module: VAE, x, batch, log_library, qs, *, n_samples: int, gener
         for i, (mean, log_var) in enumerate(qs):
             recs[i].append(log_px_given(module, x, batch, log_library, mean, log_var, eps, cov, nz)[0].double())
     out = []
-    for (mean, log_var), r in zip(qs, recs):
+    for (mean, log_var), r in zip(qs, recs, strict=True):
         r = torch.cat(r)
         out.append((r.mean(0) - module.kl(mean, log_var, batch).double(), r))
     return out

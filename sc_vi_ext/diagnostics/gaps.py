@@ -1,5 +1,7 @@
 """Per-cell decomposition of the inference gap (Cremer, Li & Duvenaud 2018).
 
+The three gaps, per cell::
+
     amortization gap  = L[q*] - L[q]        what the shared encoder costs
     approximation gap = log p(x) - L[q*]    what the Gaussian family costs
     inference gap     = log p(x) - L[q]     their sum

@@ -1,9 +1,18 @@
 """The torch model: networks, count likelihoods and the VAE (no AnnData in here)."""
 
-from .distributions import kl_normal, kl_normal_std, log_likelihood, log_nb, log_normal, log_normal_std, log_poisson, log_zinb
+from .distributions import (
+    kl_normal,
+    kl_normal_std,
+    log_likelihood,
+    log_nb,
+    log_normal,
+    log_normal_std,
+    log_poisson,
+    log_zinb,
+)
 from .vae import DISPERSIONS, LATENT_DISTRIBUTIONS, LIBRARIES, LIKELIHOODS, VAE, LossOutput
 
 __all__ = [
-    "DISPERSIONS", "LATENT_DISTRIBUTIONS", "LIBRARIES", "LIKELIHOODS", "VAE", "LossOutput", "kl_normal", "kl_normal_std", "log_likelihood",
-    "log_nb", "log_normal", "log_normal_std", "log_poisson", "log_zinb",
+    "DISPERSIONS", "LATENT_DISTRIBUTIONS", "LIBRARIES", "LIKELIHOODS", "VAE", "LossOutput",
+    "kl_normal", "kl_normal_std", "log_likelihood", "log_nb", "log_normal", "log_normal_std", "log_poisson", "log_zinb",
 ]

@@ -99,12 +99,12 @@ def log_likelihood(
 
 
 def log_normal_std(z: torch.Tensor) -> torch.Tensor:
-    """log N(z; 0, I) summed over the last axis."""
+    """Log N(z; 0, I) summed over the last axis."""
     return log_normal(z, torch.zeros_like(z), torch.zeros_like(z))
 
 
 def log_normal(z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-    """log N(z; mean, diag(exp(log_var))) summed over the last axis."""
+    """Log N(z; mean, diag(exp(log_var))) summed over the last axis."""
     two_pi = torch.log(torch.tensor(2 * torch.pi, dtype=z.dtype))
     return -0.5 * ((z - mean).pow(2) * torch.exp(-log_var) + log_var + two_pi).sum(-1)
 

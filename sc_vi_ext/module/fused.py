@@ -84,8 +84,9 @@ class _NBGammaSum(torch.autograd.Function):
 
 
 def nb_gamma_terms(theta: torch.Tensor, nz, shape) -> torch.Tensor:
-    """Per-cell sum over the non-zeros ``nz`` = (rows, cols, values) of a (cells, genes) block
-    of lgamma(x + theta) - lgamma(theta) - lgamma(x + 1); returns (cells,) or, for a
+    """Per-cell sum of lgamma(x + theta) - lgamma(theta) - lgamma(x + 1) over the non-zeros of a block.
+
+    ``nz`` = (rows, cols, values) are the non-zeros of a (cells, genes) block; returns (cells,) or, for a
     ``theta`` with a sample axis, (..., cells).
 
     Per-gene ``theta`` (genes,) goes through the table; a ``theta`` of another shape
@@ -169,9 +170,12 @@ def compile_available() -> bool:
         return False
 
 
-def set_compiled(enabled: bool | str) -> bool:
-    """Use the compiled dense terms: False, True / "train" (training steps only: where gradients
-    flow) or "all" (inference too). Returns whether compilation is now on."""
+def set_compiled(enabled: bool | str) -> bool:  # noqa: FBT001 - a mode (bool or str), passed positionally
+    """Use the compiled dense terms; return whether compilation is now on.
+
+    ``enabled``: False, True / "train" (training steps only: where gradients flow) or "all"
+    (inference too).
+    """
     global _mode
     mode = "train" if enabled is True else (enabled or None)
     _mode = mode if mode and not _failed and compile_available() else None
@@ -185,7 +189,7 @@ def compiled_enabled() -> bool:
 class compiled_likelihood:  # noqa: N801 - used like a function: ``with compiled_likelihood("all"):``
     """Context manager: :func:`set_compiled` for the block, the previous state restored after."""
 
-    def __init__(self, enabled: bool | str):
+    def __init__(self, enabled: bool | str):  # noqa: FBT001 - a mode (bool or str), passed positionally
         self.enabled = enabled
 
     def __enter__(self) -> bool:
@@ -198,7 +202,7 @@ class compiled_likelihood:  # noqa: N801 - used like a function: ``with compiled
 
 
 def dense_terms(likelihood: str, x, *args, force_compiled: bool = False):
-    """The dense terms of ``likelihood``, compiled when switched on (see :func:`set_compiled`)."""
+    """Return the dense terms of ``likelihood``, compiled when switched on (see :func:`set_compiled`)."""
     fn = DENSE[likelihood]
     use = force_compiled or _mode == "all" or (_mode == "train" and torch.is_grad_enabled())
     if use:

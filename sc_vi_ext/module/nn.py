@@ -27,7 +27,7 @@ class FCLayers(nn.Module):
                     nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
                 ]
             )
-            for d_in, d_out in zip(dims[:-1], dims[1:])
+            for d_in, d_out in zip(dims[:-1], dims[1:], strict=True)
         )
 
     def forward(self, x: torch.Tensor, cat: torch.Tensor | None) -> torch.Tensor:

@@ -125,7 +125,8 @@ class VAE(nn.Module):
         mean = torch.zeros(n_cells, self.latent_dim, device=dev)
         log_var = torch.zeros_like(mean)
         if self.library == "latent":
-            b = torch.zeros(n_cells, dtype=torch.long, device=dev) if batch is None or not self.n_batch else batch.long()
+            b = (torch.zeros(n_cells, dtype=torch.long, device=dev) if batch is None or not self.n_batch
+                 else batch.long())
             mean[:, -1] = self.library_prior_mean[b]
             log_var[:, -1] = self.library_prior_log_var[b]
         return mean, log_var
@@ -135,11 +136,11 @@ class VAE(nn.Module):
         return kl_normal(mean, log_var, *self.prior(batch, mean.shape[0]))
 
     def log_prior(self, z, batch) -> torch.Tensor:
-        """log p(latent) for samples ``z`` of shape (..., cells, latent_dim)."""
+        """Log p(latent) for samples ``z`` of shape (..., cells, latent_dim)."""
         return log_normal(z, *self.prior(batch, z.shape[-2]))
 
     def representation(self, mean: torch.Tensor) -> torch.Tensor:
-        """The latent coordinates written to ``obsm``: the mean of z (softmax-ed for "ln")."""
+        """Return the latent coordinates written to ``obsm``: the mean of z (softmax-ed for "ln")."""
         z = mean[..., : self.n_latent]
         return torch.softmax(z, -1) if self.latent_distribution == "ln" else z
 
@@ -170,12 +171,12 @@ class VAE(nn.Module):
         return torch.exp(self.decoder(self.representation(z), self._covariates(batch, cov))[0])
 
     def log_px_z(self, x: torch.Tensor, params: dict, nz=None) -> torch.Tensor:
-        """log p(x | z) summed over genes, (..., cells); ``nz``: x's non-zeros if known."""
+        """Log p(x | z) summed over genes, (..., cells); ``nz``: x's non-zeros if known."""
         return log_likelihood(x, self.likelihood, params["mu"], params["theta"], params["zi_logits"],
                               params.get("log_mu"), nz)
 
     def forward(self, x, batch, log_library, cov=None, nz=None, generator=None) -> LossOutput:
-        """The per-cell loss terms (``forward`` so that DistributedDataParallel can wrap it)."""
+        """Return the per-cell loss terms (``forward`` so that DistributedDataParallel can wrap it)."""
         return self.loss(x, batch, log_library, cov=cov, nz=nz, generator=generator)
 
     def loss(self, x, batch, log_library, *, cov=None, nz=None, generator=None) -> LossOutput:

@@ -45,7 +45,7 @@ def elbo(
     else:
         fig, axes = ax.figure, [ax]
     panels = [("elbo", "ELBO (nats/cell)"), ("reconstruction", "E_q log p(x|z)"), ("kl", "KL(q || p)")]
-    for a, (name, label) in zip(axes, panels):
+    for a, (name, label) in zip(axes, panels, strict=False):
         tr, va = np.asarray(h[f"{name}_train"]), np.asarray(h[f"{name}_validation"])
         a.plot(epochs, tr, label="train", color="C0")
         if np.isfinite(va).any():

@@ -1,4 +1,4 @@
-"""``tl.amortization_gap``, ``tl.refine`` and ``tl.log_likelihood``: how good is the inference?"""
+"""``tl.amortization_gap``, ``tl.refine`` and ``tl.log_likelihood``: how good the inference is."""
 
 from __future__ import annotations
 
@@ -248,8 +248,8 @@ def refine(
                         max_steps=max_steps, window=window, patience=patience, tol=tol, generator=gen)
         with torch.no_grad():
             q = module.inference(mb.x, mb.batch, mb.cov)
-        (l_q, _), (l_opt, _) = elbo_paired(module, mb.x, mb.batch, mb.log_library, [q, (qs.mean, qs.log_var)], cov=mb.cov,
-                                           n_samples=n_samples_elbo, generator=gen)
+        (l_q, _), (l_opt, _) = elbo_paired(module, mb.x, mb.batch, mb.log_library, [q, (qs.mean, qs.log_var)],
+                                           cov=mb.cov, n_samples=n_samples_elbo, generator=gen)
         means.append(module.representation(qs.mean).cpu().numpy())
         gains.append((l_opt - l_q).cpu().numpy())
         steps.append(qs.n_steps.cpu().numpy())

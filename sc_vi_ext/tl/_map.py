@@ -17,7 +17,7 @@ from ._vae import _latent_means, _set_library_prior, resolve_device, split_indic
 
 
 def _grow_batches(ref: VAE, n_new: int) -> tuple[VAE, list]:
-    """A copy of ``ref`` with ``n_new`` more batch categories; only their weights can train.
+    """Return a copy of ``ref`` with ``n_new`` more batch categories; only their weights can train.
 
     Covariate columns enter the first Linear layer of each network: the batch one-hot
     block grows by ``n_new`` columns (initialised at zero, so a new batch starts as "no
@@ -170,7 +170,8 @@ def vae_map(
             module, trained = _grow_batches(ref_module, len(new))
             if module.library == "latent":  # priors of the new batches from the query's cells
                 fresh = torch.isin(torch.as_tensor(codes), torch.arange(len(ref_cats), len(all_cats))).numpy()
-                keep = module.library_prior_mean[:len(ref_cats)].clone(), module.library_prior_log_var[:len(ref_cats)].clone()
+                keep = (module.library_prior_mean[:len(ref_cats)].clone(),
+                        module.library_prior_log_var[:len(ref_cats)].clone())
                 _set_library_prior(module, np.log(totals[fresh]), codes[fresh])
                 module.library_prior_mean[:len(ref_cats)], module.library_prior_log_var[:len(ref_cats)] = keep
             rng = np.random.default_rng(random_state)

@@ -12,9 +12,9 @@ from scanpy import logging as logg
 from .._docs import doc_params
 from ..dataloader import Minibatches, batch_codes, covariate_design, get_counts, inspect_counts, log_library
 from ..distributed import device_for_rank, rank_and_world
-from ..threads import threads
 from ..model_store import state_to_numpy
 from ..module import DISPERSIONS, LATENT_DISTRIBUTIONS, LIBRARIES, LIKELIHOODS, VAE
+from ..threads import threads
 from ..train import check_finite, default_max_epochs, train
 from ._derived import remove_derived
 
@@ -181,7 +181,9 @@ def vae(
         the model matches genes by these names); rebuild with :func:`sc_vi_ext.get_model`.
     ``adata.uns[key_added]["counts_rounded"]``
         ``n_values`` and ``max_deviation`` of the float noise rounded away (zeros for integers).
-    ``adata.uns[key_added]["batch_categories"]``, ``["covariate_categories"]``, ``["best_epoch"]``, ``["stopped_early"]``, ``["interrupted"]``
+    ``adata.uns[key_added]["batch_categories"]``, ``["covariate_categories"]``
+        Training bookkeeping.
+    ``adata.uns[key_added]["best_epoch"]``, ``["stopped_early"]``, ``["interrupted"]``
         Training bookkeeping.
 
     Results of an earlier model under ``key_added`` that other tools derived from it
@@ -230,8 +232,8 @@ def vae(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(random_state)
         module = VAE(
-            adata.n_vars, n_batch=len(categories), n_cov=0 if cov is None else cov.shape[1], n_latent=n_latent, n_hidden=n_hidden,
-            n_layers=n_layers, dropout=dropout, likelihood=likelihood, dispersion=dispersion,
+            adata.n_vars, n_batch=len(categories), n_cov=0 if cov is None else cov.shape[1], n_latent=n_latent,
+            n_hidden=n_hidden, n_layers=n_layers, dropout=dropout, likelihood=likelihood, dispersion=dispersion,
             encode_covariates=encode_covariates, library=library, latent_distribution=latent_distribution,
         )
         _set_library_prior(module, np.log(totals[train_idx]), None if codes is None else codes[train_idx])
@@ -291,7 +293,8 @@ def vae(
     logg.info(
         "    finished",
         time=start,
-        deep=f"added\n    'X_{key_added}', latent means (adata.obsm)\n    '{key_added}', params, history and weights (adata.uns)",
+        deep=(f"added\n    'X_{key_added}', latent means (adata.obsm)"
+              f"\n    '{key_added}', params, history and weights (adata.uns)"),
     )
     return adata if copy else None
 
