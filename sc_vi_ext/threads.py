@@ -28,14 +28,29 @@ def available_cpus() -> int:
 
 
 def _cpu_times() -> tuple[int, int]:
-    """(idle, total) jiffies of all CPUs since boot, from /proc/stat."""
+    """(idle, total) jiffies since boot of the CPUs this process may run on, from /proc/stat.
+
+    Only those CPUs count: in a container pinned to 2 of a host's 64 cores, the host's other
+    cores say nothing about whether ours are free.
+    """
+    try:
+        mine = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+    except AttributeError:  # not on Linux
+        mine = None
+    idle = total = 0
     with open("/proc/stat") as f:
-        fields = [int(v) for v in f.readline().split()[1:]]
-    return fields[3] + fields[4], sum(fields)  # idle + iowait
+        for line in f:
+            name, *fields = line.split()
+            if not name.startswith("cpu") or name == "cpu" or (mine is not None and name not in mine):
+                continue
+            values = [int(v) for v in fields]
+            idle += values[3] + values[4]  # idle + iowait
+            total += sum(values)
+    return idle, total
 
 
 def busy_cpus(seconds: float = 0.2) -> float | None:
-    """CPUs busy with other work right now (None where /proc/stat is unavailable)."""
+    """CPUs (of those this process may use) busy with other work right now; None where unknown."""
     try:
         idle0, total0 = _cpu_times()
         time.sleep(seconds)
@@ -44,7 +59,7 @@ def busy_cpus(seconds: float = 0.2) -> float | None:
         return None
     if total1 <= total0:
         return None
-    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / (total1 - total0))
+    return available_cpus() * (1 - (idle1 - idle0) / (total1 - total0))
 
 
 def default_threads() -> int:
