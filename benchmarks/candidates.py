@@ -113,7 +113,7 @@ def loader(S, batch_size, seed=0):
     from sc_vi_ext.dataloader import Minibatches
 
     return Minibatches(S.X, S.train_idx, log_library=S.log_lib, batch_size=batch_size, shuffle=True,
-                       rng=np.random.default_rng(seed))
+                       rng=np.random.default_rng(seed), with_nz=True)
 
 
 def loss_kwargs(module, mb) -> dict:

@@ -44,7 +44,7 @@ def build(n_cells, n_genes, seed=0):
     torch.manual_seed(seed)
     module = VAE(n_genes)
     loader = Minibatches(X, np.arange(n_cells), log_library=np.log(totals).astype(np.float32), batch_size=128,
-                         shuffle=True, rng=np.random.default_rng(seed))
+                         with_nz=True, shuffle=True, rng=np.random.default_rng(seed))
     return module, loader
 
 

@@ -41,7 +41,7 @@ def build(n_cells, n_genes, dispersion, batch_size=128, seed=0):
     torch.manual_seed(seed)
     module = VAE(adata.n_vars)
     loader = Minibatches(X, tr, log_library=np.log(totals).astype(np.float32), batch_size=batch_size,
-                         shuffle=True, rng=rng)
+                         shuffle=True, rng=rng, with_nz=True)
     return adata, X, module, loader
 
 

@@ -223,7 +223,7 @@ def scvi_timer():
 
 
 # --------------------------------------------------------------------------- workers
-def _compile_kw(args) -> dict:
+def _ours_kw(args) -> dict:
     """``compile=`` and ``n_threads=`` for ``tl.vae`` (releases before had neither): the same
     thread count as scvi-tools gets (torch's, set by --threads), not the load-aware default."""
     import inspect
@@ -265,7 +265,7 @@ def worker(args) -> dict:
             t0 = time.perf_counter()
             ours_train(adata, epoch_times=stamps, max_epochs=E, batch_size=128, likelihood="zinb",
                        early_stopping=False, train_size=0.9, progress=False, batch_key=batch_key,
-                       random_state=0, **_compile_kw(args))
+                       random_state=0, **_ours_kw(args))
             total = time.perf_counter() - t0
             stamps = np.array(stamps)
         else:
@@ -311,7 +311,7 @@ def worker(args) -> dict:
             import sc_vi_ext as sv
 
             t0, c0 = time.perf_counter(), time.process_time()
-            sv.tl.vae(adata, batch_key=batch_key, progress=False, **_compile_kw(args))  # defaults (random_state=0)
+            sv.tl.vae(adata, batch_key=batch_key, progress=False, **_ours_kw(args))  # defaults (random_state=0)
             res["wall_s"], res["cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
             h = adata.uns["vae"]["history"]
             res.update(epochs=int(len(h["epoch"])), max_epochs=int(adata.uns["vae"]["params"]["max_epochs"]),

@@ -272,15 +272,17 @@ class Minibatch:
 class Minibatches:
     """Iterate over ``indices`` of a count matrix in minibatches of whole rows.
 
-    With ``shuffle``, the order is drawn from ``rng`` each epoch. ``with_nz=False`` skips
-    the non-zero bookkeeping of CSR rows where only the encoder runs (the latent fill). A trailing batch of a
-    single cell is merged into the previous one (BatchNorm cannot train on one cell).
+    With ``shuffle``, the order is drawn from ``rng`` each epoch. With ``with_nz=True`` each
+    minibatch of CSR rows also carries the rows, columns and values of its non-zeros for the
+    likelihood (training and validation loaders); other readers (the latent fill, tools on a
+    stored model) do not pay for them. A trailing batch of a single cell is merged into the
+    previous one (BatchNorm cannot train on one cell).
     ``log_library`` is indexed by AnnData position; None takes each cell's log total count
     from the rows of the minibatch itself, so no other row is read.
     """
 
     def __init__(self, X, indices, *, log_library, batch=None, cov=None, batch_size=128,
-                 shuffle=False, rng=None, device="cpu", shard=(0, 1), gene_index=None, with_nz=True,
+                 shuffle=False, rng=None, device="cpu", shard=(0, 1), gene_index=None, with_nz=False,
                  round_counts=False):
         self.cov = cov
         self.with_nz = with_nz  # hand the CSR non-zeros to the likelihood (not needed by the encoder alone)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -60,7 +61,6 @@ class TrainResult:
     best_epoch: int = -1
     stopped_early: bool = False
     interrupted: bool = False
-    compile_seconds: float | None = None  # time spent compiling the likelihood (None: eager)
 
 
 # Measured on a 128 x 2,000 ZINB minibatch (1 thread): the compiled dense terms save about
@@ -68,7 +68,7 @@ class TrainResult:
 COMPILE_MIN_STEPS = 4000
 
 
-def use_compiled(setting: bool | str, n_steps: int, device) -> bool:  # noqa: FBT001 - True/False/"auto", passed positionally
+def use_compiled(setting: bool | str, n_steps: int) -> bool:  # noqa: FBT001 - True/False/"auto", passed positionally
     """Whether to train with the compiled likelihood.
 
     ``setting`` True/False, or "auto" (at least ``COMPILE_MIN_STEPS`` optimiser steps in the budget
@@ -78,14 +78,14 @@ def use_compiled(setting: bool | str, n_steps: int, device) -> bool:  # noqa: FB
         raise ValueError(f"compile must be True, False or 'auto', not {setting!r}.")
     if setting == "auto":
         setting = n_steps >= COMPILE_MIN_STEPS
-    if setting and not fused.set_compiled(True):
+    if setting and not fused.can_compile():
         warnings.warn("torch.compile is not available here (no C++ compiler?); training in eager mode.",
                       stacklevel=3)
         return False
     return bool(setting)
 
 
-def _warm_up_compiled(module: VAE, loader: Minibatches) -> float | None:
+def _warm_up_compiled(module: VAE, loader: Minibatches) -> None:
     """Compile the likelihood on a first minibatch (forward and backward), outside the timed epochs."""
     t0 = time.perf_counter()
     # the warm-up must leave no trace: not in the random streams, not in BatchNorm's statistics
@@ -101,10 +101,8 @@ def _warm_up_compiled(module: VAE, loader: Minibatches) -> float | None:
     with torch.no_grad():
         for k, v in module.named_buffers():
             v.copy_(buffers[k])
-    if not fused.compiled_enabled():  # the compiler failed (logged): eager from here on
-        return None
-    logg.info(f"    compiled the likelihood in {time.perf_counter() - t0:.1f} s")
-    return time.perf_counter() - t0
+    if fused.compiled_enabled():  # else the compiler failed (logged): eager from here on
+        logg.info(f"    compiled the likelihood in {time.perf_counter() - t0:.1f} s")
 
 
 @torch.no_grad()
@@ -167,19 +165,22 @@ def train(
     res = TrainResult()
     h = res.history
     warmup_steps = n_epochs_kl_warmup * len(train_loader)
-    compiled = use_compiled(compile_likelihood, max_epochs * len(train_loader), train_loader.device)
+    compiled = use_compiled(compile_likelihood, max_epochs * len(train_loader))
     best, best_state, bad_epochs, step = -math.inf, None, 0, 0
     raw_loader = train_loader
     # under torchrun, Ctrl-C stops every rank at the same step (see distributed.py)
     train_loader, restore_sigint = interruptible(train_loader)
+    cleanup = contextlib.ExitStack()
     bar = tqdm(range(max_epochs), desc="training VAE", unit="epoch", disable=not progress or rank > 0, leave=False)
     try:
         trainable = [p for p in module.parameters() if p.requires_grad]
         # eps=0.01 as scvi-tools; the fused kernel updates all parameters in one pass (CPU and CUDA)
         opt = torch.optim.Adam(trainable, lr=lr, weight_decay=weight_decay, eps=0.01, fused=True)
         model = wrap(module)  # DistributedDataParallel under torchrun, else the module itself
+        # the compiled likelihood for this training only; the caller's setting is restored after
+        cleanup.enter_context(fused.compiled_likelihood("train" if compiled else False))
         if compiled:
-            res.compile_seconds = _warm_up_compiled(module, raw_loader)
+            _warm_up_compiled(module, raw_loader)
         for epoch in bar:
             t0 = time.perf_counter()
             module.train()
@@ -241,7 +242,7 @@ def train(
         )
     finally:
         bar.close()
-        fused.set_compiled(False)
+        cleanup.close()
         restore_sigint()
     if best_state is not None:
         module.load_state_dict(best_state)

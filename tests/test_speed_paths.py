@@ -27,11 +27,10 @@ def test_compiled_training_equals_eager(sim_session, options):
 
 
 def test_compile_auto_rule():
-    assert not use_compiled("auto", COMPILE_MIN_STEPS - 1, "cpu")
-    assert not use_compiled(False, 10**9, "cpu")
+    assert not use_compiled("auto", COMPILE_MIN_STEPS - 1)
+    assert not use_compiled(False, 10**9)
     with pytest.raises(ValueError, match="compile must be"):
-        use_compiled("yes", 10, "cpu")
-    fused.set_compiled(False)
+        use_compiled("yes", 10)
 
 
 def test_n_threads_is_applied_and_restored(sim_session, monkeypatch):

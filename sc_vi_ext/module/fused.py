@@ -170,6 +170,11 @@ def compile_available() -> bool:
         return False
 
 
+def can_compile() -> bool:
+    """Whether the compiled path can be used: a compiler is here and it has not failed before."""
+    return not _failed and compile_available()
+
+
 def set_compiled(enabled: bool | str) -> bool:  # noqa: FBT001 - a mode (bool or str), passed positionally
     """Use the compiled dense terms; return whether compilation is now on.
 
@@ -178,7 +183,7 @@ def set_compiled(enabled: bool | str) -> bool:  # noqa: FBT001 - a mode (bool or
     """
     global _mode
     mode = "train" if enabled is True else (enabled or None)
-    _mode = mode if mode and not _failed and compile_available() else None
+    _mode = mode if mode and can_compile() else None
     return _mode is not None
 
 

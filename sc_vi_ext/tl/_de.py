@@ -12,10 +12,10 @@ from scanpy import logging as logg
 
 from .._docs import doc_params
 from .._progress import tqdm
-from ..model_store import gene_alignment, get_model, stored_loader
+from ..model_store import gene_alignment, stored_loader
 from ..module import VAE
 from ._expression import all_batches, decode_scale, sample_latent
-from ._vae import resolve_device
+from ._utils import stored_model
 
 MODES = ("change", "vanilla")
 _BF_EPS = 1e-8  # keeps the log Bayes factor finite at probability 0 or 1
@@ -221,10 +221,9 @@ def differential_expression(
     if n_samples < 1 or n_cells_per_group < 1:
         raise ValueError("n_samples and n_cells_per_group must be at least 1.")
     labels, chosen = _groups_of(adata, groupby, groups, reference)
-    module = get_model(adata, key, device=resolve_device(device))
+    module, dev = stored_model(adata, key, device)
     model_genes, _ = gene_alignment(adata, key)  # the draws are in the model's gene order
     adata = adata.copy() if copy else adata
-    dev = str(next(module.parameters()).device)
     codes = all_batches(module)
     rng = np.random.default_rng(random_state)
     gen = torch.Generator(device=dev).manual_seed(random_state)

@@ -12,9 +12,9 @@ from scanpy import logging as logg
 
 from .._docs import doc_params
 from .._progress import tqdm
-from ..model_store import gene_alignment, get_model, stored_loader
+from ..model_store import gene_alignment, stored_loader
 from ..module import VAE
-from ._vae import resolve_device
+from ._utils import stored_model
 
 _WARN_BYTES = 2 * 1024**3  # warn before materialising a result larger than this
 
@@ -164,7 +164,7 @@ def normalized_expression(
     """
     if n_samples < 0:
         raise ValueError(f"n_samples must be >= 0, not {n_samples}.")
-    module = get_model(adata, key, device=resolve_device(device))
+    module, dev = stored_model(adata, key, device)
     codes = batch_targets(adata, key, module, transform_batch)
     model_genes, gene_index = gene_alignment(adata, key)
     # output columns, as positions among the model's genes (None: all, in the model's order)
@@ -174,7 +174,6 @@ def normalized_expression(
               [str(adata.uns[key]["batch_categories"][c]) for c in codes], "library_size": float(library_size),
               "n_samples": int(n_samples), "random_state": random_state}
     adata = adata.copy() if copy else adata
-    dev = str(next(module.parameters()).device)
     n_out = module.n_genes if genes is None else len(genes)
     size = adata.n_obs * n_out * 4
     if size > _WARN_BYTES:

@@ -10,8 +10,8 @@ from scanpy import logging as logg
 from .._docs import doc_params
 from .._progress import tqdm
 from ..diagnostics import COLUMNS, decompose, elbo_paired, iwae, optimize_q, summarize
-from ..model_store import get_model, held_out_mask, stored_loader
-from ._vae import resolve_device
+from ..model_store import held_out_mask, stored_loader
+from ._utils import stored_model
 
 _OPT_DOC = """\
 method
@@ -146,16 +146,16 @@ def amortization_gap(
         ||mu* - mu|| / sigma*.
     """
     params = {k: v for k, v in locals().items() if k not in ("adata", "copy")}
-    module = get_model(adata, key, device=resolve_device(device))
+    module, dev = stored_model(adata, key, device)
     adata = adata.copy() if copy else adata
     rng = np.random.default_rng(random_state)
     idx = _subset(adata, n_cells, rng)
     start = logg.info(f"computing amortization gap of {key!r} on {len(idx)} cells")
-    gen = torch.Generator(device=next(module.parameters()).device).manual_seed(random_state)
+    gen = torch.Generator(device=dev).manual_seed(random_state)
     opt = {"init": init, "method": method, "max_steps": max_steps, "lr": lr, "n_samples_step": n_samples_step,
            "window": window, "patience": patience, "tol": tol}
     parts = []
-    loader = stored_loader(adata, key, idx, batch_size=batch_size, device=str(next(module.parameters()).device))
+    loader = stored_loader(adata, key, idx, batch_size=batch_size, device=dev)
     masks = _split_masks(adata, key, idx)  # every check before anything is written
     # a bar over an iterable closes itself at the end; this one stays open for the result line
     bar = tqdm(total=len(loader), desc="amortization gap", unit="batch", disable=not progress)
@@ -234,9 +234,8 @@ def refine(
         ``params``, ``n_cells``, ``elbo_gain_mean``, ``elbo_gain_median``, ``steps_mean``, ``steps_max``.
     """
     params = {k: v for k, v in locals().items() if k not in ("adata", "copy")}
-    module = get_model(adata, key, device=resolve_device(device))
+    module, dev = stored_model(adata, key, device)
     adata = adata.copy() if copy else adata
-    dev = str(next(module.parameters()).device)
     start = logg.info(f"refining the latent space of {key!r} on {adata.n_obs} cells")
     gen = torch.Generator(device=dev).manual_seed(random_state)
     means, gains, steps = [], [], []
@@ -307,9 +306,8 @@ def log_likelihood(
     ``adata.obs[key + "_log_px_ess"]``
         Effective sample size of the importance weights (near K: q is close to the posterior).
     """
-    module = get_model(adata, key, device=resolve_device(device))
+    module, dev = stored_model(adata, key, device)
     adata = adata.copy() if copy else adata
-    dev = str(next(module.parameters()).device)
     idx = _subset(adata, None, None, subset)
     start = logg.info(f"computing log p(x) of {key!r} on {len(idx)} cells with {n_samples} importance samples")
     gen = torch.Generator(device=dev).manual_seed(random_state)

@@ -178,8 +178,8 @@ def vae_map(
             tr_idx, va_idx = split_indices(adata.n_obs, train_size, rng)
             res = train(
                 module.to(dev),
-                Minibatches(X, tr_idx, batch_size=batch_size, shuffle=True, rng=rng, **common),
-                Minibatches(X, va_idx, batch_size=1024, **common) if len(va_idx) else None,
+                Minibatches(X, tr_idx, batch_size=batch_size, shuffle=True, rng=rng, with_nz=True, **common),
+                Minibatches(X, va_idx, batch_size=1024, with_nz=True, **common) if len(va_idx) else None,
                 max_epochs=max_epochs, lr=lr, weight_decay=0.0, n_epochs_kl_warmup=0, early_stopping=True,
                 patience=10, seed=random_state, progress=progress, freeze_batchnorm=True,
             )

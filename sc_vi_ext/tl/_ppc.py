@@ -11,10 +11,10 @@ from scanpy import logging as logg
 
 from .._docs import doc_params
 from .._progress import tqdm
-from ..model_store import gene_alignment, get_model, stored_loader
+from ..model_store import gene_alignment, stored_loader
 from ..module import VAE
 from ._expression import sample_latent
-from ._vae import resolve_device
+from ._utils import stored_model
 
 STATS = ("mean", "var", "cv", "frac_zero")
 
@@ -130,12 +130,11 @@ def posterior_predictive(
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be at least 1, not {n_samples}.")
-    module = get_model(adata, key, device=resolve_device(device))
+    module, dev = stored_model(adata, key, device)
     model_genes, gene_index = gene_alignment(adata, key)
     # var row of each model gene (statistics are in the model's gene order); genes the model lacks get NaN
     rows = None if gene_index is None else adata.var_names.get_indexer(model_genes)
     adata = adata.copy() if copy else adata
-    dev = str(next(module.parameters()).device)
     start = logg.info(f"posterior predictive check of {key!r}: {n_samples} replicate(s) of {adata.n_obs} cells")
     observed, replicates = _Moments(1, module.n_genes), _Moments(n_samples, module.n_genes)
     gen = torch.Generator(device=dev).manual_seed(random_state)

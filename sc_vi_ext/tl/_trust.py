@@ -11,8 +11,8 @@ from .._docs import doc_params
 from .._progress import tqdm
 from ..diagnostics import optimize_q
 from ..diagnostics.trust import compare_to_reference
-from ..model_store import get_model, held_out_mask, stored_loader
-from ._vae import resolve_device
+from ..model_store import held_out_mask, stored_loader
+from ._utils import stored_model
 
 
 @doc_params()
@@ -83,9 +83,8 @@ def trust_score(
         ``gap_estimate_median``, ``trust_median`` and ``frac_untrusted``.
     """
     params = {k: v for k, v in locals().items() if k not in ("adata", "copy")}
-    module = get_model(adata, key, device=resolve_device(device))
+    module, dev = stored_model(adata, key, device)
     adata = adata.copy() if copy else adata
-    dev = str(next(module.parameters()).device)
     start = logg.info(f"scoring the inference of {key!r} on {adata.n_obs} cells")
     gen = torch.Generator(device=dev).manual_seed(random_state)
     gaps, log_lib = [], []

@@ -153,7 +153,8 @@ def vae(
     {n_threads}
     compile
         Fuse the likelihood's element-wise terms with ``torch.compile`` (forward and
-        backward in one pass; about 2x faster likelihood, 1.5x faster steps). ``"auto"``
+        backward in one pass; measured on one thread: the likelihood 1.7x and a training step
+        1.2-1.25x faster, see ``benchmarks/RESULTS.md``). ``"auto"``
         compiles when the run has at least 4,000 optimiser steps (compiling takes 5-20 s)
         and a C++ compiler is available; results equal the eager ones to float32 rounding.
     {progress}
@@ -238,10 +239,10 @@ def vae(
         )
         _set_library_prior(module, np.log(totals[train_idx]), None if codes is None else codes[train_idx])
         module = module.to(dev)
-        train_loader = Minibatches(X, train_idx, batch_size=batch_size, shuffle=True, rng=rng,
+        train_loader = Minibatches(X, train_idx, batch_size=batch_size, shuffle=True, rng=rng, with_nz=True,
                                    shard=rank_and_world(), **common)
         # data-parallel: each rank evaluates its share of the held-out cells (sums all-reduced)
-        val_loader = (Minibatches(X, val_idx, batch_size=1024, shard=rank_and_world(), **common)
+        val_loader = (Minibatches(X, val_idx, batch_size=1024, shard=rank_and_world(), with_nz=True, **common)
                       if len(val_idx) else None)
         callback = None
         if gap_every:
@@ -255,7 +256,7 @@ def vae(
                 n_epochs_kl_warmup=warmup, early_stopping=early_stopping, patience=early_stopping_patience,
                 seed=random_state, progress=progress, callback=callback, compile_likelihood=compile,
             )
-        latent = _latent_means(module, Minibatches(X, np.arange(n_obs), batch_size=1024, with_nz=False, **common))
+        latent = _latent_means(module, Minibatches(X, np.arange(n_obs), batch_size=1024, **common))
     state = state_to_numpy(module)
     # never write NaN: the loop checks the ELBO per epoch; the weights and latent are checked here
     finite = bool(np.isfinite(latent).all()) and all(bool(np.isfinite(v).all()) for v in state.values())
