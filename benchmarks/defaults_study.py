@@ -30,18 +30,9 @@ CONFIGS = {
 }
 
 
-def kmeans_scores(latent, labels, seed=0):
-    from sklearn.cluster import KMeans
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-
-    k = len(set(labels))
-    pred = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(latent)
-    return adjusted_rand_score(labels, pred), normalized_mutual_info_score(labels, pred)
-
-
 def run(adata, name, threads):
     import sc_vi_ext as sv
-    from sc_vi_ext.metrics import batch_mixing, knn_accuracy
+    from sc_vi_ext.metrics import batch_mixing, kmeans_scores, knn_accuracy
     from sc_vi_ext.train import default_max_epochs
 
     kw = dict(CONFIGS[name])
@@ -72,11 +63,16 @@ def main():
     p.add_argument("--n-cells", type=int, default=20000)
     p.add_argument("--n-genes", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--n-markers", type=int, default=20, help="simulate(n_markers=)")
+    p.add_argument("--type-sd", type=float, default=0.3, help="simulate(type_sd=)")
+    p.add_argument("--mean-library", type=float, default=1500.0, help="simulate(mean_library=)")
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     args = p.parse_args()
     import sc_vi_ext as sv
 
-    adata = sv.datasets.simulate(args.n_cells, args.n_genes, n_batches=3, n_types=8, random_state=0)
+    adata = sv.datasets.simulate(args.n_cells, args.n_genes, n_batches=3, n_types=8, random_state=0,
+                                 n_markers=args.n_markers, type_sd=args.type_sd, mean_library=args.mean_library)
+    print(f"# data: {adata.uns['simulation']}")
     print(f"# uptime: {os.popen('uptime').read().strip()}")
     print("| config | epochs | wall s | held-out IWAE | kNN acc | k-means ARI | k-means NMI | batch mixing |")
     print("|---|---|---|---|---|---|---|---|")

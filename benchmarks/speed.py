@@ -394,7 +394,7 @@ def quality(adata, latent: np.ndarray, label_key: str, batch_key: str | None) ->
     import scanpy as sc
     from sklearn.metrics import adjusted_rand_score
 
-    from sc_vi_ext.metrics import batch_mixing, knn_accuracy
+    from sc_vi_ext.metrics import batch_mixing, kmeans_scores, knn_accuracy
 
     labels = adata.obs[label_key].astype(str).to_numpy()
     b = adata[:, :0].copy()
@@ -417,6 +417,7 @@ def quality(adata, latent: np.ndarray, label_key: str, batch_key: str | None) ->
         "ari": float(adjusted_rand_score(labels, b.obs["leiden"])),
         "n_leiden": int(b.obs["leiden"].nunique()),
     }
+    out["kmeans_ari"], out["kmeans_nmi"] = kmeans_scores(latent, labels)
     out["mixing"] = batch_mixing(latent, adata.obs[batch_key]) if batch_key and batch_key in adata.obs else float("nan")
     return out
 
@@ -443,6 +444,8 @@ def main(argv=None):
                    help="simulate(dispersion=); default: simulate's own (5.0)")
     p.add_argument("--mean-library", type=float, default=None,
                    help="simulate(mean_library=); default: simulate's own (1500: ~36%% non-zero at 20k x 2000)")
+    p.add_argument("--n-markers", type=int, default=None, help="simulate(n_markers=); default: simulate's own (20)")
+    p.add_argument("--type-sd", type=float, default=None, help="simulate(type_sd=); default: simulate's own (0.3)")
     p.add_argument("--batch", action="store_true", help='use batch_key="batch" for both tools')
     p.add_argument("--end-to-end", action="store_true", help="(b) defaults, quality and IWAE")
     p.add_argument("--pbmc", action="store_true", help="(d) end-to-end on sv.datasets.pbmc68k()")
@@ -488,7 +491,8 @@ def main(argv=None):
         if args.keep:
             tmp = args.keep
             os.makedirs(tmp, exist_ok=True)
-        sim_kw = {k: v for k, v in (("dispersion", args.dispersion), ("mean_library", args.mean_library))
+        sim_kw = {k: v for k, v in (("dispersion", args.dispersion), ("mean_library", args.mean_library),
+                                                  ("n_markers", args.n_markers), ("type_sd", args.type_sd))
                   if v is not None}
         need_sim = not args.no_throughput or args.end_to_end
         data_desc = []
@@ -610,6 +614,8 @@ def main(argv=None):
             add(f"kNN accuracy of {label_key} (5-fold, k=15)", r, "knn_acc", ".3f")
             add(f"ARI Leiden vs {label_key}", r, "ari", ".3f")
             add("Leiden clusters", r, "n_leiden", "d")
+            add(f"k-means ARI vs {label_key} (as many clusters as labels)", r, "kmeans_ari", ".3f")
+            add(f"k-means NMI vs {label_key}", r, "kmeans_nmi", ".3f")
             add(f"batch mixing of {mix_key} (1 = fully mixed)" if mix_key else "batch mixing (no batch column)",
                 r, "mixing", ".3f")
             add("peak RSS up to the latent (MiB)", r, "peak_rss_train_mib", ".0f")

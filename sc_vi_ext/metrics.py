@@ -28,3 +28,13 @@ def batch_mixing(rep: np.ndarray, batches, *, n_neighbors: int = 30) -> float:
     with np.errstate(divide="ignore", invalid="ignore"):
         ent = -np.nansum(np.where(freq > 0, freq * np.log(freq), 0.0), 1)
     return float(ent.mean() / np.log(len(cats)))
+
+
+def kmeans_scores(rep: np.ndarray, labels, *, random_state: int = 0) -> tuple[float, float]:
+    """ARI and NMI of k-means on ``rep`` (as many clusters as labels, 10 starts) against ``labels``."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    labels = np.asarray(labels).astype(str)
+    pred = KMeans(n_clusters=len(np.unique(labels)), n_init=10, random_state=random_state).fit_predict(rep)
+    return float(adjusted_rand_score(labels, pred)), float(normalized_mutual_info_score(labels, pred))

@@ -15,15 +15,17 @@ def simulate(
     n_batches: int = 2,
     n_types: int = 5,
     n_markers: int = 20,
+    type_sd: float = 0.3,
     dispersion: float = 5.0,
     mean_library: float = 1500.0,
     random_state: int = 0,
 ) -> AnnData:
     """Simulate NB counts from a low-rank model of cell types and batches.
 
-    Each type has a log-expression profile (a shared baseline plus up-regulated
-    ``n_markers`` genes of its own); each batch multiplies every gene by a log-normal
-    factor; library sizes are log-normal. Counts are NB with inverse dispersion
+    Each type has a log-expression profile: a shared baseline, a type-specific deviation of
+    every gene (normal with standard deviation ``type_sd``) and ``n_markers`` up-regulated
+    genes of its own (lower ``type_sd`` and fewer markers make types harder to separate); each
+    batch multiplies every gene by a log-normal factor. Counts are NB with inverse dispersion
     ``dispersion``; library sizes are log-normal around ``mean_library`` (1,500 gives about
     37% non-zero entries at 2,000 genes). Generated in chunks of rows, so large sizes fit
     in memory as CSR.
@@ -34,13 +36,13 @@ def simulate(
     ``var["marker_of"]`` (the type a gene marks, or "") and ``uns["simulation"]``.
     """
     obs, var, blocks = simulate_blocks(
-        n_cells, n_genes, n_batches=n_batches, n_types=n_types, n_markers=n_markers, dispersion=dispersion,
-        mean_library=mean_library, random_state=random_state,
+        n_cells, n_genes, n_batches=n_batches, n_types=n_types, n_markers=n_markers, type_sd=type_sd,
+        dispersion=dispersion, mean_library=mean_library, random_state=random_state,
     )
     X = sp.vstack(list(blocks), format="csr")
     adata = AnnData(X=X, obs=obs, var=var)
     adata.uns["simulation"] = {
-        "n_batches": n_batches, "n_types": n_types, "n_markers": n_markers,
+        "n_batches": n_batches, "n_types": n_types, "n_markers": n_markers, "type_sd": type_sd,
         "dispersion": dispersion, "mean_library": mean_library, "random_state": random_state,
     }
     return adata
@@ -53,6 +55,7 @@ def simulate_blocks(
     n_batches: int = 2,
     n_types: int = 5,
     n_markers: int = 20,
+    type_sd: float = 0.3,
     dispersion: float = 5.0,
     mean_library: float = 1500.0,
     random_state: int = 0,
@@ -66,7 +69,7 @@ def simulate_blocks(
     """
     rng = np.random.default_rng(random_state)
     base = rng.normal(0, 1.0, n_genes) - 1.0
-    profiles = np.tile(base, (n_types, 1)) + rng.normal(0, 0.3, (n_types, n_genes))
+    profiles = np.tile(base, (n_types, 1)) + rng.normal(0, type_sd, (n_types, n_genes))
     marker_of = np.full(n_genes, "", dtype=object)
     genes = rng.permutation(n_genes)
     for t in range(n_types):
