@@ -41,3 +41,26 @@ def doc_params(**extra: str):
         return func
 
     return deco
+
+
+# the per-cell optimiser of q* (tl.amortization_gap, tl.refine)
+OPTIMISER_DOC = """\
+method
+    Per-cell optimiser of q*: ``"lbfgs"`` (sample-average approximation: each cell's
+    noise fixed, L-BFGS with a line search; converges in 10-20 evaluations) or ``"adam"``
+    (the earlier stochastic optimiser, about 4x slower; kept for comparison).
+max_steps
+    Cap on objective evaluations (decoder passes with gradient) per cell; None: 60 for
+    ``"lbfgs"``, 500 for ``"adam"``.
+lr
+    Adam learning rate (``"adam"`` only).
+n_samples_step
+    Draws per evaluation of a cell's ELBO; None: 2 x latent dimension (at least 16) for
+    ``"lbfgs"``, 8 for ``"adam"``.
+window
+    Steps per window, over which ``"adam"`` averages a cell's ELBO estimates.
+patience
+    A cell stops after this many steps (``"lbfgs"``; None: 1) or windows (``"adam"``;
+    None: 3) that gain less than ``tol``.
+tol
+    Improvement (nats) that counts."""

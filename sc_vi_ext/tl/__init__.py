@@ -2,9 +2,11 @@
 
 from ._de import differential_expression
 from ._expression import normalized_expression
-from ._gap import amortization_gap, log_likelihood, refine
+from ._gap import amortization_gap
+from ._log_likelihood import log_likelihood
 from ._map import vae_map
 from ._ppc import posterior_predictive
+from ._refine import refine
 from ._trust import trust_score
 from ._vae import vae
 
