@@ -22,6 +22,7 @@ extensions = [
     "myst_nb",  # Markdown (MyST) pages and .ipynb notebooks; loads myst_parser itself
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
+    "sphinx.ext.intersphinx",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
@@ -43,6 +44,41 @@ napoleon_google_docstring = False
 napoleon_numpy_docstring = True
 napoleon_use_rtype = False
 napoleon_use_param = True
+
+# -- cross-references -------------------------------------------------------------------------
+# Build with ``-n`` (nitpicky): every reference must resolve. Names outside this package resolve
+# through these projects' inventories, which Sphinx downloads (the build needs the network).
+nitpicky = True
+intersphinx_mapping = {
+    "python": ("https://docs.python.org/3", None),
+    "numpy": ("https://numpy.org/doc/stable", None),
+    "scipy": ("https://docs.scipy.org/doc/scipy", None),
+    "pandas": ("https://pandas.pydata.org/docs", None),
+    "anndata": ("https://anndata.readthedocs.io/en/stable", None),
+    "scanpy": ("https://scanpy.readthedocs.io/en/stable", None),
+    "torch": ("https://docs.pytorch.org/docs/stable", None),
+    "matplotlib": ("https://matplotlib.org/stable", None),
+}
+# type hints name a class by where it is defined; the inventories list it where users import it
+_QUALNAME_OVERRIDES = {
+    "anndata._core.anndata.AnnData": "anndata.AnnData",
+    "torch.nn.modules.module.Module": "torch.nn.Module",
+    "matplotlib.axes._axes.Axes": "matplotlib.axes.Axes",
+    "matplotlib.figure.Figure": "matplotlib.figure.Figure",
+}
+
+
+def _public_name(app, env, node, contnode):
+    """Point a reference to a private module path at the public name, then let intersphinx resolve it."""
+    target = node.get("reftarget")
+    if target in _QUALNAME_OVERRIDES:
+        node["reftarget"] = _QUALNAME_OVERRIDES[target]
+    return None
+
+
+def setup(app):
+    app.connect("missing-reference", _public_name, priority=100)  # before intersphinx (500)
+
 
 # -- MyST / notebooks ------------------------------------------------------------------------
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]

@@ -113,6 +113,46 @@ def _groups_of(adata: AnnData, groupby: str, groups, reference: str) -> tuple[np
     return labels, chosen
 
 
+def _test_groups(module: VAE, adata: AnnData, key: str, labels: np.ndarray, chosen: list[str], reference: str, *,
+                 n_samples: int, n_cells_per_group: int, codes, rng: np.random.Generator, gen: torch.Generator,
+                 batch_size: int, dev: str, progress: bool, compare_kw: dict) -> dict[str, dict]:
+    """Draw each group's and its reference's posterior proportions and compare them (per group, per gene)."""
+
+    def pool(mask: np.ndarray) -> np.ndarray:
+        cells = np.flatnonzero(mask)
+        return rng.choice(cells, n_cells_per_group, replace=False) if len(cells) > n_cells_per_group else cells
+
+    def draws(mask: np.ndarray) -> np.ndarray:
+        return draw_scales(module, adata, key, pool(mask), n_samples, codes, rng, gen, batch_size, dev)
+
+    stats, ref_draws = {}, None
+    with torch.no_grad():
+        for g in tqdm(chosen, desc="differential expression", unit="group", disable=not progress, leave=False):
+            ha = draws(labels == g)
+            if reference == "rest":
+                hb = draws(labels != g)
+            else:  # one fixed reference: draw it once, re-pair it for each group
+                if ref_draws is None:
+                    ref_draws = draws(labels == reference)
+                hb = ref_draws[rng.permutation(n_samples)]
+            stats[g] = compare(ha, hb, **compare_kw)
+    return stats
+
+
+def _ranked_records(stats: dict[str, dict], model_genes) -> dict[str, np.recarray]:
+    """Lay results out as ``rank_genes_groups`` does: per field a record array, a column per group."""
+    names = np.asarray(model_genes, dtype=object)
+    ranked = {c: {} for c in _DTYPES}
+    for g, s in stats.items():
+        order = np.lexsort((-s["logfoldchanges"], -s["scores"]))
+        ranked["names"][g] = names[order]
+        for c in _DTYPES:
+            if c != "names":
+                ranked[c][g] = s[c][order]
+    return {c: pd.DataFrame(ranked[c]).to_records(index=False, column_dtypes={g: dt for g in stats})
+            for c, dt in _DTYPES.items()}
+
+
 @doc_params()
 def differential_expression(
     adata: AnnData,
@@ -230,32 +270,10 @@ def differential_expression(
     start = logg.info(f"testing {len(chosen)} group(s) of {groupby!r} against {reference!r} with {key!r} "
                       f"({mode} mode, {n_samples} posterior draws per side)")
 
-    def pool(mask: np.ndarray) -> np.ndarray:
-        cells = np.flatnonzero(mask)
-        return rng.choice(cells, n_cells_per_group, replace=False) if len(cells) > n_cells_per_group else cells
-
-    stats = {}
-    ref_draws = None
-    with torch.no_grad():
-        for g in tqdm(chosen, desc="differential expression", unit="group", disable=not progress, leave=False):
-            ha = draw_scales(module, adata, key, pool(labels == g), n_samples, codes, rng, gen, batch_size, dev)
-            if reference == "rest":
-                hb = draw_scales(module, adata, key, pool(labels != g), n_samples, codes, rng, gen, batch_size, dev)
-            else:  # one fixed reference: draw it once, re-pair it for each group
-                if ref_draws is None:
-                    ref_draws = draw_scales(module, adata, key, pool(labels == reference), n_samples, codes, rng,
-                                            gen, batch_size, dev)
-                hb = ref_draws[rng.permutation(n_samples)]
-            stats[g] = compare(ha, hb, mode=mode, delta=delta, pseudocount=pseudocount, fdr=fdr)
-
-    names = np.asarray(model_genes, dtype=object)
-    ranked = {c: {} for c in _DTYPES}
-    for g, s in stats.items():
-        order = np.lexsort((-s["logfoldchanges"], -s["scores"]))
-        ranked["names"][g] = names[order]
-        for c in _DTYPES:
-            if c != "names":
-                ranked[c][g] = s[c][order]
+    stats = _test_groups(module, adata, key, labels, chosen, reference, n_samples=n_samples,
+                         n_cells_per_group=n_cells_per_group, codes=codes, rng=rng, gen=gen, batch_size=batch_size,
+                         dev=dev, progress=progress, compare_kw=dict(mode=mode, delta=delta, pseudocount=pseudocount,
+                                                                     fdr=fdr))
     adata.uns[key_added] = {
         "params": {
             "groupby": groupby, "reference": reference, "method": f"scvi_{mode}", "use_raw": False, "layer": None,
@@ -263,8 +281,7 @@ def differential_expression(
             "fdr": float(fdr), "n_samples": int(n_samples), "n_cells_per_group": int(n_cells_per_group),
             "pseudocount": float(pseudocount), "batch_corrected": codes is not None, "random_state": random_state,
         },
-        **{c: pd.DataFrame(ranked[c]).to_records(index=False, column_dtypes={g: dt for g in chosen})
-           for c, dt in _DTYPES.items()},
+        **_ranked_records(stats, model_genes),
     }
     n_de = {g: int(s["is_de_fdr"].sum()) for g, s in stats.items()}
     logg.info(f"    genes DE at posterior expected FDR {fdr}: " + ", ".join(f"{g} {n}" for g, n in n_de.items()))
