@@ -7,37 +7,18 @@ import sys
 from pathlib import Path
 
 
-def _demo(args) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _demo_figures(adata, out: Path, *, with_gap: bool) -> list[str]:
+    """Write the demo's figures into ``out``; return their file names."""
     import matplotlib.pyplot as plt
     import numpy as np
     import pandas as pd
-    import scanpy as sc
 
     import sc_vi_ext as sv
 
-    from .metrics import knn_accuracy
-
-    sc.settings.verbosity = 3
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    adata = sv.datasets.pbmc68k()
-    print(f"PBMC data: {adata.n_obs} cells x {adata.n_vars} genes, {adata.obs['bulk_labels'].nunique()} cell types")
-    sv.tl.vae(adata, layer="counts", max_epochs=args.max_epochs, progress=not args.quiet)
-    if not args.no_gap:
-        # before the kNN graph: sc.pp.neighbors leaves torch with one thread per core, which on a
-        # busy machine slows the diagnostics several-fold
-        sv.tl.amortization_gap(adata, n_cells=args.gap_cells, progress=not args.quiet)
-        sv.tl.trust_score(adata, progress=not args.quiet)
-    sc.pp.neighbors(adata, use_rep="X_vae")
-    sc.tl.umap(adata, random_state=0)
-    sc.tl.leiden(adata, flavor="igraph", n_iterations=2, directed=False, random_state=0)
     figs = {}
     figs["elbo.png"] = sv.pl.elbo(adata, return_fig=True)
     figs["latent_umap.png"] = sv.pl.latent(adata, color=["bulk_labels", "leiden"], wspace=0.9, return_fig=True)
-    if not args.no_gap:
+    if with_gap:
         figs["amortization_gap.png"] = sv.pl.amortization_gap(adata, groupby="bulk_labels", return_fig=True)
         # the flag reads at a glance; the trust score itself is uniform over typical training cells
         flagged = adata.copy()
@@ -51,7 +32,14 @@ def _demo(args) -> int:
     for name, fig in figs.items():
         fig.savefig(out / name, dpi=110, bbox_inches="tight")
         plt.close(fig)
-    adata.write_h5ad(out / "pbmc68k_vae.h5ad")
+    return list(figs)
+
+
+def _demo_summary(adata, written: list[str], out: Path) -> None:
+    """Print what the demo found: epochs, ELBO, kNN accuracy against PCA's, gaps and trust."""
+    import scanpy as sc
+
+    from .metrics import knn_accuracy
 
     h = adata.uns["vae"]["history"]
     best = adata.uns["vae"]["best_epoch"] - 1
@@ -77,7 +65,34 @@ def _demo(args) -> int:
         if split in ("train", "validation"):
             print(f"  trust, {split + ' cells':17s}median {res['trust_median']:.2f}, flagged untrusted "
                   f"{100 * res['frac_untrusted']:.1f}% (n={res['n_cells']})")
-    print(f"  wrote                {', '.join(sorted([*figs, 'pbmc68k_vae.h5ad']))} in {out}/")
+    print(f"  wrote                {', '.join(sorted(written))} in {out}/")
+
+
+def _demo(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import scanpy as sc
+
+    import sc_vi_ext as sv
+
+    sc.settings.verbosity = 3
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    adata = sv.datasets.pbmc68k()
+    print(f"PBMC data: {adata.n_obs} cells x {adata.n_vars} genes, {adata.obs['bulk_labels'].nunique()} cell types")
+    sv.tl.vae(adata, layer="counts", max_epochs=args.max_epochs, progress=not args.quiet)
+    if not args.no_gap:
+        # before the kNN graph: sc.pp.neighbors leaves torch with one thread per core, which on a
+        # busy machine slows the diagnostics several-fold
+        sv.tl.amortization_gap(adata, n_cells=args.gap_cells, progress=not args.quiet)
+        sv.tl.trust_score(adata, progress=not args.quiet)
+    sc.pp.neighbors(adata, use_rep="X_vae")
+    sc.tl.umap(adata, random_state=0)
+    sc.tl.leiden(adata, flavor="igraph", n_iterations=2, directed=False, random_state=0)
+    figs = _demo_figures(adata, out, with_gap=not args.no_gap)
+    adata.write_h5ad(out / "pbmc68k_vae.h5ad")
+    _demo_summary(adata, [*figs, "pbmc68k_vae.h5ad"], out)
     return 0
 
 
