@@ -274,6 +274,25 @@ def test_early_stopping_stops(sim):
     assert h[-1] <= h[uns["best_epoch"] - 1]
 
 
+def test_best_epoch_weights_are_restored_not_the_last():
+    """After early stopping the stored model (and the latent written with it) is the best epoch's, not the last's.
+
+    (test_best_weights_are_kept cannot tell: the session model's best epoch is its last.)
+    """
+    adata = sv.datasets.simulate(200, 60, random_state=0)
+    sv.tl.vae(adata, max_epochs=100, n_hidden=16, lr=3e-3, early_stopping_patience=2, n_epochs_kl_warmup=2,
+              progress=False)
+    uns = adata.uns["vae"]
+    h, best = uns["history"]["elbo_validation"], uns["best_epoch"]
+    assert uns["stopped_early"] and len(h) == best + 2
+    assert h[-1] < h[best - 1] - 0.05  # the last epoch is measurably worse: the two can be told apart
+    val = adata.obs_names.get_indexer(uns["validation_obs_names"])
+    module = sv.get_model(adata)
+    elbo = evaluate(module, stored_loader(adata, "vae", val, batch_size=1024), seed=uns["params"]["random_state"])
+    assert elbo["elbo"] == pytest.approx(h[best - 1], abs=1e-3)
+    np.testing.assert_allclose(_stored_latent(adata), adata.obsm["X_vae"], rtol=1e-5, atol=1e-5)
+
+
 def test_no_early_stopping_runs_all_epochs(sim):
     sv.tl.vae(sim, max_epochs=30, n_hidden=16, early_stopping=False, n_epochs_kl_warmup=2, progress=False)
     assert not sim.uns["vae"]["stopped_early"]
