@@ -77,3 +77,31 @@ def test_row_totals_of_a_subset(tmp_path):
         np.testing.assert_array_equal(got[rows], full[rows])
         assert np.isnan(np.delete(got, rows)).all()
         np.testing.assert_array_equal(dataloader.row_totals(X), full)
+
+
+def test_rows_come_back_in_the_requested_order(tmp_path):
+    """Every reader returns the rows of ``idx`` in the order asked for, whatever the storage.
+
+    h5py reads increasing indices only: the on-disk reader reads them sorted and must put them back.
+    """
+    adata = sv.datasets.simulate(60, 12, random_state=2)
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    backed = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
+    dense = adata.X.toarray()
+    idx = np.array([41, 3, 57, 0, 22, 9])
+    storages = {"csr": adata.X, "dense": dense, "backed-csr": dataloader.get_counts(backed, None)}
+    assert type(storages["backed-csr"]).__name__.endswith("CSRDataset")
+    for name, X in storages.items():
+        for round_counts in (False, True):
+            np.testing.assert_array_equal(dataloader._rows_dense(X, idx, round_counts=round_counts), dense[idx],
+                                          err_msg=name)
+        # through the minibatches (with and without gene alignment): each row is the cell it is labelled with
+        for gene_index in (None, np.arange(12)[::-1]):
+            for shuffle in (False, True):
+                mbs = dataloader.Minibatches(X, idx, log_library=None, batch_size=4, shuffle=shuffle,
+                                             rng=np.random.default_rng(0), gene_index=gene_index)
+                batches = list(mbs)
+                cols = slice(None) if gene_index is None else gene_index
+                for mb in batches:
+                    np.testing.assert_array_equal(mb.x.numpy(), dense[mb.idx][:, cols], err_msg=name)
+                np.testing.assert_array_equal(np.sort(np.concatenate([mb.idx for mb in batches])), np.sort(idx))

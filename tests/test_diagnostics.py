@@ -172,9 +172,23 @@ def test_gap_history_and_plots(tmp_path):
     assert np.isnan(g[[0, 1, 3, 4]]).all() and np.isfinite(g[[2, 5]]).all()
     ax = sv.pl.gap_history(adata, show=False)
     assert isinstance(ax, plt.Axes)
+    # the curves are the recorded gaps, at the epochs where they were measured
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    for split, label in (("train", "training cells"), ("validation", "held-out cells")):
+        for gap in ("amortization", "approximation"):
+            ln = lines[f"{gap} gap, {label}"]
+            np.testing.assert_array_equal(ln.get_xdata(), [3, 6])
+            np.testing.assert_array_equal(ln.get_ydata(), np.asarray(h[f"{gap}_gap_{split}"])[[2, 5]])
     sv.tl.amortization_gap(adata, n_cells=30, **{**FAST, "max_steps": 40, "n_samples": 30})
     axes = sv.pl.amortization_gap(adata, groupby="cell_type", show=False)
     assert len(axes) == 4
+    # panel A: one bar per gap and split, as long as the mean the tool stored
+    res = adata.uns["vae"]["amortization_gap"]
+    widths = [bar.get_width() for bar in axes[0].patches]
+    assert widths == [res[s][f"{g}_gap_mean"] for g in ("amortization", "approximation")
+                      for s in ("train", "validation")]
+    # panel C: one point per cell with a gap
+    assert sum(len(c.get_offsets()) for c in axes[2].collections) == res["all"]["n_cells"] == 30
     fig = sv.pl.amortization_gap(adata, return_fig=True)
     assert isinstance(fig, plt.Figure) and len(fig.axes) == 3
     _, one = plt.subplots()

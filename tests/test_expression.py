@@ -147,8 +147,11 @@ def test_de_layout_matches_scanpy(with_de):
         # the expected FDR of the reported set really is at most 0.05
         chosen = res["is_de_fdr"][g]
         assert chosen.any() and (1 - proba[chosen]).mean() <= 0.05
+    # scanpy's own plot reads the result: one panel per group, naming that group's top genes
     axes = sc.pl.rank_genes_groups(with_de, key="vae_de", n_genes=10, show=False)
-    assert axes is not None
+    assert [a.get_title() for a in axes] == [f"{g} vs. rest" for g in groups]
+    for ax, g in zip(axes, groups, strict=True):
+        assert [t.get_text() for t in ax.texts] == list(res["names"][g][:10])
 
 
 def test_posterior_fdr_with_ties():
@@ -222,12 +225,33 @@ def test_posterior_predictive_columns(with_ppc, trained):
     assert not any(c.startswith("vae_ppc") for c in trained.var)  # copy=True
 
 
+def _ppc_points(ax) -> dict[str, np.ndarray]:
+    """The scatter points of a posterior predictive panel, by legend label."""
+    return {c.get_label(): np.asarray(c.get_offsets()) for c in ax.collections if c.get_label() in
+            ("within 3 sd", "off by > 3 sd")}
+
+
+def _assert_panel_draws(ax, var, stat):
+    """One point per gene at (observed, predicted), those more than 3 sd off drawn apart."""
+    o, p, sd = (var[f"vae_ppc_{stat}_{s}"].to_numpy(float) for s in ("obs", "pred", "pred_sd"))
+    keep = np.isfinite(o) & np.isfinite(p) & ((o > 0) & (p > 0) if stat != "frac_zero" else True)
+    off = np.abs(o - p) > 3 * sd
+    pts = _ppc_points(ax)
+    np.testing.assert_array_equal(pts["within 3 sd"], np.c_[o, p][keep & ~off])
+    np.testing.assert_array_equal(pts["off by > 3 sd"], np.c_[o, p][keep & off])
+    assert keep.sum() >= 0.9 * len(o)  # (nearly) every gene is drawn
+
+
 def test_posterior_predictive_plot(with_ppc, tmp_path):
     axes = sv.pl.posterior_predictive(with_ppc, show=False)
     assert len(axes) == len(STATS) and all(isinstance(a, plt.Axes) for a in axes)
     assert axes[0].get_xscale() == "log" and axes[-1].get_xscale() == "linear"
+    for ax, stat in zip(axes, STATS, strict=True):
+        _assert_panel_draws(ax, with_ppc.var, stat)
+        assert ax.get_xlabel().startswith("observed") and ax.get_ylabel().startswith("predicted")
     _, ax = plt.subplots()
     assert sv.pl.posterior_predictive(with_ppc, stats="var", ax=ax, show=False) is ax
+    _assert_panel_draws(ax, with_ppc.var, "var")
     fig = sv.pl.posterior_predictive(with_ppc, stats=["mean", "frac_zero"], return_fig=True)
     assert isinstance(fig, plt.Figure) and len(fig.axes) == 2
     fig.savefig(tmp_path / "ppc.png")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
+from anndata import AnnData
 
 import sc_vi_ext as sv
 
@@ -25,11 +26,17 @@ def test_public_names_exist():
     assert TL and PL
 
 
-@pytest.mark.parametrize("func", TL + PL, ids=lambda f: f"{f.__module__.split('.')[1]}.{f.__name__}")
+def _id(func) -> str:
+    return f"{func.__module__.split('.')[1]}.{func.__name__}"
+
+
+@pytest.mark.parametrize("func", TL + PL, ids=_id)
 def test_sig_conventions(func):
+    """scanpy's rule (its tests/test_package_structure.py): ``adata`` first and positional, the rest keyword-only."""
     params = _params(func)
     assert params[0].name == "adata"
     assert params[0].kind == inspect.Parameter.POSITIONAL_OR_KEYWORD
+    assert params[0].default is inspect.Parameter.empty
     for p in params[1:]:
         assert p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.VAR_KEYWORD), (
             f"{func.__name__}: {p.name} must be keyword-only"
@@ -49,7 +56,7 @@ def _documented_params(doc: str) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("func", TL + PL, ids=lambda f: f"{f.__module__.split('.')[1]}.{f.__name__}")
+@pytest.mark.parametrize("func", TL + PL, ids=_id)
 def test_parameters_documented(func):
     """Every parameter has its own top-level entry in the Parameters section (numpydoc)."""
     assert func.__doc__, f"{func.__name__} has no docstring"
@@ -62,21 +69,33 @@ def test_parameters_documented(func):
     assert not unknown, f"{func.__name__}: documents parameters it does not have: {unknown}"
 
 
-@pytest.mark.parametrize("func", TL, ids=lambda f: f"tl.{f.__name__}")
+@pytest.mark.parametrize("func", TL, ids=_id)
 def test_tl_has_copy(func):
+    """``copy: bool = False``, and the return value says what ``copy`` does: ``AnnData | None``."""
     if func.__name__ in TL_READ_ONLY:
         pytest.skip("read-only tool")
-    params = {p.name: p for p in _params(func)}
+    sig = inspect.signature(func, eval_str=True)
+    params = sig.parameters
     assert "copy" in params, f"tl.{func.__name__} writes to adata and needs copy="
+    assert params["copy"].kind == inspect.Parameter.KEYWORD_ONLY
     assert params["copy"].default is False
+    assert params["copy"].annotation is bool
+    assert sig.return_annotation == (AnnData | None)
+    assert params["adata"].annotation is AnnData
 
 
-@pytest.mark.parametrize("func", PL, ids=lambda f: f"pl.{f.__name__}")
+@pytest.mark.parametrize("func", PL, ids=_id)
 def test_pl_has_ax_show_return_fig(func):
-    params = {p.name: p for p in _params(func)}
+    params = inspect.signature(func, eval_str=True).parameters
+    for name in ("ax", "show", "return_fig"):
+        assert params[name].kind == inspect.Parameter.KEYWORD_ONLY, name
     assert params["ax"].default is None
     assert params["show"].default is None
+    assert params["show"].annotation == (bool | None)
     assert params["return_fig"].default is False
+    assert params["return_fig"].annotation is bool
+    assert params["adata"].annotation is AnnData
+    assert "copy" not in params  # plots do not write to adata (checked by behaviour in test_plot_conventions.py)
 
 
 def test_tl_pl_in_all():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import sc_vi_ext as sv
-from sc_vi_ext.diagnostics.history import overfitting_alarm
+from sc_vi_ext.diagnostics.history import overfitting_alarm, overfitting_epochs
 from sc_vi_ext.diagnostics.trust import compare_to_reference
 from sc_vi_ext.model_store import held_out_mask
 
@@ -38,6 +38,11 @@ def test_overfitting_alarm_fires(overfit):
     assert "held-out" in overfit.uns["alarm"] and "gap_history" in overfit.uns["alarm"]
     ax = sv.pl.gap_history(overfit, show=False)
     assert isinstance(ax, plt.Axes)
+    # the plot says so too: its title names the first overfitting epoch, whose interval is shaded red
+    first = int(np.asarray(h["epoch"])[overfitting_epochs(h)][0])
+    assert ax.get_title(loc="left").startswith(f"Held-out gap well above the training gap from epoch {first}")
+    red = [p for p in ax.patches if p.get_facecolor()[:3] == (1.0, 0.0, 0.0)]
+    assert red and max(p.get_x() + p.get_width() for p in red) == h["epoch"][last]
     plt.close("all")
 
 

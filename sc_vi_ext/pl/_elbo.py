@@ -42,6 +42,7 @@ def elbo(
     epochs = np.asarray(h["epoch"])
     if ax is None:
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), layout="constrained")
+        axes = list(axes)  # a list, as documented (and as scanpy returns), not a numpy array
     else:
         fig, axes = ax.figure, [ax]
     panels = [("elbo", "ELBO (nats/cell)"), ("reconstruction", "E_q log p(x|z)"), ("kl", "KL(q || p)")]
