@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -20,6 +21,12 @@ from scanpy import logging as logg
 
 _CHECK_ROWS = 10_000  # rows read per chunk when checking a matrix
 BACKED_CHUNK_ROWS = 8192  # rows read from disk at once for a backed AnnData
+ON_DISK = (CSRDataset, h5py.Dataset)  # a backed AnnData's X: sparse (CSR) or dense on disk
+
+
+def is_on_disk(X) -> bool:
+    """Whether ``X`` is a backed matrix (read from the file row block by row block)."""
+    return isinstance(X, ON_DISK)
 
 
 def get_counts(adata: AnnData, layer: str | None):
@@ -44,7 +51,7 @@ def get_counts(adata: AnnData, layer: str | None):
         X = X.tocsr()
     elif sp.issparse(X) and X.format != "csr":
         X = X.tocsr()
-    elif not (sp.issparse(X) or isinstance(X, CSRDataset)):
+    elif not (sp.issparse(X) or is_on_disk(X)):
         X = np.asarray(X)
     return X
 
@@ -57,7 +64,7 @@ def _rows_dense(X, idx: np.ndarray, *, round_counts: bool = False) -> np.ndarray
     """
     if isinstance(X, np.ndarray):
         out = np.asarray(X[idx], dtype=np.float32)  # fancy indexing: already a copy
-    elif isinstance(X, CSRDataset):  # h5py wants increasing indices: read sorted, then reorder
+    elif is_on_disk(X):  # h5py wants increasing indices: read sorted, then reorder
         order = np.argsort(idx, kind="stable")
         sub = X[idx[order]]
         out = np.empty((len(idx), X.shape[1]), dtype=np.float32)
@@ -329,9 +336,12 @@ class Minibatches:
             yield Minibatch(x, bt, ll, idx, cv, nz)
 
     def __iter__(self) -> Iterator[Minibatch]:
-        if isinstance(self.X, CSRDataset):
+        in_order = not self.shuffle and np.all(np.diff(self.indices) > 0)
+        if is_on_disk(self.X) and (self.shuffle or in_order):
             yield from self._iter_backed()
             return
+        # in memory, or on disk in a requested order that is not the file's: each minibatch
+        # is read on its own (sorted for h5py, then put back in the order asked for)
         order = self.rng.permutation(self.indices) if self.shuffle else self.indices
         yield from self._emit(self.X, order, order)
 

@@ -89,8 +89,13 @@ def test_rows_come_back_in_the_requested_order(tmp_path):
     backed = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
     dense = adata.X.toarray()
     idx = np.array([41, 3, 57, 0, 22, 9])
-    storages = {"csr": adata.X, "dense": dense, "backed-csr": dataloader.get_counts(backed, None)}
+    dense_file = ad.AnnData(X=dense, obs=adata.obs, var=adata.var)
+    dense_file.write_h5ad(tmp_path / "d.h5ad")
+    backed_dense = ad.read_h5ad(tmp_path / "d.h5ad", backed="r")
+    storages = {"csr": adata.X, "dense": dense, "backed-csr": dataloader.get_counts(backed, None),
+                "backed-dense": dataloader.get_counts(backed_dense, None)}
     assert type(storages["backed-csr"]).__name__.endswith("CSRDataset")
+    assert dataloader.is_on_disk(storages["backed-dense"])  # a dense X on disk stays there
     for name, X in storages.items():
         for round_counts in (False, True):
             np.testing.assert_array_equal(dataloader._rows_dense(X, idx, round_counts=round_counts), dense[idx],
@@ -105,3 +110,18 @@ def test_rows_come_back_in_the_requested_order(tmp_path):
                 for mb in batches:
                     np.testing.assert_array_equal(mb.x.numpy(), dense[mb.idx][:, cols], err_msg=name)
                 np.testing.assert_array_equal(np.sort(np.concatenate([mb.idx for mb in batches])), np.sort(idx))
+                if not shuffle:  # unshuffled: the order asked for, also from a file
+                    np.testing.assert_array_equal(np.concatenate([mb.idx for mb in batches]), idx, err_msg=name)
+
+
+def test_backed_dense_trains_without_loading_the_matrix(tmp_path):
+    adata = sv.datasets.simulate(200, 30, random_state=1)
+    dense = ad.AnnData(X=adata.X.toarray(), obs=adata.obs, var=adata.var)
+    dense.write_h5ad(tmp_path / "d.h5ad")
+    backed = ad.read_h5ad(tmp_path / "d.h5ad", backed="r")
+    kw = {"max_epochs": 3, "n_hidden": 16, "progress": False, "n_threads": 1}
+    sv.tl.vae(backed, **kw)
+    sv.tl.vae(dense, **kw)
+    assert dataloader.is_on_disk(dataloader.get_counts(backed, None))
+    np.testing.assert_allclose(backed.uns["vae"]["history"]["elbo_validation"][-1],
+                               dense.uns["vae"]["history"]["elbo_validation"][-1], rtol=0.05)
