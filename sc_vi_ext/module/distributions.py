@@ -98,6 +98,14 @@ def log_likelihood(
     raise ValueError(f"likelihood must be 'zinb', 'nb' or 'poisson', not {likelihood!r}")
 
 
+def reparameterize(mean: torch.Tensor, log_var: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Draw from N(mean, diag(exp(log_var))) given standard-normal noise ``eps``: mean + sigma * eps.
+
+    ``eps`` may carry leading sample axes, (..., cells, latent_dim); the draws have its shape.
+    """
+    return mean + torch.exp(0.5 * log_var) * eps
+
+
 def log_normal_std(z: torch.Tensor) -> torch.Tensor:
     """Log N(z; 0, I) summed over the last axis."""
     return log_normal(z, torch.zeros_like(z), torch.zeros_like(z))

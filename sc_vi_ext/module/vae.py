@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributions import kl_normal, log_likelihood, log_normal
+from .distributions import kl_normal, log_likelihood, log_normal, reparameterize
 from .nn import Decoder, Encoder
 
 LIKELIHOODS = ("zinb", "nb", "poisson")
@@ -187,6 +187,6 @@ class VAE(nn.Module):
         """
         mean, log_var = self.inference(x, batch, cov)
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        z = mean + torch.exp(0.5 * log_var) * eps
+        z = reparameterize(mean, log_var, eps)
         rec = self.log_px_z(x, self.generative(z, batch, log_library, cov), nz)
         return LossOutput(reconstruction=rec, kl=self.kl(mean, log_var, batch))
