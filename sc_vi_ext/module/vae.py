@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributions import kl_normal, log_likelihood, log_normal, reparameterize
+from .distributions import count_distribution, kl_normal, log_normal, reparameterize
 from .nn import Decoder, Encoder
 
 LIKELIHOODS = ("zinb", "nb", "poisson")
@@ -172,8 +172,7 @@ class VAE(nn.Module):
 
     def log_px_z(self, x: torch.Tensor, params: dict, nz=None) -> torch.Tensor:
         """Log p(x | z) summed over genes, (..., cells); ``nz``: x's non-zeros if known."""
-        return log_likelihood(x, self.likelihood, params["mu"], params["theta"], params["zi_logits"],
-                              params.get("log_mu"), nz)
+        return count_distribution(self.likelihood, params).log_prob(x, nz)
 
     def forward(self, x, batch, log_library, cov=None, nz=None, generator=None) -> LossOutput:
         """Return the per-cell loss terms (``forward`` so that DistributedDataParallel can wrap it)."""
