@@ -13,7 +13,7 @@ from .._docs import doc_params
 from ..dataloader import Minibatches, batch_codes, covariate_design, get_counts, inspect_counts, log_library
 from ..distributed import device_for_rank, rank_and_world
 from ..model_store import state_to_numpy
-from ..module import DISPERSIONS, LATENT_DISTRIBUTIONS, LIBRARIES, LIKELIHOODS, VAE
+from ..module.vae import DEFAULTS, HPARAMS, VAE, Dispersion, LatentDistribution, Library, Likelihood, check_options
 from ..threads import threads
 from ..train import check_finite, default_max_epochs, train
 from ._derived import remove_derived
@@ -43,15 +43,15 @@ def vae(
     *,
     layer: str | None = None,
     batch_key: str | None = None,
-    n_latent: int = 10,
-    n_hidden: int = 128,
-    n_layers: int = 1,
-    dropout: float = 0.1,
-    likelihood: str = "zinb",
-    dispersion: str = "gene",
-    encode_covariates: bool = False,
-    library: str = "observed",
-    latent_distribution: str = "normal",
+    n_latent: int = DEFAULTS["n_latent"],
+    n_hidden: int = DEFAULTS["n_hidden"],
+    n_layers: int = DEFAULTS["n_layers"],
+    dropout: float = DEFAULTS["dropout"],
+    likelihood: Likelihood = DEFAULTS["likelihood"],
+    dispersion: Dispersion = DEFAULTS["dispersion"],
+    encode_covariates: bool = DEFAULTS["encode_covariates"],
+    library: Library = DEFAULTS["library"],
+    latent_distribution: LatentDistribution = DEFAULTS["latent_distribution"],
     size_factor_key: str | None = None,
     categorical_covariate_keys: list[str] | None = None,
     continuous_covariate_keys: list[str] | None = None,
@@ -198,11 +198,8 @@ def vae(
     if batch_size < 2:
         raise ValueError("batch_size must be at least 2 (BatchNorm needs two cells).")
     # every check runs before anything is written, so bad input leaves adata untouched
-    for name, value, allowed in (("likelihood", likelihood, LIKELIHOODS), ("dispersion", dispersion, DISPERSIONS),
-                                 ("library", library, LIBRARIES),
-                                 ("latent_distribution", latent_distribution, LATENT_DISTRIBUTIONS)):
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, not {value!r}.")
+    check_options(likelihood=likelihood, dispersion=dispersion, library=library,
+                  latent_distribution=latent_distribution)
     X = get_counts(adata, layer)
     what = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
     codes, categories = batch_codes(adata, batch_key)
@@ -232,11 +229,7 @@ def vae(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(random_state)
-        module = VAE(
-            adata.n_vars, n_batch=len(categories), n_cov=0 if cov is None else cov.shape[1], n_latent=n_latent,
-            n_hidden=n_hidden, n_layers=n_layers, dropout=dropout, likelihood=likelihood, dispersion=dispersion,
-            encode_covariates=encode_covariates, library=library, latent_distribution=latent_distribution,
-        )
+        module = VAE(n_batch=len(categories), **{k: params[k] for k in HPARAMS if k in params})
         _set_library_prior(module, np.log(totals[train_idx]), None if codes is None else codes[train_idx])
         module = module.to(dev)
         train_loader = Minibatches(X, train_idx, batch_size=batch_size, shuffle=True, rng=rng, with_nz=True,
