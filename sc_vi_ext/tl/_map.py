@@ -13,7 +13,7 @@ from ..model_store import get_model, state_to_numpy
 from ..module import VAE
 from ..train import train
 from ._derived import remove_derived
-from ._vae import _latent_means, _set_library_prior, resolve_device, split_indices
+from ._utils import latent_means, resolve_device, set_library_prior, split_indices
 
 
 def _grow_batches(ref: VAE, n_new: int) -> tuple[VAE, list]:
@@ -172,7 +172,7 @@ def vae_map(
                 fresh = torch.isin(torch.as_tensor(codes), torch.arange(len(ref_cats), len(all_cats))).numpy()
                 keep = (module.library_prior_mean[:len(ref_cats)].clone(),
                         module.library_prior_log_var[:len(ref_cats)].clone())
-                _set_library_prior(module, np.log(totals[fresh]), codes[fresh])
+                set_library_prior(module, np.log(totals[fresh]), codes[fresh])
                 module.library_prior_mean[:len(ref_cats)], module.library_prior_log_var[:len(ref_cats)] = keep
             rng = np.random.default_rng(random_state)
             tr_idx, va_idx = split_indices(adata.n_obs, train_size, rng)
@@ -188,7 +188,7 @@ def vae_map(
                 prm.requires_grad_(True)
         else:
             module, va_idx = ref_module.to(dev), np.array([], dtype=int)
-        latent = _latent_means(module, Minibatches(X, np.arange(adata.n_obs), batch_size=1024, **common))
+        latent = latent_means(module, Minibatches(X, np.arange(adata.n_obs), batch_size=1024, **common))
     remove_derived(adata, key)
     adata.obsm[f"X_{key}"] = latent
     adata.uns[key] = {

@@ -17,24 +17,8 @@ from ..module.vae import DEFAULTS, HPARAMS, VAE, Dispersion, LatentDistribution,
 from ..threads import threads
 from ..train import check_finite, default_max_epochs, train
 from ._derived import remove_derived
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def split_indices(n_obs: int, train_size: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded train/validation split that always leaves at least 2 training cells."""
-    if not 0 < train_size <= 1:
-        raise ValueError(f"train_size must be in (0, 1], not {train_size}.")
-    if n_obs < 2:
-        raise ValueError(f"Training needs at least 2 cells, the AnnData has {n_obs}.")
-    n_train = min(n_obs, max(2, round(train_size * n_obs)))  # round: 0.9 * 200 is 179.99...
-    n_val = n_obs - n_train
-    perm = rng.permutation(n_obs)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+from ._utils import latent_means as _latent_means  # this module's name for it: tests replace it here
+from ._utils import resolve_device, set_library_prior, split_indices
 
 
 @doc_params()
@@ -230,7 +214,7 @@ def vae(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(random_state)
         module = VAE(n_batch=len(categories), **{k: params[k] for k in HPARAMS if k in params})
-        _set_library_prior(module, np.log(totals[train_idx]), None if codes is None else codes[train_idx])
+        set_library_prior(module, np.log(totals[train_idx]), None if codes is None else codes[train_idx])
         module = module.to(dev)
         train_loader = Minibatches(X, train_idx, batch_size=batch_size, shuffle=True, rng=rng, with_nz=True,
                                    shard=rank_and_world(), **common)
@@ -291,30 +275,3 @@ def vae(
               f"\n    '{key_added}', params, history and weights (adata.uns)"),
     )
     return adata if copy else None
-
-
-@torch.no_grad()
-def _set_library_prior(module: VAE, log_totals: np.ndarray, codes: np.ndarray | None) -> None:
-    """Per-batch mean and variance of log total counts: the prior of a latent library."""
-    n = module.library_prior_mean.shape[0]
-    codes = np.zeros(len(log_totals), dtype=int) if codes is None or n == 1 else codes
-    for b in range(n):
-        v = log_totals[codes == b]
-        if len(v):
-            module.library_prior_mean[b] = float(v.mean())
-            module.library_prior_log_var[b] = float(np.log(max(v.var(), 1e-4)))
-    if module.library_encoder is not None:
-        # start q(l | x) at the data's scale rather than at log l = 0 (e^0 = one count per cell)
-        module.library_encoder.mean.bias.fill_(float(log_totals.mean()))
-
-
-@torch.no_grad()
-def _latent_means(module: VAE, loader: Minibatches) -> np.ndarray:
-    module.eval()
-    out = np.empty((len(loader.indices), module.n_latent), dtype=np.float32)
-    pos = 0
-    for mb in loader:
-        mean, _ = module.inference(mb.x, mb.batch, mb.cov)
-        out[pos:pos + len(mb.idx)] = module.representation(mean).cpu().numpy()
-        pos += len(mb.idx)
-    return out
