@@ -75,7 +75,7 @@ class Setup:
 
         import sc_vi_ext as sv
         from sc_vi_ext.dataloader import check_counts, get_counts
-        from sc_vi_ext.tl._vae import split_indices
+        from sc_vi_ext.tl._utils import split_indices
 
         kw = {} if args.dispersion is None else {"dispersion": args.dispersion}
         adata = sv.datasets.simulate(args.n_cells, args.n_genes, n_batches=3, n_types=8, random_state=0, **kw)

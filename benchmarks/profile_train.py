@@ -30,7 +30,7 @@ def build(n_cells, n_genes, dispersion, batch_size=128, seed=0):
     import sc_vi_ext as sv
     from sc_vi_ext.dataloader import Minibatches, check_counts, get_counts
     from sc_vi_ext.module import VAE
-    from sc_vi_ext.tl._vae import split_indices
+    from sc_vi_ext.tl._utils import split_indices
 
     kw = {} if dispersion is None else {"dispersion": dispersion}
     adata = sv.datasets.simulate(n_cells, n_genes, n_batches=3, n_types=8, random_state=0, **kw)

@@ -127,12 +127,12 @@ def worker(mode: str, data: str, epochs: str, batch_size: int, threads: int, aft
     }
     if after and rank == 0:
         from sc_vi_ext.model_store import get_model, stored_loader
-        from sc_vi_ext.tl._vae import _latent_means
+        from sc_vi_ext.tl._utils import latent_means
 
         rng = np.random.default_rng(0)
         t = {}
         t0 = time.perf_counter()
-        _latent_means(get_model(adata), stored_loader(adata, "vae", batch_size=1024))
+        latent_means(get_model(adata), stored_loader(adata, "vae", batch_size=1024))
         t["latent_fill_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         cells = np.sort(rng.choice(adata.n_obs, min(1000, adata.n_obs), replace=False))

@@ -108,7 +108,7 @@ def quiet():
 
 def shared_split(n_obs: int, train_size: float, seed: int):
     """The train/validation split sc_vi_ext draws first inside ``tl.vae(random_state=seed)``."""
-    from sc_vi_ext.tl._vae import split_indices
+    from sc_vi_ext.tl._utils import split_indices
 
     return split_indices(n_obs, train_size, np.random.default_rng(seed))
 

@@ -13,13 +13,7 @@ import torch
 from anndata import AnnData
 
 from .dataloader import Minibatches, batch_codes, covariate_design, get_counts, inspect_counts, log_library
-from .module import VAE
-
-ARCH_PARAMS = (
-    "n_latent", "n_hidden", "n_layers", "dropout", "likelihood", "dispersion", "encode_covariates",
-    "library", "latent_distribution",
-)
-_ARCH_DEFAULTS = {"library": "observed", "latent_distribution": "normal"}
+from .module.vae import HPARAMS, VAE
 
 
 def state_to_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -41,10 +35,15 @@ def _damaged(key: str, detail: str) -> ValueError:
 
 
 def _build(uns: Mapping, key: str) -> VAE:
-    """Build the VAE of ``uns`` and load its weights, after checking every stored array."""
+    """Build the VAE of ``uns`` and load its weights, after checking every stored array.
+
+    The VAE's arguments are the tool's settings of the same names in ``uns["params"]`` (settings
+    that older versions did not store take the VAE's defaults) and the number of batch categories.
+    """
     p = uns["params"]
-    module = VAE(int(p["n_genes"]), n_batch=len(uns["batch_categories"]), n_cov=int(p.get("n_cov", 0)),
-                 **{k: p.get(k, _ARCH_DEFAULTS.get(k)) for k in ARCH_PARAMS})
+    hparams = {k: p[k] for k in HPARAMS if k in p}
+    hparams.update(n_genes=int(p["n_genes"]), n_cov=int(p.get("n_cov", 0)), n_batch=len(uns["batch_categories"]))
+    module = VAE(**hparams)
     stored, expected = uns["model"], module.state_dict()
     if not isinstance(stored, Mapping):
         raise _damaged(key, f"a {type(stored).__name__} instead of a mapping of weight arrays")

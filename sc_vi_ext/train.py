@@ -62,6 +62,16 @@ class TrainResult:
     stopped_early: bool = False
     interrupted: bool = False
 
+    def summary(self) -> str:
+        """One line: epochs run, early stop, the ELBOs of the best epoch (empty before any epoch)."""
+        h = self.history
+        if not h["epoch"]:
+            return ""
+        best = self.best_epoch - 1
+        return (f"{len(h['epoch'])} epochs{' (early stop)' if self.stopped_early else ''}, best epoch "
+                f"{self.best_epoch}: ELBO train {h['elbo_train'][best]:.1f}, validation "
+                f"{h['elbo_validation'][best]:.1f} nats/cell")
+
 
 # Measured on a 128 x 2,000 ZINB minibatch (1 thread): the compiled dense terms save about
 # 3 ms per step; compiling costs 5-20 s (less once inductor's on-disk cache is warm).
@@ -80,7 +90,7 @@ def use_compiled(setting: bool | str, n_steps: int) -> bool:  # noqa: FBT001 - T
         setting = n_steps >= COMPILE_MIN_STEPS
     if setting and not fused.can_compile():
         warnings.warn("torch.compile is not available here (no C++ compiler?); training in eager mode.",
-                      stacklevel=3)
+                      stacklevel=4)
         return False
     return bool(setting)
 
@@ -163,10 +173,9 @@ def train(
     """
     rank, _ = rank_and_world()
     res = TrainResult()
-    h = res.history
     warmup_steps = n_epochs_kl_warmup * len(train_loader)
     compiled = use_compiled(compile_likelihood, max_epochs * len(train_loader))
-    best, best_state, bad_epochs, step = -math.inf, None, 0, 0
+    best, step = _BestEpoch(n_epochs_kl_warmup), 0
     raw_loader = train_loader
     # under torchrun, Ctrl-C stops every rank at the same step (see distributed.py)
     train_loader, restore_sigint = interruptible(train_loader)
@@ -183,68 +192,105 @@ def train(
             _warm_up_compiled(module, raw_loader)
         for epoch in bar:
             t0 = time.perf_counter()
-            module.train()
-            if freeze_batchnorm:
-                for m in module.modules():
-                    if isinstance(m, torch.nn.BatchNorm1d):
-                        m.eval()
-            # metrics accumulate on the device: no host sync per step
-            sums = torch.zeros(3, dtype=torch.float64, device=train_loader.device)  # rec, kl, cells
-            for mb in train_loader:
-                w = kl_weight(step, warmup_steps)
-                out = model(mb.x, mb.batch, mb.log_library, mb.cov, mb.nz)
-                opt.zero_grad(set_to_none=True)
-                out.loss(w).backward()
-                opt.step()
-                step += 1
-                sums[0] += out.reconstruction.detach().sum()
-                sums[1] += out.kl.detach().sum()
-                sums[2] += len(mb.idx)
+            sums, step = _train_epoch(model, module, train_loader, opt, step, warmup_steps,
+                                       freeze_batchnorm=freeze_batchnorm)
             rec, kl, n = global_sum(sums).tolist()
             tr = {"reconstruction": rec / n, "kl": kl / n}
             tr["elbo"] = tr["reconstruction"] - tr["kl"]
             va = evaluate(module, val_loader, seed=seed) if val_loader is not None else None
             check_finite(epoch + 1, lr, rec, kl, *(va.values() if va else ()))
-            row = {"epoch": epoch + 1, "kl_weight": kl_weight(step, warmup_steps),
-                   "seconds": time.perf_counter() - t0}  # training + validation, before callbacks
-            for name in ("elbo", "reconstruction", "kl"):
-                row[f"{name}_train"] = tr[name]
-                row[f"{name}_validation"] = va[name] if va else np.nan
+            # seconds: training + validation, before callbacks
+            row = _history_row(epoch + 1, tr, va, kl_weight(step, warmup_steps), time.perf_counter() - t0)
             if callback is not None:
                 row.update(callback(epoch + 1, module) or {})
-            for k in row.keys() | h.keys():  # every column as long as the epoch column
-                h.setdefault(k, [np.nan] * epoch).append(row.get(k, np.nan))
-            score = va["elbo"] if va else tr["elbo"]
+            for k in row.keys() | res.history.keys():  # every column as long as the epoch column
+                res.history.setdefault(k, [np.nan] * epoch).append(row.get(k, np.nan))
             bar.set_postfix(elbo_train=f"{tr['elbo']:.1f}", **({"elbo_val": f"{va['elbo']:.1f}"} if va else {}))
-            warm = epoch + 1 >= n_epochs_kl_warmup
-            if score > best or best_state is None or not warm:
-                # during warm-up the bound is still being reshaped: track the latest weights
-                best, best_state, res.best_epoch, bad_epochs = score, copy.deepcopy(module.state_dict()), epoch + 1, 0
-            else:
-                bad_epochs += 1
-                if early_stopping and bad_epochs >= patience:
-                    res.stopped_early = True
-                    break
+            improved = best.update(epoch + 1, va["elbo"] if va else tr["elbo"], module)
+            if not improved and early_stopping and best.bad_epochs >= patience:
+                res.stopped_early = True
+                break
     except KeyboardInterrupt:
-        res.interrupted = True
-        n_ep = min(len(v) for v in h.values())
-        if best_state is None:
-            raise TrainingInterrupted(
-                "Training interrupted before the first epoch finished; there is no model to keep "
-                "and nothing was written."
-            ) from None
-        for k in h:  # drop a half-recorded epoch
-            del h[k][n_ep:]
-        warnings.warn(
-            f"Training interrupted after {n_ep} epoch(s); keeping the best weights so far "
-            f"(epoch {res.best_epoch}) and the partial history.",
-            stacklevel=3,
-        )
+        _keep_partial(res, best)
     finally:
         bar.close()
         cleanup.close()
         restore_sigint()
-    if best_state is not None:
-        module.load_state_dict(best_state)
+    res.best_epoch = best.epoch
+    if best.state is not None:
+        module.load_state_dict(best.state)
     module.eval()
     return res
+
+
+def _train_epoch(model, module: VAE, loader, opt, step: int, warmup_steps: int, *, freeze_batchnorm: bool):
+    """One pass of optimiser steps over ``loader``; return the summed (reconstruction, KL, cells) and the step count.
+
+    The sums stay on the device (no host sync per step). ``model`` is ``module`` or its
+    data-parallel wrapper.
+    """
+    module.train()
+    if freeze_batchnorm:
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.eval()
+    sums = torch.zeros(3, dtype=torch.float64, device=loader.device)  # rec, kl, cells
+    for mb in loader:
+        w = kl_weight(step, warmup_steps)
+        out = model(mb.x, mb.batch, mb.log_library, mb.cov, mb.nz)
+        opt.zero_grad(set_to_none=True)
+        out.loss(w).backward()
+        opt.step()
+        step += 1
+        sums[0] += out.reconstruction.detach().sum()
+        sums[1] += out.kl.detach().sum()
+        sums[2] += len(mb.idx)
+    return sums, step
+
+
+def _history_row(epoch: int, tr: dict, va: dict | None, kl_w: float, seconds: float) -> dict:
+    """Return the history columns of one epoch from the training (``tr``) and validation (``va``) metrics."""
+    row = {"epoch": epoch, "kl_weight": kl_w, "seconds": seconds}
+    for name in ("elbo", "reconstruction", "kl"):
+        row[f"{name}_train"] = tr[name]
+        row[f"{name}_validation"] = va[name] if va else np.nan
+    return row
+
+
+class _BestEpoch:
+    """The weights of the best epoch so far and the epochs since it (early stopping).
+
+    Until the KL warm-up is over (``warmup_epochs``) the bound is still being reshaped, so
+    the latest weights count as the best.
+    """
+
+    def __init__(self, warmup_epochs: int):
+        self.warmup_epochs = warmup_epochs
+        self.score, self.state, self.epoch, self.bad_epochs = -math.inf, None, -1, 0
+
+    def update(self, epoch: int, score: float, module: VAE) -> bool:
+        """Keep ``module``'s weights if ``epoch`` is the new best; return whether it is."""
+        if score > self.score or self.state is None or epoch < self.warmup_epochs:
+            self.score, self.state, self.epoch, self.bad_epochs = score, copy.deepcopy(module.state_dict()), epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+
+def _keep_partial(res: TrainResult, best: _BestEpoch) -> None:
+    """After Ctrl-C: keep the complete epochs and the best weights, or raise when there are none."""
+    res.interrupted = True
+    h = res.history
+    n_ep = min(len(v) for v in h.values())
+    if best.state is None:
+        raise TrainingInterrupted(
+            "Training interrupted before the first epoch finished; there is no model to keep "
+            "and nothing was written."
+        ) from None
+    for k in h:  # drop a half-recorded epoch
+        del h[k][n_ep:]
+    warnings.warn(
+        f"Training interrupted after {n_ep} epoch(s); keeping the best weights so far "
+        f"(epoch {best.epoch}) and the partial history.",
+        stacklevel=5,  # the caller of tl.vae / tl.vae_map
+    )

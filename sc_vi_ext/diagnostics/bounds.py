@@ -16,7 +16,7 @@ import math
 import torch
 
 from ..module import VAE, log_normal
-from ..module.distributions import nonzeros
+from ..module.distributions import nonzeros, reparameterize
 
 _ELEMENT_BUDGET = 1 << 20  # samples x cells x genes per chunk: cache-sized chunks (benchmarks/iwae_chunk.py: 1.9x)
 
@@ -31,7 +31,7 @@ def log_px_given(module: VAE, x, batch, log_library, mean, log_var, eps, cov=Non
     ``nz``: the non-zeros of ``x`` (:func:`~sc_vi_ext.module.distributions.nonzeros`), found
     once by the caller rather than once per chunk of samples.
     """
-    z = mean + torch.exp(0.5 * log_var) * eps
+    z = reparameterize(mean, log_var, eps)
     return module.log_px_z(x, module.generative(z, batch, log_library, cov), nz), z
 
 

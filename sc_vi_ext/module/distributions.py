@@ -13,6 +13,8 @@ sum_{k<x} log(theta + k) for small integer counts. The value equals the textbook
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from .fused import dense_terms, log_factorial, nb_gamma_terms
@@ -79,23 +81,122 @@ def log_zinb(
     return dense + nb_gamma_terms(theta, nz, x.shape)
 
 
+class CountDistribution:
+    """A count likelihood with mean ``mu`` (..., cells, genes); ``log_mu`` spares a log when known.
+
+    ``log_prob(x, nz=None)`` scores counts ``x`` (cells, genes), summed over genes: (..., cells),
+    by the fast functions above (``nz``: the non-zeros of ``x`` if known, :func:`nonzeros`);
+    ``sample()`` draws counts of ``mu``'s shape from the global torch RNG.
+    """
+
+    def __init__(self, mu: torch.Tensor, log_mu: torch.Tensor | None = None):
+        self.mu, self.log_mu = mu, log_mu
+
+    @classmethod
+    def from_params(cls, params: dict) -> CountDistribution:
+        """Take what the distribution needs from the decoder's parameters (see :func:`count_distribution`)."""
+        return cls(params["mu"], params.get("log_mu"))
+
+    def log_prob(self, x: torch.Tensor, nz=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sample(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Poisson(CountDistribution):
+    """Poisson counts with mean ``mu``."""
+
+    def log_prob(self, x: torch.Tensor, nz=None) -> torch.Tensor:
+        """Per-cell log-likelihood (:func:`log_poisson`)."""
+        return log_poisson(x, self.mu, self.log_mu, nz)
+
+    def sample(self) -> torch.Tensor:
+        return torch.poisson(self.mu)
+
+
+class NegativeBinomial(CountDistribution):
+    """NB counts with mean ``mu`` and inverse dispersion ``theta`` (broadcasting against ``mu``)."""
+
+    def __init__(self, mu: torch.Tensor, theta: torch.Tensor, log_mu: torch.Tensor | None = None):
+        super().__init__(mu, log_mu)
+        self.theta = theta
+
+    @classmethod
+    def from_params(cls, params: dict) -> NegativeBinomial:
+        return cls(params["mu"], params["theta"], params.get("log_mu"))
+
+    def log_prob(self, x: torch.Tensor, nz=None) -> torch.Tensor:
+        """Per-cell log-likelihood (:func:`log_nb`)."""
+        return log_zinb(x, self.mu, self.theta, None, self.log_mu, nz)
+
+    def sample(self) -> torch.Tensor:
+        """One draw as a Gamma-Poisson mixture: rate ~ Gamma(theta, theta / mu), x ~ Poisson(rate)."""
+        theta = self.theta.expand_as(self.mu)
+        rate = torch.distributions.Gamma(theta, theta / self.mu.clamp_min(1e-12)).sample()
+        return torch.poisson(rate)
+
+
+class ZeroInflatedNegativeBinomial(NegativeBinomial):
+    """ZINB counts: NB(mu, theta) set to zero with the dropout probability sigmoid(``zi_logits``)."""
+
+    def __init__(self, mu: torch.Tensor, theta: torch.Tensor, zi_logits: torch.Tensor,
+                 log_mu: torch.Tensor | None = None):
+        super().__init__(mu, theta, log_mu)
+        self.zi_logits = zi_logits
+
+    @classmethod
+    def from_params(cls, params: dict) -> ZeroInflatedNegativeBinomial:
+        return cls(params["mu"], params["theta"], params["zi_logits"], params.get("log_mu"))
+
+    def log_prob(self, x: torch.Tensor, nz=None) -> torch.Tensor:
+        """Per-cell log-likelihood (:func:`log_zinb`)."""
+        return log_zinb(x, self.mu, self.theta, self.zi_logits, self.log_mu, nz)
+
+    def sample(self) -> torch.Tensor:
+        """One NB draw, then each count set to zero with probability sigmoid(zi_logits)."""
+        x = super().sample()
+        dropout = torch.rand_like(self.mu) < torch.sigmoid(self.zi_logits)
+        return x.masked_fill(dropout, 0.0)
+
+
+Likelihood = Literal["zinb", "nb", "poisson"]
+COUNT_DISTRIBUTIONS: dict[str, type[CountDistribution]] = {
+    "zinb": ZeroInflatedNegativeBinomial, "nb": NegativeBinomial, "poisson": Poisson,
+}
+
+
+def count_distribution(likelihood: Likelihood, params: dict) -> CountDistribution:
+    """Return the count distribution named ``likelihood`` ("zinb", "nb" or "poisson") with the decoder's ``params``.
+
+    ``params`` is what :meth:`~sc_vi_ext.module.VAE.generative` returns (``mu``, ``log_mu``,
+    ``theta``, ``zi_logits``); each distribution takes the entries it needs.
+    """
+    if likelihood not in COUNT_DISTRIBUTIONS:
+        raise ValueError(f"likelihood must be one of {tuple(COUNT_DISTRIBUTIONS)}, not {likelihood!r}.")
+    return COUNT_DISTRIBUTIONS[likelihood].from_params(params)
+
+
 def log_likelihood(
     x: torch.Tensor,
-    likelihood: str,
+    likelihood: Likelihood,
     mu: torch.Tensor,
     theta: torch.Tensor | None = None,
     zi_logits: torch.Tensor | None = None,
     log_mu: torch.Tensor | None = None,
     nz: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Dispatch on ``likelihood`` in {"zinb", "nb", "poisson"}; per-cell sum over genes."""
-    if likelihood == "poisson":
-        return log_poisson(x, mu, log_mu, nz)
-    if likelihood == "nb":
-        return log_zinb(x, mu, theta, None, log_mu, nz)
-    if likelihood == "zinb":
-        return log_zinb(x, mu, theta, zi_logits, log_mu, nz)
-    raise ValueError(f"likelihood must be 'zinb', 'nb' or 'poisson', not {likelihood!r}")
+    """Log-likelihood of ``likelihood`` in {"zinb", "nb", "poisson"}; per-cell sum over genes."""
+    params = {"mu": mu, "theta": theta, "zi_logits": zi_logits, "log_mu": log_mu}
+    return count_distribution(likelihood, params).log_prob(x, nz)
+
+
+def reparameterize(mean: torch.Tensor, log_var: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Draw from N(mean, diag(exp(log_var))) given standard-normal noise ``eps``: mean + sigma * eps.
+
+    ``eps`` may carry leading sample axes, (..., cells, latent_dim); the draws have its shape.
+    """
+    return mean + torch.exp(0.5 * log_var) * eps
 
 
 def log_normal_std(z: torch.Tensor) -> torch.Tensor:

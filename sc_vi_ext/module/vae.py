@@ -9,19 +9,33 @@ per-cell ELBO = E_q[log p(x | z)] - KL(q || p) (Kingma & Welling 2014), p(z) = N
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributions import kl_normal, log_likelihood, log_normal
+from .distributions import Likelihood, count_distribution, kl_normal, log_normal, reparameterize
 from .nn import Decoder, Encoder
 
-LIKELIHOODS = ("zinb", "nb", "poisson")
-DISPERSIONS = ("gene", "gene-batch", "gene-cell")
-LIBRARIES = ("observed", "latent")
-LATENT_DISTRIBUTIONS = ("normal", "ln")
+Dispersion = Literal["gene", "gene-batch", "gene-cell"]
+Library = Literal["observed", "latent"]
+LatentDistribution = Literal["normal", "ln"]
+LIKELIHOODS = get_args(Likelihood)
+DISPERSIONS = get_args(Dispersion)
+LIBRARIES = get_args(Library)
+LATENT_DISTRIBUTIONS = get_args(LatentDistribution)
+OPTIONS = {"likelihood": LIKELIHOODS, "dispersion": DISPERSIONS, "library": LIBRARIES,
+           "latent_distribution": LATENT_DISTRIBUTIONS}
+
+
+def check_options(**options: str) -> None:
+    """Raise a ValueError naming the first of the VAE's ``OPTIONS`` that is not one of its allowed values."""
+    for name, value in options.items():
+        if value not in OPTIONS[name]:
+            raise ValueError(f"{name} must be one of {OPTIONS[name]}, not {value!r}.")
 
 
 @dataclass
@@ -53,6 +67,10 @@ class VAE(nn.Module):
     mean and variance are set from the data in the buffers ``library_prior_*``). The
     prior of z is N(0, I); with ``latent_distribution="ln"`` the decoder sees softmax(z)
     (a logistic-normal latent). Every diagnostic treats the whole latent variable alike.
+
+    Every constructor argument is kept as an attribute of the same name and all of them
+    together in :attr:`hparams`; the options are checked here (:func:`check_options`), and
+    the defaults here are the tool's (``DEFAULTS``).
     """
 
     def __init__(
@@ -65,24 +83,20 @@ class VAE(nn.Module):
         n_hidden: int = 128,
         n_layers: int = 1,
         dropout: float = 0.1,
-        likelihood: str = "zinb",
-        dispersion: str = "gene",
+        likelihood: Likelihood = "zinb",
+        dispersion: Dispersion = "gene",
         encode_covariates: bool = False,
-        library: str = "observed",
-        latent_distribution: str = "normal",
+        library: Library = "observed",
+        latent_distribution: LatentDistribution = "normal",
     ):
         super().__init__()
-        for name, value, allowed in (("likelihood", likelihood, LIKELIHOODS), ("dispersion", dispersion, DISPERSIONS),
-                                     ("library", library, LIBRARIES), ("latent_distribution", latent_distribution,
-                                                                       LATENT_DISTRIBUTIONS)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, not {value!r}")
-        self.n_genes, self.n_latent, self.likelihood, self.dispersion = n_genes, n_latent, likelihood, dispersion
+        check_options(likelihood=likelihood, dispersion=dispersion, library=library,
+                      latent_distribution=latent_distribution)
+        self.n_genes, self.n_batch, self.n_cov = n_genes, n_batch if n_batch > 1 else 0, n_cov
+        self.n_latent, self.n_hidden, self.n_layers, self.dropout = n_latent, n_hidden, n_layers, dropout
+        self.likelihood, self.dispersion, self.encode_covariates = likelihood, dispersion, encode_covariates
         self.library, self.latent_distribution = library, latent_distribution
-        self.n_batch = n_batch if n_batch > 1 else 0
-        self.n_cov = n_cov
         n_cat = self.n_batch + n_cov
-        self.encode_covariates = encode_covariates
         self.latent_dim = n_latent + (library == "latent")
         enc = {"n_cat": n_cat if encode_covariates else 0, "n_hidden": n_hidden, "dropout": dropout}
         self.encoder = Encoder(n_genes, n_latent, n_layers=n_layers, **enc)
@@ -98,6 +112,11 @@ class VAE(nn.Module):
         n_lib = max(self.n_batch, 1)
         self.register_buffer("library_prior_mean", torch.zeros(n_lib))
         self.register_buffer("library_prior_log_var", torch.zeros(n_lib))
+
+    @property
+    def hparams(self) -> dict:
+        """Every argument of the constructor: ``VAE(**module.hparams)`` builds the same architecture."""
+        return {name: getattr(self, name) for name in HPARAMS}
 
     def _covariates(self, batch: torch.Tensor | None, cov: torch.Tensor | None) -> torch.Tensor | None:
         """Network input for the covariates: batch one-hot, then the extra design ``cov``."""
@@ -172,8 +191,7 @@ class VAE(nn.Module):
 
     def log_px_z(self, x: torch.Tensor, params: dict, nz=None) -> torch.Tensor:
         """Log p(x | z) summed over genes, (..., cells); ``nz``: x's non-zeros if known."""
-        return log_likelihood(x, self.likelihood, params["mu"], params["theta"], params["zi_logits"],
-                              params.get("log_mu"), nz)
+        return count_distribution(self.likelihood, params).log_prob(x, nz)
 
     def forward(self, x, batch, log_library, cov=None, nz=None, generator=None) -> LossOutput:
         """Return the per-cell loss terms (``forward`` so that DistributedDataParallel can wrap it)."""
@@ -187,6 +205,11 @@ class VAE(nn.Module):
         """
         mean, log_var = self.inference(x, batch, cov)
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        z = mean + torch.exp(0.5 * log_var) * eps
+        z = reparameterize(mean, log_var, eps)
         rec = self.log_px_z(x, self.generative(z, batch, log_library, cov), nz)
         return LossOutput(reconstruction=rec, kl=self.kl(mean, log_var, batch))
+
+
+HPARAMS = tuple(inspect.signature(VAE).parameters)  # n_genes, n_batch, n_cov, then the settings
+# the one home of the settings' defaults (``tl.vae`` and the model store read them here)
+DEFAULTS = {name: p.default for name, p in inspect.signature(VAE).parameters.items() if p.default is not p.empty}

@@ -14,6 +14,7 @@ from .._docs import doc_params
 from .._progress import tqdm
 from ..model_store import gene_alignment, stored_loader
 from ..module import VAE
+from ..module.distributions import reparameterize
 from ._utils import stored_model
 
 _WARN_BYTES = 2 * 1024**3  # warn before materialising a result larger than this
@@ -44,7 +45,7 @@ def all_batches(module: VAE) -> list[int] | None:
 def sample_latent(mean: torch.Tensor, log_var: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
     """``n`` reparameterised draws from q(z | x): (n, cells, latent_dim)."""
     eps = torch.randn((n, *mean.shape), generator=gen, device=mean.device, dtype=mean.dtype)
-    return mean + torch.exp(0.5 * log_var) * eps
+    return reparameterize(mean, log_var, eps)
 
 
 def decode_scale(module: VAE, z: torch.Tensor, codes: list[int] | None, batch: torch.Tensor | None,

@@ -11,51 +11,49 @@ from .._docs import doc_params
 from ..dataloader import Minibatches, batch_codes, get_counts, inspect_counts, log_library
 from ..model_store import get_model, state_to_numpy
 from ..module import VAE
+from ..module.nn import FCLayers
 from ..train import train
 from ._derived import remove_derived
-from ._vae import _latent_means, _set_library_prior, resolve_device, split_indices
+from ._utils import latent_means, resolve_device, set_library_prior, split_indices
 
 
 def _grow_batches(ref: VAE, n_new: int) -> tuple[VAE, list]:
     """Return a copy of ``ref`` with ``n_new`` more batch categories; only their weights can train.
 
-    Covariate columns enter the first Linear layer of each network: the batch one-hot
-    block grows by ``n_new`` columns (initialised at zero, so a new batch starts as "no
-    batch effect"), and a gradient mask keeps every reference column fixed (Lotfollahi et
-    al. 2022, scArches). Per-batch dispersions and library priors get rows for the new
-    batches. All other parameters are frozen.
+    The copy is built from the reference's hyperparameters. Covariates enter the Linear layer
+    of every block of a network that is given them: the batch one-hot block grows by ``n_new``
+    columns (initialised at zero, so a new batch starts as "no batch effect"), and a gradient
+    mask keeps every reference column fixed (Lotfollahi et al. 2022, scArches). Per-batch
+    dispersions and library priors get rows for the new batches (the reference's mean). All
+    other parameters are frozen.
     """
-    old_nb = ref.n_batch if ref.n_batch else 1
-    new_nb = old_nb + n_new
-    kw = {k: getattr(ref, k) for k in ("n_latent", "likelihood", "dispersion", "encode_covariates", "library",
-                                      "latent_distribution", "n_cov")}
-    first = ref.encoder.net.layers[0][0]
-    module = VAE(ref.n_genes, n_batch=new_nb, n_hidden=first.out_features,
-                 n_layers=len(ref.encoder.net.layers), dropout=_dropout(ref), **kw)
+    old_nb = max(ref.n_batch, 1)
+    module = VAE(**{**ref.hparams, "n_batch": old_nb + n_new})
+    fed = {id(block[0].weight) for m in module.modules() if isinstance(m, FCLayers) and m.n_cat for block in m.layers}
+    params = dict(module.named_parameters())
+    per_batch = {"library_prior_mean", "library_prior_log_var"} | ({"log_theta"} if ref.dispersion == "gene-batch"
+                                                                   else set())
     old_state, new_state = ref.state_dict(), module.state_dict()
     masks = []
     for name, new in new_state.items():
-        old = old_state.get(name)
-        if old is None or old.shape == new.shape:
-            new.copy_(old if old is not None else new)
-            continue
-        if name.endswith("weight") and new.dim() == 2 and new.shape[0] == old.shape[0]:
-            # a Linear whose input ends with the batch one-hot: grow that block
+        old = old_state[name]
+        if name in params and id(params[name]) in fed:  # inputs: features, then the batch one-hot
             n_ref_cols = old.shape[1]
             new.zero_()
             new[:, :n_ref_cols] = old
             mask = torch.zeros_like(new)
-            mask[:, n_ref_cols - (ref.n_batch or 0) + old_nb:] = 1  # only the new batches' columns
+            mask[:, n_ref_cols - ref.n_batch + old_nb:] = 1  # only the new batches' columns
             masks.append((name, mask))
-        else:  # per-batch rows: dispersion, library prior
+        elif name in per_batch:
             new[:old.shape[0]] = old
             new[old.shape[0]:] = old.mean(0)
-            if name == "log_theta":
+            if name in params:
                 mask = torch.zeros_like(new)
                 mask[old.shape[0]:] = 1
                 masks.append((name, mask))
+        else:
+            new.copy_(old)
     module.load_state_dict(new_state)
-    params = dict(module.named_parameters())
     for p in module.parameters():
         p.requires_grad_(False)
     for name, mask in masks:
@@ -63,11 +61,6 @@ def _grow_batches(ref: VAE, n_new: int) -> tuple[VAE, list]:
         p.requires_grad_(True)
         p.register_hook(lambda g, m=mask: g * m)
     return module, [n for n, _ in masks]
-
-
-def _dropout(ref: VAE) -> float:
-    drop = ref.encoder.net.layers[0][2]
-    return float(getattr(drop, "p", 0.0))
 
 
 @doc_params()
@@ -134,68 +127,52 @@ def vae_map(
     ref_module = get_model(reference, key)
     # the model's own genes (older models stored none: then the reference's var_names)
     ref_genes = np.asarray(ref_uns.get("var_names", reference.var_names)).astype(str)
-    if not adata.var_names.is_unique:
-        dup = list(adata.var_names[adata.var_names.duplicated()].unique()[:5])
-        raise ValueError(f"The query's var_names are not unique (e.g. {dup}), so its genes cannot be matched to "
-                         "the reference's by name; run adata.var_names_make_unique() first.")
-    gene_index = adata.var_names.get_indexer(ref_genes)
+    gene_index = _gene_index(adata, ref_genes)
     n_missing = int((gene_index < 0).sum())
-    if n_missing == len(gene_index):
-        raise ValueError("The query shares no genes with the reference (compare var_names).")
     X = get_counts(adata, p["layer"])
     counts = inspect_counts(X, "the query counts (in the reference's genes)", gene_index)
-    totals = counts.totals
     if p.get("n_cov"):
         raise NotImplementedError("Mapping a model with extra covariates is not supported yet.")
     ref_cats = list(ref_uns["batch_categories"])
-    codes, cats = batch_codes(adata, p["batch_key"])
-    new = [c for c in cats if c not in ref_cats] if codes is not None else []
+    codes, new = _batch_codes(adata, p["batch_key"], ref_cats)
     adata = adata.copy() if copy else adata
     start = logg.info(f"mapping {adata.n_obs} query cells onto {key!r}")
     if n_missing:
         logg.warning(f"{n_missing} of {len(gene_index)} reference genes are absent from the query; "
                      "they are treated as zero counts.")
-    all_cats = ref_cats + new
-    if codes is not None:
-        lookup = {c: i for i, c in enumerate(all_cats)}
-        codes = np.array([lookup[c] for c in cats], dtype=np.int64)[codes]
     dev = resolve_device(device)
-    log_lib = log_library(adata, totals, p.get("size_factor_key"))
-    common = {"log_library": log_lib, "batch": codes, "device": dev, "gene_index": gene_index,
-              "round_counts": counts.n_rounded > 0}
+    common = {"log_library": log_library(adata, counts.totals, p.get("size_factor_key")), "batch": codes,
+              "device": dev, "gene_index": gene_index, "round_counts": counts.n_rounded > 0}
     history, trained = {}, []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(random_state)
         if new:
             module, trained = _grow_batches(ref_module, len(new))
-            if module.library == "latent":  # priors of the new batches from the query's cells
-                fresh = torch.isin(torch.as_tensor(codes), torch.arange(len(ref_cats), len(all_cats))).numpy()
-                keep = (module.library_prior_mean[:len(ref_cats)].clone(),
-                        module.library_prior_log_var[:len(ref_cats)].clone())
-                _set_library_prior(module, np.log(totals[fresh]), codes[fresh])
-                module.library_prior_mean[:len(ref_cats)], module.library_prior_log_var[:len(ref_cats)] = keep
-            rng = np.random.default_rng(random_state)
-            tr_idx, va_idx = split_indices(adata.n_obs, train_size, rng)
-            res = train(
-                module.to(dev),
-                Minibatches(X, tr_idx, batch_size=batch_size, shuffle=True, rng=rng, with_nz=True, **common),
-                Minibatches(X, va_idx, batch_size=1024, with_nz=True, **common) if len(va_idx) else None,
-                max_epochs=max_epochs, lr=lr, weight_decay=0.0, n_epochs_kl_warmup=0, early_stopping=True,
-                patience=10, seed=random_state, progress=progress, freeze_batchnorm=True,
-            )
+            if module.library == "latent":
+                _new_library_priors(module, counts.totals, codes, len(ref_cats))
+            res, va_idx = _fine_tune(module.to(dev), X, common, train_size=train_size, random_state=random_state,
+                                     max_epochs=max_epochs, batch_size=batch_size, lr=lr, progress=progress)
             history = {k: np.asarray(v) for k, v in res.history.items()}
-            for prm in module.parameters():
-                prm.requires_grad_(True)
         else:
             module, va_idx = ref_module.to(dev), np.array([], dtype=int)
-        latent = _latent_means(module, Minibatches(X, np.arange(adata.n_obs), batch_size=1024, **common))
+        latent = latent_means(module, Minibatches(X, np.arange(adata.n_obs), batch_size=1024, **common))
     remove_derived(adata, key)
     adata.obsm[f"X_{key}"] = latent
-    adata.uns[key] = {
-        "params": p,
+    adata.uns[key] = _record(adata, ref_uns, p, ref_genes, gene_index, counts, module, va_idx,
+                             {"new_batches": new, "trained_parameters": trained, "history": history})
+    logg.info("    finished", time=start, deep=f"added\n    'X_{key}', latent means (adata.obsm)\n"
+              f"    '{key}', the mapped model (adata.uns)")
+    return adata if copy else None
+
+
+def _record(adata: AnnData, ref_uns, params: dict, ref_genes, gene_index, counts, module: VAE, va_idx,
+            mapping: dict) -> dict:
+    """Return what ``uns[key]`` holds: the reference's record with the mapped model (see :func:`vae_map`)."""
+    return {
+        "params": params,
         "history": dict(ref_uns["history"]),
         "validation_obs_names": np.asarray(adata.obs_names[va_idx], dtype=object),
-        "batch_categories": all_cats,
+        "batch_categories": list(ref_uns["batch_categories"]) + mapping["new_batches"],
         "covariate_categories": ref_uns.get("covariate_categories", {}),
         "model": state_to_numpy(module),
         "best_epoch": ref_uns["best_epoch"],
@@ -205,13 +182,54 @@ def vae_map(
         "gene_index": gene_index,
         "counts_rounded": {"n_values": counts.n_rounded, "max_deviation": counts.max_deviation},
         "mapping": {
-            "n_genes_missing": n_missing,
+            "n_genes_missing": int((gene_index < 0).sum()),
             "missing_genes": list(ref_genes[gene_index < 0][:50]),
-            "new_batches": new,
-            "trained_parameters": trained,
-            "history": history,
+            **mapping,
         },
     }
-    logg.info("    finished", time=start, deep=f"added\n    'X_{key}', latent means (adata.obsm)\n"
-              f"    '{key}', the mapped model (adata.uns)")
-    return adata if copy else None
+
+
+def _gene_index(adata: AnnData, ref_genes: np.ndarray) -> np.ndarray:
+    """Column of the query for each reference gene, -1 where the query lacks it."""
+    if not adata.var_names.is_unique:
+        dup = list(adata.var_names[adata.var_names.duplicated()].unique()[:5])
+        raise ValueError(f"The query's var_names are not unique (e.g. {dup}), so its genes cannot be matched to "
+                         "the reference's by name; run adata.var_names_make_unique() first.")
+    gene_index = adata.var_names.get_indexer(ref_genes)
+    if (gene_index < 0).all():
+        raise ValueError("The query shares no genes with the reference (compare var_names).")
+    return gene_index
+
+
+def _batch_codes(adata: AnnData, batch_key, ref_cats: list) -> tuple[np.ndarray | None, list]:
+    """Batch codes of the query cells (the reference's categories first, then new ones) and the new categories."""
+    codes, cats = batch_codes(adata, batch_key)
+    if codes is None:
+        return None, []
+    new = [c for c in cats if c not in ref_cats]
+    lookup = {c: i for i, c in enumerate(ref_cats + new)}
+    return np.array([lookup[c] for c in cats], dtype=np.int64)[codes], new
+
+
+def _new_library_priors(module: VAE, totals: np.ndarray, codes: np.ndarray, n_ref: int) -> None:
+    """Set the latent-library priors of the new batches (codes >= ``n_ref``) from the query's cells."""
+    fresh = codes >= n_ref
+    keep = module.library_prior_mean[:n_ref].clone(), module.library_prior_log_var[:n_ref].clone()
+    set_library_prior(module, np.log(totals[fresh]), codes[fresh])
+    module.library_prior_mean[:n_ref], module.library_prior_log_var[:n_ref] = keep
+
+
+def _fine_tune(module: VAE, X, common: dict, *, train_size, random_state, max_epochs, batch_size, lr, progress):
+    """Train the new batches' weights (BatchNorm frozen); return the result and the held-out cells."""
+    rng = np.random.default_rng(random_state)
+    tr_idx, va_idx = split_indices(X.shape[0], train_size, rng)
+    res = train(
+        module,
+        Minibatches(X, tr_idx, batch_size=batch_size, shuffle=True, rng=rng, with_nz=True, **common),
+        Minibatches(X, va_idx, batch_size=1024, with_nz=True, **common) if len(va_idx) else None,
+        max_epochs=max_epochs, lr=lr, weight_decay=0.0, n_epochs_kl_warmup=0, early_stopping=True,
+        patience=10, seed=random_state, progress=progress, freeze_batchnorm=True,
+    )
+    for prm in module.parameters():
+        prm.requires_grad_(True)
+    return res, va_idx

@@ -13,6 +13,7 @@ from .._docs import doc_params
 from .._progress import tqdm
 from ..model_store import gene_alignment, stored_loader
 from ..module import VAE
+from ..module.distributions import count_distribution
 from ._expression import sample_latent
 from ._utils import stored_model
 
@@ -23,18 +24,10 @@ def sample_counts(module: VAE, params: dict) -> torch.Tensor:
     """One draw of counts from the model's likelihood with parameters ``params`` (global torch RNG).
 
     NB as a Gamma-Poisson mixture (rate ~ Gamma(theta, theta / mu)); ZINB additionally
-    sets each count to zero with the dropout probability sigmoid(zi_logits).
+    sets each count to zero with the dropout probability sigmoid(zi_logits) (see
+    :mod:`sc_vi_ext.module.distributions`).
     """
-    mu = params["mu"]
-    if module.likelihood == "poisson":
-        return torch.poisson(mu)
-    theta = params["theta"].expand_as(mu)
-    rate = torch.distributions.Gamma(theta, theta / mu.clamp_min(1e-12)).sample()
-    x = torch.poisson(rate)
-    if module.likelihood == "zinb":
-        dropout = torch.rand_like(mu) < torch.sigmoid(params["zi_logits"])
-        x = x.masked_fill(dropout, 0.0)
-    return x
+    return count_distribution(module.likelihood, params).sample()
 
 
 class _Moments:

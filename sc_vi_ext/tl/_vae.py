@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -10,31 +11,15 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from .._docs import doc_params
-from ..dataloader import Minibatches, batch_codes, covariate_design, get_counts, inspect_counts, log_library
+from ..dataloader import CountCheck, Minibatches, batch_codes, covariate_design, get_counts, inspect_counts, log_library
 from ..distributed import device_for_rank, rank_and_world
 from ..model_store import state_to_numpy
-from ..module import DISPERSIONS, LATENT_DISTRIBUTIONS, LIBRARIES, LIKELIHOODS, VAE
+from ..module.vae import DEFAULTS, HPARAMS, VAE, Dispersion, LatentDistribution, Library, Likelihood, check_options
 from ..threads import threads
-from ..train import check_finite, default_max_epochs, train
+from ..train import TrainResult, check_finite, default_max_epochs, train
 from ._derived import remove_derived
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def split_indices(n_obs: int, train_size: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded train/validation split that always leaves at least 2 training cells."""
-    if not 0 < train_size <= 1:
-        raise ValueError(f"train_size must be in (0, 1], not {train_size}.")
-    if n_obs < 2:
-        raise ValueError(f"Training needs at least 2 cells, the AnnData has {n_obs}.")
-    n_train = min(n_obs, max(2, round(train_size * n_obs)))  # round: 0.9 * 200 is 179.99...
-    n_val = n_obs - n_train
-    perm = rng.permutation(n_obs)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+from ._utils import latent_means as _latent_means  # this module's name for it: tests replace it here
+from ._utils import resolve_device, set_library_prior, split_indices
 
 
 @doc_params()
@@ -43,15 +28,15 @@ def vae(
     *,
     layer: str | None = None,
     batch_key: str | None = None,
-    n_latent: int = 10,
-    n_hidden: int = 128,
-    n_layers: int = 1,
-    dropout: float = 0.1,
-    likelihood: str = "zinb",
-    dispersion: str = "gene",
-    encode_covariates: bool = False,
-    library: str = "observed",
-    latent_distribution: str = "normal",
+    n_latent: int = DEFAULTS["n_latent"],
+    n_hidden: int = DEFAULTS["n_hidden"],
+    n_layers: int = DEFAULTS["n_layers"],
+    dropout: float = DEFAULTS["dropout"],
+    likelihood: Likelihood = DEFAULTS["likelihood"],
+    dispersion: Dispersion = DEFAULTS["dispersion"],
+    encode_covariates: bool = DEFAULTS["encode_covariates"],
+    library: Library = DEFAULTS["library"],
+    latent_distribution: LatentDistribution = DEFAULTS["latent_distribution"],
     size_factor_key: str | None = None,
     categorical_covariate_keys: list[str] | None = None,
     continuous_covariate_keys: list[str] | None = None,
@@ -195,68 +180,30 @@ def vae(
     ``adata`` is left as it was.
     """
     params = {k: v for k, v in locals().items() if k not in ("adata", "copy")}
+    # every check runs before anything is written, so bad input leaves adata untouched
     if batch_size < 2:
         raise ValueError("batch_size must be at least 2 (BatchNorm needs two cells).")
-    # every check runs before anything is written, so bad input leaves adata untouched
-    for name, value, allowed in (("likelihood", likelihood, LIKELIHOODS), ("dispersion", dispersion, DISPERSIONS),
-                                 ("library", library, LIBRARIES),
-                                 ("latent_distribution", latent_distribution, LATENT_DISTRIBUTIONS)):
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, not {value!r}.")
-    X = get_counts(adata, layer)
-    what = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-    codes, categories = batch_codes(adata, batch_key)
-    cov, cov_categories = covariate_design(adata, categorical_covariate_keys, continuous_covariate_keys)
-    counts = inspect_counts(X, what)
-    totals = counts.totals
-    log_lib = log_library(adata, totals, size_factor_key)
-    if not adata.obs_names.is_unique:
-        warnings.warn("adata.obs_names are not unique: held-out cells are stored by name, so the diagnostics "
-                      "cannot tell duplicates apart; run adata.obs_names_make_unique() first.", UserWarning,
-                      stacklevel=2)
+    check_options(likelihood=likelihood, dispersion=dispersion, library=library,
+                  latent_distribution=latent_distribution)
+    data = _read_data(adata, params)
     adata = adata.copy() if copy else adata
 
     start = logg.info(f"training VAE on {adata.n_obs} cells x {adata.n_vars} genes")
     dev = device_for_rank(resolve_device(device))
-    _, world = rank_and_world()
-    n_obs = adata.n_obs
-    max_epochs = default_max_epochs(n_obs) if max_epochs is None else int(max_epochs)
+    max_epochs = default_max_epochs(adata.n_obs) if max_epochs is None else int(max_epochs)
     warmup = max(1, max_epochs // 4) if n_epochs_kl_warmup is None else int(n_epochs_kl_warmup)
     params.update(n_genes=adata.n_vars, max_epochs=max_epochs, n_epochs_kl_warmup=warmup, device=dev,
-                  world_size=world, n_cov=0 if cov is None else cov.shape[1])
+                  world_size=rank_and_world()[1], n_cov=0 if data.cov is None else data.cov.shape[1])
 
     rng = np.random.default_rng(random_state)
-    train_idx, val_idx = split_indices(n_obs, train_size, rng)
-    common = {"log_library": log_lib, "batch": codes, "cov": cov, "device": dev,
-              "round_counts": counts.n_rounded > 0}
-
+    train_idx, val_idx = split_indices(adata.n_obs, train_size, rng)
+    common = {"log_library": data.log_lib, "batch": data.codes, "cov": data.cov, "device": dev,
+              "round_counts": data.counts.n_rounded > 0}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(random_state)
-        module = VAE(
-            adata.n_vars, n_batch=len(categories), n_cov=0 if cov is None else cov.shape[1], n_latent=n_latent,
-            n_hidden=n_hidden, n_layers=n_layers, dropout=dropout, likelihood=likelihood, dispersion=dispersion,
-            encode_covariates=encode_covariates, library=library, latent_distribution=latent_distribution,
-        )
-        _set_library_prior(module, np.log(totals[train_idx]), None if codes is None else codes[train_idx])
-        module = module.to(dev)
-        train_loader = Minibatches(X, train_idx, batch_size=batch_size, shuffle=True, rng=rng, with_nz=True,
-                                   shard=rank_and_world(), **common)
-        # data-parallel: each rank evaluates its share of the held-out cells (sums all-reduced)
-        val_loader = (Minibatches(X, val_idx, batch_size=1024, shard=rank_and_world(), with_nz=True, **common)
-                      if len(val_idx) else None)
-        callback = None
-        if gap_every:
-            from ..diagnostics.history import GapTracker
-
-            callback = GapTracker(X, train_idx, val_idx, every=gap_every, seed=random_state, **common)
-        with threads(n_threads) as used:
-            params["n_threads_used"] = used  # results are bit-reproducible for a given seed and thread count
-            res = train(
-                module, train_loader, val_loader, max_epochs=max_epochs, lr=lr, weight_decay=weight_decay,
-                n_epochs_kl_warmup=warmup, early_stopping=early_stopping, patience=early_stopping_patience,
-                seed=random_state, progress=progress, callback=callback, compile_likelihood=compile,
-            )
-        latent = _latent_means(module, Minibatches(X, np.arange(n_obs), batch_size=1024, **common))
+        module = _build_module(params, data, train_idx).to(dev)
+        res = _fit(module, data, train_idx, val_idx, rng, params, common)
+        latent = _latent_means(module, Minibatches(data.X, np.arange(adata.n_obs), batch_size=1024, **common))
     state = state_to_numpy(module)
     # never write NaN: the loop checks the ELBO per epoch; the weights and latent are checked here
     finite = bool(np.isfinite(latent).all()) and all(bool(np.isfinite(v).all()) for v in state.values())
@@ -264,64 +211,94 @@ def vae(
 
     remove_derived(adata, key_added)
     adata.obsm[f"X_{key_added}"] = latent
-    adata.uns[key_added] = {
-        "params": params,
-        "history": {k: np.asarray(v) for k, v in res.history.items()},
-        "validation_obs_names": np.asarray(adata.obs_names[val_idx], dtype=object),
-        "batch_categories": categories,
-        "covariate_categories": cov_categories,
-        "model": state,
-        "var_names": np.asarray(adata.var_names, dtype=object),
-        "counts_rounded": {"n_values": counts.n_rounded, "max_deviation": counts.max_deviation},
-        "best_epoch": res.best_epoch,
-        "stopped_early": res.stopped_early,
-        "interrupted": res.interrupted,
-    }
-    h = res.history
-    if gap_every:
-        from ..diagnostics.history import overfitting_alarm
-
-        alarm = overfitting_alarm(h, best_epoch=res.best_epoch)
-        if alarm:
-            warnings.warn(alarm, UserWarning, stacklevel=2)
-    if h["epoch"]:
-        best = res.best_epoch - 1
-        logg.info(
-            f"    {len(h['epoch'])} epochs{' (early stop)' if res.stopped_early else ''}, best epoch "
-            f"{res.best_epoch}: ELBO train {h['elbo_train'][best]:.1f}, validation "
-            f"{h['elbo_validation'][best]:.1f} nats/cell"
-        )
-    logg.info(
-        "    finished",
-        time=start,
-        deep=(f"added\n    'X_{key_added}', latent means (adata.obsm)"
-              f"\n    '{key_added}', params, history and weights (adata.uns)"),
-    )
+    adata.uns[key_added] = _record(adata, params, data, res, state, val_idx)
+    _report(res, gap_every, key_added, start)
     return adata if copy else None
 
 
-@torch.no_grad()
-def _set_library_prior(module: VAE, log_totals: np.ndarray, codes: np.ndarray | None) -> None:
-    """Per-batch mean and variance of log total counts: the prior of a latent library."""
-    n = module.library_prior_mean.shape[0]
-    codes = np.zeros(len(log_totals), dtype=int) if codes is None or n == 1 else codes
-    for b in range(n):
-        v = log_totals[codes == b]
-        if len(v):
-            module.library_prior_mean[b] = float(v.mean())
-            module.library_prior_log_var[b] = float(np.log(max(v.var(), 1e-4)))
-    if module.library_encoder is not None:
-        # start q(l | x) at the data's scale rather than at log l = 0 (e^0 = one count per cell)
-        module.library_encoder.mean.bias.fill_(float(log_totals.mean()))
+@dataclass
+class _Data:
+    """The counts and covariates of the AnnData, checked."""
+
+    X: object
+    codes: np.ndarray | None
+    categories: list
+    cov: np.ndarray | None
+    cov_categories: dict
+    counts: CountCheck
+    log_lib: np.ndarray
 
 
-@torch.no_grad()
-def _latent_means(module: VAE, loader: Minibatches) -> np.ndarray:
-    module.eval()
-    out = np.empty((len(loader.indices), module.n_latent), dtype=np.float32)
-    pos = 0
-    for mb in loader:
-        mean, _ = module.inference(mb.x, mb.batch, mb.cov)
-        out[pos:pos + len(mb.idx)] = module.representation(mean).cpu().numpy()
-        pos += len(mb.idx)
-    return out
+def _read_data(adata: AnnData, p: dict) -> _Data:
+    """Check and read what training needs from ``adata``, as the settings ``p`` say (raises, writes nothing)."""
+    X = get_counts(adata, p["layer"])
+    what = "adata.X" if p["layer"] is None else f"adata.layers[{p['layer']!r}]"
+    codes, categories = batch_codes(adata, p["batch_key"])
+    cov, cov_categories = covariate_design(adata, p["categorical_covariate_keys"], p["continuous_covariate_keys"])
+    counts = inspect_counts(X, what)
+    log_lib = log_library(adata, counts.totals, p["size_factor_key"])
+    if not adata.obs_names.is_unique:
+        warnings.warn("adata.obs_names are not unique: held-out cells are stored by name, so the diagnostics "
+                      "cannot tell duplicates apart; run adata.obs_names_make_unique() first.", UserWarning,
+                      stacklevel=3)
+    return _Data(X, codes, categories, cov, cov_categories, counts, log_lib)
+
+
+def _build_module(params: dict, data: _Data, train_idx: np.ndarray) -> VAE:
+    """Build the VAE of this call's settings; its latent-library prior from the training cells (global torch RNG)."""
+    module = VAE(n_batch=len(data.categories), **{k: params[k] for k in HPARAMS if k in params})
+    set_library_prior(module, np.log(data.counts.totals[train_idx]),
+                      None if data.codes is None else data.codes[train_idx])
+    return module
+
+
+def _fit(module: VAE, data: _Data, train_idx, val_idx, rng, params: dict, common: dict) -> TrainResult:
+    """Train ``module`` in place on ``train_idx``, validating on ``val_idx`` (the settings in ``params``)."""
+    p = params
+    train_loader = Minibatches(data.X, train_idx, batch_size=p["batch_size"], shuffle=True, rng=rng, with_nz=True,
+                               shard=rank_and_world(), **common)
+    # data-parallel: each rank evaluates its share of the held-out cells (sums all-reduced)
+    val_loader = (Minibatches(data.X, val_idx, batch_size=1024, shard=rank_and_world(), with_nz=True, **common)
+                  if len(val_idx) else None)
+    callback = None
+    if p["gap_every"]:
+        from ..diagnostics.history import GapTracker
+
+        callback = GapTracker(data.X, train_idx, val_idx, every=p["gap_every"], seed=p["random_state"], **common)
+    with threads(p["n_threads"]) as used:
+        params["n_threads_used"] = used  # results are bit-reproducible for a given seed and thread count
+        return train(
+            module, train_loader, val_loader, max_epochs=p["max_epochs"], lr=p["lr"], weight_decay=p["weight_decay"],
+            n_epochs_kl_warmup=p["n_epochs_kl_warmup"], early_stopping=p["early_stopping"],
+            patience=p["early_stopping_patience"], seed=p["random_state"], progress=p["progress"],
+            callback=callback, compile_likelihood=p["compile"],
+        )
+
+
+def _record(adata: AnnData, params: dict, data: _Data, res: TrainResult, state: dict, val_idx) -> dict:
+    """Return what ``uns[key_added]`` holds (see the docstring of :func:`vae`)."""
+    return {
+        "params": params,
+        "history": {k: np.asarray(v) for k, v in res.history.items()},
+        "validation_obs_names": np.asarray(adata.obs_names[val_idx], dtype=object),
+        "batch_categories": data.categories,
+        "covariate_categories": data.cov_categories,
+        "model": state,
+        "var_names": np.asarray(adata.var_names, dtype=object),
+        "counts_rounded": {"n_values": data.counts.n_rounded, "max_deviation": data.counts.max_deviation},
+        "best_epoch": res.best_epoch, "stopped_early": res.stopped_early, "interrupted": res.interrupted,
+    }
+
+
+def _report(res: TrainResult, gap_every, key_added: str, start) -> None:
+    """Warn when the encoder overfits (with ``gap_every``) and log the outcome."""
+    if gap_every:
+        from ..diagnostics.history import overfitting_alarm
+
+        alarm = overfitting_alarm(res.history, best_epoch=res.best_epoch)
+        if alarm:
+            warnings.warn(alarm, UserWarning, stacklevel=3)
+    if res.summary():
+        logg.info(f"    {res.summary()}")
+    logg.info("    finished", time=start, deep=(f"added\n    'X_{key_added}', latent means (adata.obsm)"
+                                                 f"\n    '{key_added}', params, history and weights (adata.uns)"))
