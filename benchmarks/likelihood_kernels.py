@@ -52,12 +52,12 @@ def main():
     import scipy.sparse as sp
 
     import sc_vi_ext as sv
-    from sc_vi_ext.dataloader import _csr_rows
+    from sc_vi_ext.dataloader import csr_rows
     from sc_vi_ext.module import fused
     from sc_vi_ext.module.distributions import log_zinb
 
     X = sp.csr_matrix(sv.datasets.simulate(2000, 2000, n_batches=3, n_types=8, random_state=0).X)
-    dense, nz = _csr_rows(X, np.arange(128))
+    dense, nz = csr_rows(X, np.arange(128))
     x, nz = torch.from_numpy(dense), tuple(torch.from_numpy(a) for a in nz)
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(128, x.shape[1], generator=gen) * 0.5

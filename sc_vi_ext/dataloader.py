@@ -56,7 +56,7 @@ def get_counts(adata: AnnData, layer: str | None):
     return X
 
 
-def _rows_dense(X, idx: np.ndarray, *, round_counts: bool = False) -> np.ndarray:
+def rows_dense(X, idx: np.ndarray, *, round_counts: bool = False) -> np.ndarray:
     """Rows ``idx`` of ``X`` as a dense float32 array (the only place minibatches are cut).
 
     ``round_counts`` rounds float noise away (see :func:`inspect_counts`); the block is a
@@ -70,11 +70,11 @@ def _rows_dense(X, idx: np.ndarray, *, round_counts: bool = False) -> np.ndarray
         out = np.empty((len(idx), X.shape[1]), dtype=np.float32)
         out[order] = sub.toarray() if sp.issparse(sub) else sub
     else:
-        return _csr_rows(X, idx, with_nz=False, round_counts=round_counts)[0]
+        return csr_rows(X, idx, with_nz=False, round_counts=round_counts)[0]
     return np.rint(out, out=out) if round_counts else out
 
 
-def _csr_rows(X, idx: np.ndarray, *, with_nz: bool = True, round_counts: bool = False):
+def csr_rows(X, idx: np.ndarray, *, with_nz: bool = True, round_counts: bool = False):
     """Rows ``idx`` of a CSR matrix as a dense float32 block, plus (with ``with_nz``) its non-zeros.
 
     The rows, columns and values of the non-zeros are read straight from the sliced CSR arrays.
@@ -319,12 +319,12 @@ class Minibatches:
             idx, r = order[lo:hi][rank::world], rows[lo:hi][rank::world]
             nz = None
             if self.gene_index is not None:
-                dense = align_genes(_rows_dense(X, r, round_counts=self.round_counts), self.gene_index)
+                dense = align_genes(rows_dense(X, r, round_counts=self.round_counts), self.gene_index)
             elif sp.issparse(X) and self.with_nz:  # CSR: the non-zeros come for free
-                dense, nz = _csr_rows(X, r, round_counts=self.round_counts)
+                dense, nz = csr_rows(X, r, round_counts=self.round_counts)
                 nz = tuple(torch.from_numpy(a).to(self.device) for a in nz)
             else:
-                dense = _rows_dense(X, r, round_counts=self.round_counts)
+                dense = rows_dense(X, r, round_counts=self.round_counts)
             x = torch.from_numpy(dense).to(self.device)
             bt = None if self.batch is None else torch.from_numpy(self.batch[idx]).to(self.device)
             if self.log_library is None:  # log total counts of the rows just read (over the model's genes)

@@ -98,7 +98,7 @@ def test_rows_come_back_in_the_requested_order(tmp_path):
     assert dataloader.is_on_disk(storages["backed-dense"])  # a dense X on disk stays there
     for name, X in storages.items():
         for round_counts in (False, True):
-            np.testing.assert_array_equal(dataloader._rows_dense(X, idx, round_counts=round_counts), dense[idx],
+            np.testing.assert_array_equal(dataloader.rows_dense(X, idx, round_counts=round_counts), dense[idx],
                                           err_msg=name)
         # through the minibatches (with and without gene alignment): each row is the cell it is labelled with
         for gene_index in (None, np.arange(12)[::-1]):

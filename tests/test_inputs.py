@@ -365,7 +365,7 @@ def test_divergence_raises_and_writes_nothing(copy, sim, fast):
 def test_nan_latent_is_never_written(sim, fast, monkeypatch):
     import sc_vi_ext.tl._vae as vae_module
 
-    monkeypatch.setattr(vae_module, "_latent_means", lambda module, loader: np.full((sim.n_obs, 10), np.nan))
+    monkeypatch.setattr(vae_module, "latent_means", lambda module, loader: np.full((sim.n_obs, 10), np.nan))
     snap = _snapshot(sim)
     with pytest.raises(TrainingDivergedError):
         sv.tl.vae(sim, **fast)

@@ -113,7 +113,7 @@ def vae_map(
     ``adata.obsm["X_" + key]``
         Latent means in the reference's latent space.
     ``adata.uns[key]``
-        The mapped model (as :func:`vae` writes it, so that :func:`get_model`,
+        The mapped model (as :func:`vae` writes it, so that :func:`~sc_vi_ext.get_model`,
         :func:`amortization_gap` and :func:`log_likelihood` work on the query), with
         ``var_names`` (the model's genes), ``gene_index`` (query column of each of them at
         mapping time, -1 when absent: those genes stay zeros for every later tool) and

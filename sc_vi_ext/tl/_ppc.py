@@ -116,10 +116,11 @@ def posterior_predictive(
     ``key + "_ppc_" + stat + "_pred_sd"``
         Its standard deviation over the replicates (the spread expected by chance).
 
-    and ``adata.uns[key]["posterior_predictive"]``: ``params``, and ``summary``, per
-    statistic, ``mean_abs_log_ratio`` (mean over genes of ``|log(pred / obs)|``, genes with
-    both positive), ``frac_outside_3sd`` (fraction of genes with ``|obs - pred|`` > 3 sd)
-    and ``n_genes`` (genes in the log ratio).
+    ``adata.uns[key]["posterior_predictive"]``
+        ``params``, and ``summary``: per statistic, ``mean_abs_log_ratio`` (mean over
+        genes of ``|log(pred / obs)|``, genes with both positive), ``frac_outside_3sd``
+        (fraction of genes with ``|obs - pred|`` > 3 sd) and ``n_genes`` (genes in the log
+        ratio).
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be at least 1, not {n_samples}.")

@@ -18,8 +18,7 @@ from ..module.vae import DEFAULTS, HPARAMS, VAE, Dispersion, LatentDistribution,
 from ..threads import threads
 from ..train import TrainResult, check_finite, default_max_epochs, train
 from ._derived import remove_derived
-from ._utils import latent_means as _latent_means  # this module's name for it: tests replace it here
-from ._utils import resolve_device, set_library_prior, split_indices
+from ._utils import latent_means, resolve_device, set_library_prior, split_indices
 
 
 @doc_params()
@@ -203,7 +202,7 @@ def vae(
         torch.manual_seed(random_state)
         module = _build_module(params, data, train_idx).to(dev)
         res = _fit(module, data, train_idx, val_idx, rng, params, common)
-        latent = _latent_means(module, Minibatches(data.X, np.arange(adata.n_obs), batch_size=1024, **common))
+        latent = latent_means(module, Minibatches(data.X, np.arange(adata.n_obs), batch_size=1024, **common))
     state = state_to_numpy(module)
     # never write NaN: the loop checks the ELBO per epoch; the weights and latent are checked here
     finite = bool(np.isfinite(latent).all()) and all(bool(np.isfinite(v).all()) for v in state.values())
