@@ -27,6 +27,8 @@ CONFIGS = {
     "batch256": {"batch_size": 256, "lr": 2e-3},
     "batch256-warmup-half": {"batch_size": 256, "lr": 2e-3, "n_epochs_kl_warmup": "half"},
     "epochs200": {"max_epochs": 200},
+    "bf16": {"precision": "bfloat16"},
+    "batch256-bf16": {"batch_size": 256, "lr": 2e-3, "precision": "bfloat16"},
 }
 
 
