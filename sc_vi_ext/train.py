@@ -8,6 +8,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -95,7 +96,30 @@ def use_compiled(setting: bool | str, n_steps: int) -> bool:  # noqa: FBT001 - T
     return bool(setting)
 
 
-def _warm_up_compiled(module: VAE, loader: Minibatches) -> None:
+Precision = Literal["float32", "bfloat16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+
+def matmul_precision(precision: str, device: str) -> torch.autocast:
+    """Return the autocast context of a training step: bfloat16 matrix products, or disabled."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}.")
+    dev_type = torch.device(device).type
+    if precision == "bfloat16" and dev_type == "cpu" and not bf16_fast_on_cpu():
+        logg.warning("precision='bfloat16': this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX); "
+                     "the matrix products are emulated and slower than float32.")
+    return torch.autocast(dev_type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+
+
+def bf16_fast_on_cpu() -> bool:
+    """Whether oneDNN runs bfloat16 matrix products natively here (AVX-512 BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _warm_up_compiled(module: VAE, loader: Minibatches, autocast: torch.autocast) -> None:
     """Compile the likelihood on a first minibatch (forward and backward), outside the timed epochs."""
     t0 = time.perf_counter()
     # the warm-up must leave no trace: not in the random streams, not in BatchNorm's statistics
@@ -105,7 +129,8 @@ def _warm_up_compiled(module: VAE, loader: Minibatches) -> None:
         loader.rng.bit_generator.state = rng_state
     buffers = {k: v.clone() for k, v in module.named_buffers()}
     with torch.random.fork_rng(devices=[]):
-        out = module.loss(mb.x, mb.batch, mb.log_library, cov=mb.cov, nz=mb.nz)
+        with autocast:  # as in the training steps, so that the compiled graph is the one they use
+            out = module.loss(mb.x, mb.batch, mb.log_library, cov=mb.cov, nz=mb.nz)
         out.loss(1.0).backward()
     module.zero_grad(set_to_none=True)
     with torch.no_grad():
@@ -156,6 +181,7 @@ def train(
     callback=None,
     freeze_batchnorm: bool = False,
     compile_likelihood: bool | str = False,
+    precision: str = "float32",
 ) -> TrainResult:
     """Train ``module`` in place and load the weights of the best validation epoch.
 
@@ -169,7 +195,9 @@ def train(
     require gradients are optimised; ``freeze_batchnorm`` keeps BatchNorm layers on their
     stored running statistics (query mapping). ``compile_likelihood`` fuses the
     likelihood's dense terms with ``torch.compile`` (True, False, or "auto": when the run
-    has enough steps to repay the compile time, see :func:`use_compiled`).
+    has enough steps to repay the compile time, see :func:`use_compiled`). ``precision``
+    ``"bfloat16"`` runs the training steps' matrix products in bfloat16 (autocast); the
+    likelihood, the optimiser, the weights and the validation stay float32.
     """
     rank, _ = rank_and_world()
     res = TrainResult()
@@ -177,6 +205,7 @@ def train(
     compiled = use_compiled(compile_likelihood, max_epochs * len(train_loader))
     best, step = _BestEpoch(n_epochs_kl_warmup), 0
     raw_loader = train_loader
+    autocast = matmul_precision(precision, train_loader.device)
     # under torchrun, Ctrl-C stops every rank at the same step (see distributed.py)
     train_loader, restore_sigint = interruptible(train_loader)
     cleanup = contextlib.ExitStack()
@@ -189,11 +218,11 @@ def train(
         # the compiled likelihood for this training only; the caller's setting is restored after
         cleanup.enter_context(fused.compiled_likelihood("train" if compiled else False))
         if compiled:
-            _warm_up_compiled(module, raw_loader)
+            _warm_up_compiled(module, raw_loader, autocast)
         for epoch in bar:
             t0 = time.perf_counter()
             sums, step = _train_epoch(model, module, train_loader, opt, step, warmup_steps,
-                                       freeze_batchnorm=freeze_batchnorm)
+                                       freeze_batchnorm=freeze_batchnorm, autocast=autocast)
             rec, kl, n = global_sum(sums).tolist()
             tr = {"reconstruction": rec / n, "kl": kl / n}
             tr["elbo"] = tr["reconstruction"] - tr["kl"]
@@ -223,7 +252,8 @@ def train(
     return res
 
 
-def _train_epoch(model, module: VAE, loader, opt, step: int, warmup_steps: int, *, freeze_batchnorm: bool):
+def _train_epoch(model, module: VAE, loader, opt, step: int, warmup_steps: int, *, freeze_batchnorm: bool,
+                 autocast: torch.autocast):
     """One pass of optimiser steps over ``loader``; return the summed (reconstruction, KL, cells) and the step count.
 
     The sums stay on the device (no host sync per step). ``model`` is ``module`` or its
@@ -237,7 +267,8 @@ def _train_epoch(model, module: VAE, loader, opt, step: int, warmup_steps: int, 
     sums = torch.zeros(3, dtype=torch.float64, device=loader.device)  # rec, kl, cells
     for mb in loader:
         w = kl_weight(step, warmup_steps)
-        out = model(mb.x, mb.batch, mb.log_library, mb.cov, mb.nz)
+        with autocast:
+            out = model(mb.x, mb.batch, mb.log_library, mb.cov, mb.nz)
         opt.zero_grad(set_to_none=True)
         out.loss(w).backward()
         opt.step()

@@ -16,7 +16,7 @@ from ..distributed import device_for_rank, rank_and_world
 from ..model_store import state_to_numpy
 from ..module.vae import DEFAULTS, HPARAMS, VAE, Dispersion, LatentDistribution, Library, Likelihood, check_options
 from ..threads import threads
-from ..train import TrainResult, check_finite, default_max_epochs, train
+from ..train import PRECISIONS, Precision, TrainResult, check_finite, default_max_epochs, train
 from ._derived import remove_derived
 from ._utils import latent_means, resolve_device, set_library_prior, split_indices
 
@@ -53,6 +53,7 @@ def vae(
     device: str = "auto",
     n_threads: int | None = None,
     compile: bool | str = "auto",  # noqa: A002 - torch's word for it
+    precision: Precision = "float32",
     progress: bool = True,
     copy: bool = False,
 ) -> AnnData | None:
@@ -141,6 +142,11 @@ def vae(
         1.2-1.25x faster, see ``benchmarks/RESULTS.md``). ``"auto"``
         compiles when the run has at least 4,000 optimiser steps (compiling takes 5-20 s)
         and a C++ compiler is available; results equal the eager ones to float32 rounding.
+    precision
+        ``"bfloat16"``: the training steps' matrix products in bfloat16 (torch autocast),
+        for CPUs with bfloat16 instructions (AVX-512 BF16, AMX) and GPUs; the likelihood,
+        the weights, the optimiser, the validation ELBO and every tool after training stay
+        float32. Measured in ``benchmarks/RESULTS.md`` (speed and the quality it costs).
     {progress}
     {copy}
 
@@ -184,6 +190,8 @@ def vae(
         raise ValueError("batch_size must be at least 2 (BatchNorm needs two cells).")
     check_options(likelihood=likelihood, dispersion=dispersion, library=library,
                   latent_distribution=latent_distribution)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}.")
     data = _read_data(adata, params)
     adata = adata.copy() if copy else adata
 
@@ -270,7 +278,7 @@ def _fit(module: VAE, data: _Data, train_idx, val_idx, rng, params: dict, common
             module, train_loader, val_loader, max_epochs=p["max_epochs"], lr=p["lr"], weight_decay=p["weight_decay"],
             n_epochs_kl_warmup=p["n_epochs_kl_warmup"], early_stopping=p["early_stopping"],
             patience=p["early_stopping_patience"], seed=p["random_state"], progress=p["progress"],
-            callback=callback, compile_likelihood=p["compile"],
+            callback=callback, compile_likelihood=p["compile"], precision=p["precision"],
         )
 
 
