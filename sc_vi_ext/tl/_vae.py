@@ -11,8 +11,9 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from .._docs import doc_params
-from ..dataloader import CountCheck, Minibatches, batch_codes, covariate_design, get_counts, inspect_counts, log_library
+from ..dataloader import Minibatches
 from ..distributed import device_for_rank, rank_and_world
+from ..inputs import CountCheck, batch_codes, covariate_design, get_counts, inspect_counts, log_library
 from ..model_store import state_to_numpy
 from ..module.vae import DEFAULTS, HPARAMS, VAE, Dispersion, LatentDistribution, Library, Likelihood, check_options
 from ..threads import threads
