@@ -8,6 +8,7 @@ loaded whole; bad input raises an error that says what to do, before anything is
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -208,3 +209,32 @@ def covariate_design(adata: AnnData, categorical_keys, continuous_keys, categori
             raise ValueError(f"adata.obs[{k!r}] has NaN or infinite values.")
         cols.append(v[:, None])
     return (np.concatenate(cols, 1) if cols else None), used
+
+
+@dataclass
+class TrainingData:
+    """The counts and covariates of an AnnData, checked (what :func:`read_training_data` returns)."""
+
+    X: object
+    codes: np.ndarray | None
+    categories: list
+    cov: np.ndarray | None
+    cov_categories: dict
+    counts: CountCheck
+    log_lib: np.ndarray
+
+
+def read_training_data(adata: AnnData, *, layer: str | None, batch_key: str | None, size_factor_key: str | None,
+                       categorical_keys, continuous_keys) -> TrainingData:
+    """Check and read what training needs from ``adata`` (raises on bad input, writes nothing)."""
+    X = get_counts(adata, layer)
+    what = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    codes, categories = batch_codes(adata, batch_key)
+    cov, cov_categories = covariate_design(adata, categorical_keys, continuous_keys)
+    counts = inspect_counts(X, what)
+    log_lib = log_library(adata, counts.totals, size_factor_key)
+    if not adata.obs_names.is_unique:
+        warnings.warn("adata.obs_names are not unique: held-out cells are stored by name, so the diagnostics "
+                      "cannot tell duplicates apart; run adata.obs_names_make_unique() first.", UserWarning,
+                      stacklevel=3)
+    return TrainingData(X, codes, categories, cov, cov_categories, counts, log_lib)

@@ -8,13 +8,12 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal, get_args
 
 import numpy as np
 import torch
-from scanpy import logging as logg
 
 from ._progress import tqdm
+from .acceleration import matmul_precision, use_compiled, warm_up_compiled
 from .dataloader import Minibatches
 from .distributed import broadcast_buffers, global_sum, interruptible, rank_and_world, wrap
 from .module import VAE, fused
@@ -74,72 +73,6 @@ class TrainResult:
                 f"{h['elbo_validation'][best]:.1f} nats/cell")
 
 
-# Measured on a 128 x 2,000 ZINB minibatch (1 thread): the compiled dense terms save about
-# 3 ms per step; compiling costs 5-20 s (less once inductor's on-disk cache is warm).
-COMPILE_MIN_STEPS = 4000
-
-
-def use_compiled(setting: bool | str, n_steps: int) -> bool:  # noqa: FBT001 - True/False/"auto", passed positionally
-    """Whether to train with the compiled likelihood.
-
-    ``setting`` True/False, or "auto" (at least ``COMPILE_MIN_STEPS`` optimiser steps in the budget
-    and a compiler here).
-    """
-    if setting not in (True, False, "auto"):
-        raise ValueError(f"compile must be True, False or 'auto', not {setting!r}.")
-    if setting == "auto":
-        setting = n_steps >= COMPILE_MIN_STEPS
-    if setting and not fused.can_compile():
-        warnings.warn("torch.compile is not available here (no C++ compiler?); training in eager mode.",
-                      stacklevel=4)
-        return False
-    return bool(setting)
-
-
-Precision = Literal["float32", "bfloat16"]
-PRECISIONS: tuple[str, ...] = get_args(Precision)
-
-
-def matmul_precision(precision: str, device: str) -> torch.autocast:
-    """Return the autocast context of a training step: bfloat16 matrix products, or disabled."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}.")
-    dev_type = torch.device(device).type
-    if precision == "bfloat16" and dev_type == "cpu" and not bf16_fast_on_cpu():
-        logg.warning("precision='bfloat16': this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX); "
-                     "the matrix products are emulated and slower than float32.")
-    return torch.autocast(dev_type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
-
-
-def bf16_fast_on_cpu() -> bool:
-    """Whether oneDNN runs bfloat16 matrix products natively here (AVX-512 BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def _warm_up_compiled(module: VAE, loader: Minibatches, autocast: torch.autocast) -> None:
-    """Compile the likelihood on a first minibatch (forward and backward), outside the timed epochs."""
-    t0 = time.perf_counter()
-    # the warm-up must leave no trace: not in the random streams, not in BatchNorm's statistics
-    rng_state = None if loader.rng is None else loader.rng.bit_generator.state
-    mb = next(iter(loader))
-    if rng_state is not None:
-        loader.rng.bit_generator.state = rng_state
-    buffers = {k: v.clone() for k, v in module.named_buffers()}
-    with torch.random.fork_rng(devices=[]):
-        with autocast:  # as in the training steps, so that the compiled graph is the one they use
-            out = module.loss(mb.x, mb.batch, mb.log_library, cov=mb.cov, nz=mb.nz)
-        out.loss(1.0).backward()
-    module.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        for k, v in module.named_buffers():
-            v.copy_(buffers[k])
-    if fused.compiled_enabled():  # else the compiler failed (logged): eager from here on
-        logg.info(f"    compiled the likelihood in {time.perf_counter() - t0:.1f} s")
-
-
 @torch.no_grad()
 def evaluate(module: VAE, loader: Minibatches, *, seed: int) -> dict[str, float]:
     """Mean per-cell ELBO terms over every cell of ``loader``, model in eval mode.
@@ -195,7 +128,7 @@ def train(
     require gradients are optimised; ``freeze_batchnorm`` keeps BatchNorm layers on their
     stored running statistics (query mapping). ``compile_likelihood`` fuses the
     likelihood's dense terms with ``torch.compile`` (True, False, or "auto": when the run
-    has enough steps to repay the compile time, see :func:`use_compiled`). ``precision``
+    has enough steps to repay the compile time, see :func:`sc_vi_ext.acceleration.use_compiled`). ``precision``
     ``"bfloat16"`` runs the training steps' matrix products in bfloat16 (autocast); the
     likelihood, the optimiser, the weights and the validation stay float32.
     """
@@ -218,7 +151,7 @@ def train(
         # the compiled likelihood for this training only; the caller's setting is restored after
         cleanup.enter_context(fused.compiled_likelihood("train" if compiled else False))
         if compiled:
-            _warm_up_compiled(module, raw_loader, autocast)
+            warm_up_compiled(module, raw_loader, autocast)
         for epoch in bar:
             t0 = time.perf_counter()
             sums, step = _train_epoch(model, module, train_loader, opt, step, warmup_steps,

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import sc_vi_ext as sv
+from sc_vi_ext.acceleration import COMPILE_MIN_STEPS, use_compiled
 from sc_vi_ext.module import fused
 from sc_vi_ext.threads import default_threads, threads
-from sc_vi_ext.train import COMPILE_MIN_STEPS, use_compiled
 
 
 @pytest.mark.skipif(not fused.compile_available(), reason="no C++ compiler")
