@@ -74,7 +74,7 @@ class Setup:
         from scipy.special import gammaln
 
         import sc_vi_ext as sv
-        from sc_vi_ext.dataloader import check_counts, get_counts
+        from sc_vi_ext.inputs import check_counts, get_counts
         from sc_vi_ext.tl._utils import split_indices
 
         kw = {} if args.dispersion is None else {"dispersion": args.dispersion}

@@ -35,7 +35,8 @@ FAMILIES = [  # (family, substrings of op names), first match wins
 
 def build(n_cells, n_genes, seed=0):
     import sc_vi_ext as sv
-    from sc_vi_ext.dataloader import Minibatches, check_counts, get_counts
+    from sc_vi_ext.dataloader import Minibatches
+    from sc_vi_ext.inputs import check_counts, get_counts
     from sc_vi_ext.module import VAE
 
     adata = sv.datasets.simulate(n_cells, n_genes, n_batches=3, n_types=8, random_state=0)

@@ -28,7 +28,8 @@ warnings.filterwarnings("ignore")
 
 def build(n_cells, n_genes, dispersion, batch_size=128, seed=0):
     import sc_vi_ext as sv
-    from sc_vi_ext.dataloader import Minibatches, check_counts, get_counts
+    from sc_vi_ext.dataloader import Minibatches
+    from sc_vi_ext.inputs import check_counts, get_counts
     from sc_vi_ext.module import VAE
     from sc_vi_ext.tl._utils import split_indices
 

@@ -117,6 +117,7 @@ def _train(args) -> int:
         early_stopping=not args.no_early_stopping, early_stopping_patience=args.early_stopping_patience,
         random_state=args.random_state, key_added=args.key_added, device=args.device, progress=not args.quiet,
         n_threads=args.n_threads, compile={"auto": "auto", "on": True, "off": False}[args.compile],
+        precision=args.precision,
     )
     if rank == 0:  # every rank holds the same model; one writes
         if args.backed:
@@ -195,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "cores that are idle at the start")
     t.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="fuse the likelihood with torch.compile; auto: for runs of at least 4,000 optimiser steps")
+    t.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
+                   help="bfloat16: matrix products of the training steps in bfloat16 (CPUs with AVX-512 BF16 "
+                        "or AMX, GPUs) (default: float32)")
     t.add_argument("--device", default="auto", help='torch device; "auto" picks CUDA when available, else CPU')
     t.add_argument("--key-added", default="vae", help="name of the result (obsm['X_<key>'], uns['<key>'])")
     t.add_argument("--backed", action="store_true", help="read the input with backed='r' (out of core)")

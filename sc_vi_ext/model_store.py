@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from anndata import AnnData
 
-from .dataloader import Minibatches, batch_codes, covariate_design, get_counts, inspect_counts, log_library
+from .dataloader import Minibatches
+from .inputs import batch_codes, covariate_design, get_counts, inspect_counts, log_library
 from .module.vae import HPARAMS, VAE
 
 

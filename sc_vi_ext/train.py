@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scanpy import logging as logg
 
 from ._progress import tqdm
+from .acceleration import matmul_precision, use_compiled, warm_up_compiled
 from .dataloader import Minibatches
 from .distributed import broadcast_buffers, global_sum, interruptible, rank_and_world, wrap
 from .module import VAE, fused
@@ -73,48 +73,6 @@ class TrainResult:
                 f"{h['elbo_validation'][best]:.1f} nats/cell")
 
 
-# Measured on a 128 x 2,000 ZINB minibatch (1 thread): the compiled dense terms save about
-# 3 ms per step; compiling costs 5-20 s (less once inductor's on-disk cache is warm).
-COMPILE_MIN_STEPS = 4000
-
-
-def use_compiled(setting: bool | str, n_steps: int) -> bool:  # noqa: FBT001 - True/False/"auto", passed positionally
-    """Whether to train with the compiled likelihood.
-
-    ``setting`` True/False, or "auto" (at least ``COMPILE_MIN_STEPS`` optimiser steps in the budget
-    and a compiler here).
-    """
-    if setting not in (True, False, "auto"):
-        raise ValueError(f"compile must be True, False or 'auto', not {setting!r}.")
-    if setting == "auto":
-        setting = n_steps >= COMPILE_MIN_STEPS
-    if setting and not fused.can_compile():
-        warnings.warn("torch.compile is not available here (no C++ compiler?); training in eager mode.",
-                      stacklevel=4)
-        return False
-    return bool(setting)
-
-
-def _warm_up_compiled(module: VAE, loader: Minibatches) -> None:
-    """Compile the likelihood on a first minibatch (forward and backward), outside the timed epochs."""
-    t0 = time.perf_counter()
-    # the warm-up must leave no trace: not in the random streams, not in BatchNorm's statistics
-    rng_state = None if loader.rng is None else loader.rng.bit_generator.state
-    mb = next(iter(loader))
-    if rng_state is not None:
-        loader.rng.bit_generator.state = rng_state
-    buffers = {k: v.clone() for k, v in module.named_buffers()}
-    with torch.random.fork_rng(devices=[]):
-        out = module.loss(mb.x, mb.batch, mb.log_library, cov=mb.cov, nz=mb.nz)
-        out.loss(1.0).backward()
-    module.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        for k, v in module.named_buffers():
-            v.copy_(buffers[k])
-    if fused.compiled_enabled():  # else the compiler failed (logged): eager from here on
-        logg.info(f"    compiled the likelihood in {time.perf_counter() - t0:.1f} s")
-
-
 @torch.no_grad()
 def evaluate(module: VAE, loader: Minibatches, *, seed: int) -> dict[str, float]:
     """Mean per-cell ELBO terms over every cell of ``loader``, model in eval mode.
@@ -156,6 +114,7 @@ def train(
     callback=None,
     freeze_batchnorm: bool = False,
     compile_likelihood: bool | str = False,
+    precision: str = "float32",
 ) -> TrainResult:
     """Train ``module`` in place and load the weights of the best validation epoch.
 
@@ -169,7 +128,9 @@ def train(
     require gradients are optimised; ``freeze_batchnorm`` keeps BatchNorm layers on their
     stored running statistics (query mapping). ``compile_likelihood`` fuses the
     likelihood's dense terms with ``torch.compile`` (True, False, or "auto": when the run
-    has enough steps to repay the compile time, see :func:`use_compiled`).
+    has enough steps to repay the compile time, see :func:`sc_vi_ext.acceleration.use_compiled`). ``precision``
+    ``"bfloat16"`` runs the training steps' matrix products in bfloat16 (autocast); the
+    likelihood, the optimiser, the weights and the validation stay float32.
     """
     rank, _ = rank_and_world()
     res = TrainResult()
@@ -177,6 +138,7 @@ def train(
     compiled = use_compiled(compile_likelihood, max_epochs * len(train_loader))
     best, step = _BestEpoch(n_epochs_kl_warmup), 0
     raw_loader = train_loader
+    autocast = matmul_precision(precision, train_loader.device)
     # under torchrun, Ctrl-C stops every rank at the same step (see distributed.py)
     train_loader, restore_sigint = interruptible(train_loader)
     cleanup = contextlib.ExitStack()
@@ -189,11 +151,11 @@ def train(
         # the compiled likelihood for this training only; the caller's setting is restored after
         cleanup.enter_context(fused.compiled_likelihood("train" if compiled else False))
         if compiled:
-            _warm_up_compiled(module, raw_loader)
+            warm_up_compiled(module, raw_loader, autocast)
         for epoch in bar:
             t0 = time.perf_counter()
             sums, step = _train_epoch(model, module, train_loader, opt, step, warmup_steps,
-                                       freeze_batchnorm=freeze_batchnorm)
+                                       freeze_batchnorm=freeze_batchnorm, autocast=autocast)
             rec, kl, n = global_sum(sums).tolist()
             tr = {"reconstruction": rec / n, "kl": kl / n}
             tr["elbo"] = tr["reconstruction"] - tr["kl"]
@@ -223,7 +185,8 @@ def train(
     return res
 
 
-def _train_epoch(model, module: VAE, loader, opt, step: int, warmup_steps: int, *, freeze_batchnorm: bool):
+def _train_epoch(model, module: VAE, loader, opt, step: int, warmup_steps: int, *, freeze_batchnorm: bool,
+                 autocast: torch.autocast):
     """One pass of optimiser steps over ``loader``; return the summed (reconstruction, KL, cells) and the step count.
 
     The sums stay on the device (no host sync per step). ``model`` is ``module`` or its
@@ -237,7 +200,8 @@ def _train_epoch(model, module: VAE, loader, opt, step: int, warmup_steps: int, 
     sums = torch.zeros(3, dtype=torch.float64, device=loader.device)  # rec, kl, cells
     for mb in loader:
         w = kl_weight(step, warmup_steps)
-        out = model(mb.x, mb.batch, mb.log_library, mb.cov, mb.nz)
+        with autocast:
+            out = model(mb.x, mb.batch, mb.log_library, mb.cov, mb.nz)
         opt.zero_grad(set_to_none=True)
         out.loss(w).backward()
         opt.step()

@@ -6,7 +6,7 @@ import anndata as ad
 import numpy as np
 
 import sc_vi_ext as sv
-from sc_vi_ext import dataloader
+from sc_vi_ext import dataloader, inputs
 
 
 def test_backed_matches_in_memory_and_reads_windows(tmp_path, monkeypatch):
@@ -22,7 +22,7 @@ def test_backed_matches_in_memory_and_reads_windows(tmp_path, monkeypatch):
     h_b, h_m = backed.uns["vae"]["history"], adata.uns["vae"]["history"]
     np.testing.assert_allclose(h_b["elbo_validation"][-1], h_m["elbo_validation"][-1], rtol=0.05)
     # every training cell is seen exactly once per epoch, in windows of consecutive rows
-    X = dataloader.get_counts(backed, None)
+    X = inputs.get_counts(backed, None)
     idx = np.setdiff1d(np.arange(300), backed.obs_names.get_indexer(backed.uns["vae"]["validation_obs_names"]))
     lib = np.zeros(300, np.float32)
     mbs = dataloader.Minibatches(X, idx, log_library=lib, batch_size=32, shuffle=True, rng=np.random.default_rng(0))
@@ -44,7 +44,7 @@ def test_tools_on_a_subset_read_only_its_rows(tmp_path, monkeypatch):
     sv.tl.vae(adata, max_epochs=1, n_hidden=8, progress=False)
     adata.write_h5ad(tmp_path / "a.h5ad")
     backed = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
-    cls = type(dataloader.get_counts(backed, None))
+    cls = type(inputs.get_counts(backed, None))
     getitem, read = cls.__getitem__, []
 
     def counting_getitem(self, key):
@@ -72,11 +72,11 @@ def test_row_totals_of_a_subset(tmp_path):
     backed = ad.read_h5ad(tmp_path / "a.h5ad", backed="r")
     full = np.asarray(adata.X.sum(axis=1)).ravel()
     rows = np.array([400, 3, 77, 3, 250])
-    for X in (adata.X, adata.X.toarray(), dataloader.get_counts(backed, None)):
-        got = dataloader.row_totals(X, rows=rows)
+    for X in (adata.X, adata.X.toarray(), inputs.get_counts(backed, None)):
+        got = inputs.row_totals(X, rows=rows)
         np.testing.assert_array_equal(got[rows], full[rows])
         assert np.isnan(np.delete(got, rows)).all()
-        np.testing.assert_array_equal(dataloader.row_totals(X), full)
+        np.testing.assert_array_equal(inputs.row_totals(X), full)
 
 
 def test_rows_come_back_in_the_requested_order(tmp_path):
@@ -92,8 +92,8 @@ def test_rows_come_back_in_the_requested_order(tmp_path):
     dense_file = ad.AnnData(X=dense, obs=adata.obs, var=adata.var)
     dense_file.write_h5ad(tmp_path / "d.h5ad")
     backed_dense = ad.read_h5ad(tmp_path / "d.h5ad", backed="r")
-    storages = {"csr": adata.X, "dense": dense, "backed-csr": dataloader.get_counts(backed, None),
-                "backed-dense": dataloader.get_counts(backed_dense, None)}
+    storages = {"csr": adata.X, "dense": dense, "backed-csr": inputs.get_counts(backed, None),
+                "backed-dense": inputs.get_counts(backed_dense, None)}
     assert type(storages["backed-csr"]).__name__.endswith("CSRDataset")
     assert dataloader.is_on_disk(storages["backed-dense"])  # a dense X on disk stays there
     for name, X in storages.items():
@@ -122,6 +122,6 @@ def test_backed_dense_trains_without_loading_the_matrix(tmp_path):
     kw = {"max_epochs": 3, "n_hidden": 16, "progress": False, "n_threads": 1}
     sv.tl.vae(backed, **kw)
     sv.tl.vae(dense, **kw)
-    assert dataloader.is_on_disk(dataloader.get_counts(backed, None))
+    assert dataloader.is_on_disk(inputs.get_counts(backed, None))
     np.testing.assert_allclose(backed.uns["vae"]["history"]["elbo_validation"][-1],
                                dense.uns["vae"]["history"]["elbo_validation"][-1], rtol=0.05)

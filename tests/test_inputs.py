@@ -19,7 +19,7 @@ import scipy.sparse as sp
 
 import sc_vi_ext as sv
 import sc_vi_ext.train
-from sc_vi_ext.dataloader import COUNT_RTOL, inspect_counts
+from sc_vi_ext.inputs import COUNT_RTOL, inspect_counts
 from sc_vi_ext.train import TrainingDivergedError, TrainingInterrupted, evaluate
 
 

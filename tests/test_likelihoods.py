@@ -167,7 +167,8 @@ def test_fast_path_equals_naive_dense(likelihood, lead):
 @pytest.mark.parametrize("likelihood", ["zinb", "nb", "poisson"])
 def test_model_reconstruction_equals_naive(likelihood, sim_session):
     """The VAE's log p(x | z) (float32, as in training) equals the naive formula on its own parameters."""
-    from sc_vi_ext.dataloader import Minibatches, get_counts
+    from sc_vi_ext.dataloader import Minibatches
+    from sc_vi_ext.inputs import get_counts
     from sc_vi_ext.module import VAE
 
     torch.manual_seed(0)

@@ -52,9 +52,10 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor, cat: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.net(torch.log1p(x), cat)
-        # variance floor 1e-4 as in scvi-tools, written in log space
-        log_var = torch.log(torch.exp(self.log_var(h)) + 1e-4)
-        return self.mean(h), log_var
+        # variance floor 1e-4 as in scvi-tools, written in log space; .float(): under bfloat16
+        # autocast the Linear layers compute in bfloat16, everything after them in float32
+        log_var = torch.log(torch.exp(self.log_var(h).float()) + 1e-4)
+        return self.mean(h).float(), log_var
 
 
 class Decoder(nn.Module):
@@ -70,7 +71,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor, cat: torch.Tensor | None):
         """Log gene proportions, zero-inflation logits (or None), per-cell log dispersion (or None)."""
         h = self.net(z, cat)
-        log_scale = F.log_softmax(self.scale(h), dim=-1)
-        zi = self.zi_logits(h) if self.zi_logits is not None else None
-        log_theta = self.log_theta(h) if self.log_theta is not None else None
+        log_scale = F.log_softmax(self.scale(h).float(), dim=-1)  # float32 also under bfloat16 autocast
+        zi = self.zi_logits(h).float() if self.zi_logits is not None else None
+        log_theta = self.log_theta(h).float() if self.log_theta is not None else None
         return log_scale, zi, log_theta

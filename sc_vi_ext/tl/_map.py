@@ -8,7 +8,8 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from .._docs import doc_params
-from ..dataloader import Minibatches, batch_codes, get_counts, inspect_counts, log_library
+from ..dataloader import Minibatches
+from ..inputs import batch_codes, get_counts, inspect_counts, log_library
 from ..model_store import get_model, state_to_numpy
 from ..module import VAE
 from ..module.nn import FCLayers

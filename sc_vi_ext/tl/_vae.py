@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -11,8 +10,10 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from .._docs import doc_params
-from ..dataloader import CountCheck, Minibatches, batch_codes, covariate_design, get_counts, inspect_counts, log_library
+from ..acceleration import PRECISIONS, Precision
+from ..dataloader import Minibatches
 from ..distributed import device_for_rank, rank_and_world
+from ..inputs import TrainingData, read_training_data
 from ..model_store import state_to_numpy
 from ..module.vae import DEFAULTS, HPARAMS, VAE, Dispersion, LatentDistribution, Library, Likelihood, check_options
 from ..threads import threads
@@ -53,6 +54,7 @@ def vae(
     device: str = "auto",
     n_threads: int | None = None,
     compile: bool | str = "auto",  # noqa: A002 - torch's word for it
+    precision: Precision = "float32",
     progress: bool = True,
     copy: bool = False,
 ) -> AnnData | None:
@@ -141,6 +143,11 @@ def vae(
         1.2-1.25x faster, see ``benchmarks/RESULTS.md``). ``"auto"``
         compiles when the run has at least 4,000 optimiser steps (compiling takes 5-20 s)
         and a C++ compiler is available; results equal the eager ones to float32 rounding.
+    precision
+        ``"bfloat16"``: the training steps' matrix products in bfloat16 (torch autocast),
+        for CPUs with bfloat16 instructions (AVX-512 BF16, AMX) and GPUs; the likelihood,
+        the weights, the optimiser, the validation ELBO and every tool after training stay
+        float32. Measured in ``benchmarks/RESULTS.md`` (speed and the quality it costs).
     {progress}
     {copy}
 
@@ -184,7 +191,10 @@ def vae(
         raise ValueError("batch_size must be at least 2 (BatchNorm needs two cells).")
     check_options(likelihood=likelihood, dispersion=dispersion, library=library,
                   latent_distribution=latent_distribution)
-    data = _read_data(adata, params)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}.")
+    data = read_training_data(adata, layer=layer, batch_key=batch_key, size_factor_key=size_factor_key,
+                              categorical_keys=categorical_covariate_keys, continuous_keys=continuous_covariate_keys)
     adata = adata.copy() if copy else adata
 
     start = logg.info(f"training VAE on {adata.n_obs} cells x {adata.n_vars} genes")
@@ -215,35 +225,7 @@ def vae(
     return adata if copy else None
 
 
-@dataclass
-class _Data:
-    """The counts and covariates of the AnnData, checked."""
-
-    X: object
-    codes: np.ndarray | None
-    categories: list
-    cov: np.ndarray | None
-    cov_categories: dict
-    counts: CountCheck
-    log_lib: np.ndarray
-
-
-def _read_data(adata: AnnData, p: dict) -> _Data:
-    """Check and read what training needs from ``adata``, as the settings ``p`` say (raises, writes nothing)."""
-    X = get_counts(adata, p["layer"])
-    what = "adata.X" if p["layer"] is None else f"adata.layers[{p['layer']!r}]"
-    codes, categories = batch_codes(adata, p["batch_key"])
-    cov, cov_categories = covariate_design(adata, p["categorical_covariate_keys"], p["continuous_covariate_keys"])
-    counts = inspect_counts(X, what)
-    log_lib = log_library(adata, counts.totals, p["size_factor_key"])
-    if not adata.obs_names.is_unique:
-        warnings.warn("adata.obs_names are not unique: held-out cells are stored by name, so the diagnostics "
-                      "cannot tell duplicates apart; run adata.obs_names_make_unique() first.", UserWarning,
-                      stacklevel=3)
-    return _Data(X, codes, categories, cov, cov_categories, counts, log_lib)
-
-
-def _build_module(params: dict, data: _Data, train_idx: np.ndarray) -> VAE:
+def _build_module(params: dict, data: TrainingData, train_idx: np.ndarray) -> VAE:
     """Build the VAE of this call's settings; its latent-library prior from the training cells (global torch RNG)."""
     module = VAE(n_batch=len(data.categories), **{k: params[k] for k in HPARAMS if k in params})
     set_library_prior(module, np.log(data.counts.totals[train_idx]),
@@ -251,7 +233,7 @@ def _build_module(params: dict, data: _Data, train_idx: np.ndarray) -> VAE:
     return module
 
 
-def _fit(module: VAE, data: _Data, train_idx, val_idx, rng, params: dict, common: dict) -> TrainResult:
+def _fit(module: VAE, data: TrainingData, train_idx, val_idx, rng, params: dict, common: dict) -> TrainResult:
     """Train ``module`` in place on ``train_idx``, validating on ``val_idx`` (the settings in ``params``)."""
     p = params
     train_loader = Minibatches(data.X, train_idx, batch_size=p["batch_size"], shuffle=True, rng=rng, with_nz=True,
@@ -270,11 +252,11 @@ def _fit(module: VAE, data: _Data, train_idx, val_idx, rng, params: dict, common
             module, train_loader, val_loader, max_epochs=p["max_epochs"], lr=p["lr"], weight_decay=p["weight_decay"],
             n_epochs_kl_warmup=p["n_epochs_kl_warmup"], early_stopping=p["early_stopping"],
             patience=p["early_stopping_patience"], seed=p["random_state"], progress=p["progress"],
-            callback=callback, compile_likelihood=p["compile"],
+            callback=callback, compile_likelihood=p["compile"], precision=p["precision"],
         )
 
 
-def _record(adata: AnnData, params: dict, data: _Data, res: TrainResult, state: dict, val_idx) -> dict:
+def _record(adata: AnnData, params: dict, data: TrainingData, res: TrainResult, state: dict, val_idx) -> dict:
     """Return what ``uns[key_added]`` holds (see the docstring of :func:`vae`)."""
     return {
         "params": params,
