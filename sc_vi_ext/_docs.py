@@ -22,6 +22,8 @@ _shared = {
     ),
     "progress": "progress\n    Show a progress bar.",
     "batch_size": "batch_size\n    Cells per minibatch.",
+    # the last parameters of every tool that applies a stored model
+    "apply_model": "\n".join(("{batch_size}", "{random_state}", "{device}", "{progress}", "{copy}")),
     "plot_common": dedent("""\
         ax
             Matplotlib axes to draw into; a new figure is made when None.
@@ -36,7 +38,9 @@ def doc_params(**extra: str):
     """Format ``{adata}``-style fields of a docstring with the shared text above."""
 
     def deco(func):
-        fields = {k: v.replace("\n", "\n    ") for k, v in {**_shared, **extra}.items()}
+        shared = {**_shared, **extra}
+        shared["apply_model"] = shared["apply_model"].format(**shared)
+        fields = {k: v.replace("\n", "\n    ") for k, v in shared.items()}
         func.__doc__ = func.__doc__.format(**fields)
         return func
 

@@ -144,11 +144,7 @@ def normalized_expression(
         Names of the genes to keep; all genes when None.
     layer_added
         Name of the result in ``layers`` (all genes) or ``obsm`` (a gene subset).
-    {batch_size}
-    {random_state}
-    {device}
-    {progress}
-    {copy}
+    {apply_model}
 
     Returns
     -------

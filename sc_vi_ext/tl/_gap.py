@@ -73,11 +73,7 @@ def amortization_gap(
     init
         Start of the per-cell optimisation: ``"encoder"`` (q(z|x)) or ``"prior"``.
     {opt}
-    {batch_size}
-    {random_state}
-    {device}
-    {progress}
-    {copy}
+    {apply_model}
 
     Returns
     -------

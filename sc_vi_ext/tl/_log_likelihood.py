@@ -38,11 +38,7 @@ def log_likelihood(
         Importance samples K; the bound tightens as K grows.
     subset
         Cells to evaluate: a boolean mask, positions or obs names; all when None.
-    {batch_size}
-    {random_state}
-    {device}
-    {progress}
-    {copy}
+    {apply_model}
 
     Returns
     -------

@@ -96,11 +96,7 @@ def posterior_predictive(
     {key}
     n_samples
         Replicate data sets drawn.
-    {batch_size}
-    {random_state}
-    {device}
-    {progress}
-    {copy}
+    {apply_model}
 
     Returns
     -------

@@ -46,11 +46,7 @@ def refine(
     {opt}
     n_samples_elbo
         Samples (common random numbers) to estimate the ELBO gained per cell.
-    {batch_size}
-    {random_state}
-    {device}
-    {progress}
-    {copy}
+    {apply_model}
 
     Returns
     -------

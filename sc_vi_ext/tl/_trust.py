@@ -60,11 +60,7 @@ def trust_score(
     n_mads
         A cell is flagged when its gap exceeds the comparable training cells' median by
         more than this many robust standard deviations (1.4826 x median absolute deviation).
-    {batch_size}
-    {random_state}
-    {device}
-    {progress}
-    {copy}
+    {apply_model}
 
     Returns
     -------
