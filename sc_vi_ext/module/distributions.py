@@ -33,7 +33,7 @@ def log_poisson(x: torch.Tensor, mu: torch.Tensor, log_mu: torch.Tensor | None =
 
     ``x`` is (cells, genes); ``mu`` is (..., cells, genes); ``log_mu`` (optional, same
     shape) spares a log when the caller has it; ``nz`` = (rows, columns, values) of the
-    non-zeros of ``x`` (:func:`nonzeros`) spares a search when the caller has them. Returns (..., cells).
+    non-zeros of ``x`` (``nonzeros``) spares a search when the caller has them. Returns (..., cells).
     """
     rows, _, xv = nonzeros(x) if nz is None else nz
     if log_mu is None:
@@ -85,7 +85,7 @@ class CountDistribution:
     """A count likelihood with mean ``mu`` (..., cells, genes); ``log_mu`` spares a log when known.
 
     ``log_prob(x, nz=None)`` scores counts ``x`` (cells, genes), summed over genes: (..., cells),
-    by the fast functions above (``nz``: the non-zeros of ``x`` if known, :func:`nonzeros`);
+    by the fast functions above (``nz``: the non-zeros of ``x`` if known, ``nonzeros``);
     ``sample()`` draws counts of ``mu``'s shape from the global torch RNG.
     """
 
@@ -108,10 +108,11 @@ class Poisson(CountDistribution):
     """Poisson counts with mean ``mu``."""
 
     def log_prob(self, x: torch.Tensor, nz=None) -> torch.Tensor:
-        """Per-cell log-likelihood (:func:`log_poisson`)."""
+        """Per-cell log-likelihood, summed over genes (``log_poisson``, the fast path)."""
         return log_poisson(x, self.mu, self.log_mu, nz)
 
     def sample(self) -> torch.Tensor:
+        """One draw of counts, shaped as ``mu``."""
         return torch.poisson(self.mu)
 
 
@@ -127,7 +128,7 @@ class NegativeBinomial(CountDistribution):
         return cls(params["mu"], params["theta"], params.get("log_mu"))
 
     def log_prob(self, x: torch.Tensor, nz=None) -> torch.Tensor:
-        """Per-cell log-likelihood (:func:`log_nb`)."""
+        """Per-cell log-likelihood, summed over genes (``log_nb``, the fast path)."""
         return log_zinb(x, self.mu, self.theta, None, self.log_mu, nz)
 
     def sample(self) -> torch.Tensor:
@@ -150,7 +151,7 @@ class ZeroInflatedNegativeBinomial(NegativeBinomial):
         return cls(params["mu"], params["theta"], params["zi_logits"], params.get("log_mu"))
 
     def log_prob(self, x: torch.Tensor, nz=None) -> torch.Tensor:
-        """Per-cell log-likelihood (:func:`log_zinb`)."""
+        """Per-cell log-likelihood, summed over genes (``log_zinb``, the fast path)."""
         return log_zinb(x, self.mu, self.theta, self.zi_logits, self.log_mu, nz)
 
     def sample(self) -> torch.Tensor:

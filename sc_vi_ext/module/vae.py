@@ -69,7 +69,7 @@ class VAE(nn.Module):
     (a logistic-normal latent). Every diagnostic treats the whole latent variable alike.
 
     Every constructor argument is kept as an attribute of the same name and all of them
-    together in :attr:`hparams`; the options are checked here (:func:`check_options`), and
+    together in :attr:`hparams`; the options are checked here (``check_options``), and
     the defaults here are the tool's (``DEFAULTS``).
     """
 
@@ -115,7 +115,7 @@ class VAE(nn.Module):
 
     @property
     def hparams(self) -> dict:
-        """Every argument of the constructor: ``VAE(**module.hparams)`` builds the same architecture."""
+        """The constructor's arguments by name; ``VAE(**module.hparams)`` builds the same architecture."""
         return {name: getattr(self, name) for name in HPARAMS}
 
     def _covariates(self, batch: torch.Tensor | None, cov: torch.Tensor | None) -> torch.Tensor | None:
