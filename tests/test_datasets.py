@@ -98,3 +98,21 @@ def test_simulate_batch_effect_and_dispersion():
     assert np.abs(np.log(prof[0] / prof[1])).mean() > 0.2
     # per gene, variance of library-normalised counts exceeds Poisson
     assert (X.var(0) > X.mean(0)).mean() > 0.9
+
+
+def test_simulate_type_sd_sets_how_far_types_are_apart():
+    """type_sd scales the types' deviation from the shared profile: 0 (and no markers) makes
+    the types one population; the default is 0.3."""
+    default = sv.datasets.simulate(300, 50, random_state=3)
+    np.testing.assert_array_equal(default.X.toarray(),
+                                  sv.datasets.simulate(300, 50, type_sd=0.3, random_state=3).X.toarray())
+    assert default.uns["simulation"]["type_sd"] == 0.3
+
+    def spread(a):  # how far the types' mean log-expressions are from each other
+        lg = np.log1p(a.X.toarray() / a.X.sum(1).A * 1e3)
+        means = np.stack([lg[(a.obs["cell_type"] == t).to_numpy()].mean(0) for t in a.obs["cell_type"].cat.categories])
+        return float(means.std(0).mean())
+
+    same = sv.datasets.simulate(3000, 50, n_markers=0, type_sd=0.0, random_state=3)
+    far = sv.datasets.simulate(3000, 50, n_markers=0, type_sd=1.0, random_state=3)
+    assert spread(far) > 3 * spread(same)
