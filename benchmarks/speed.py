@@ -238,6 +238,11 @@ def _ours_kw(args) -> dict:
             "n_threads": torch.get_num_threads()}
 
 
+def _alt_kw(args, tool: str) -> dict:
+    """The ``--alt-kw`` settings of ``tl.vae`` for the "alt" column (none for the others)."""
+    return json.loads(args.alt_kw) if tool == "alt" and args.alt_kw else {}
+
+
 def worker(args) -> dict:
     """Run one task in this (sub)process and return a JSON-able dict."""
     quiet()
@@ -255,6 +260,7 @@ def worker(args) -> dict:
     train_idx, val_idx = shared_split(adata.n_obs, 0.9, 0)
     split = {"datasplitter_kwargs": {"external_indexing": [train_idx, val_idx]}}
     tool, mode = args._worker.split("-")
+    alt_kw = _alt_kw(args, tool)
     tool = "ours" if tool == "alt" else tool
     res["sc_vi_ext_file"] = __import__("sc_vi_ext").__file__
 
@@ -263,9 +269,10 @@ def worker(args) -> dict:
         if tool == "ours":
             stamps: list[float] = []
             t0 = time.perf_counter()
-            ours_train(adata, epoch_times=stamps, max_epochs=E, batch_size=128, likelihood="zinb",
-                       early_stopping=False, train_size=0.9, progress=False, batch_key=batch_key,
-                       random_state=0, **_ours_kw(args))
+            ours_train(adata, epoch_times=stamps, **{
+                "max_epochs": E, "batch_size": 128, "likelihood": "zinb", "early_stopping": False,
+                "train_size": 0.9, "progress": False, "batch_key": batch_key, "random_state": 0,
+                **_ours_kw(args), **alt_kw})
             total = time.perf_counter() - t0
             stamps = np.array(stamps)
         else:
@@ -311,7 +318,8 @@ def worker(args) -> dict:
             import sc_vi_ext as sv
 
             t0, c0 = time.perf_counter(), time.process_time()
-            sv.tl.vae(adata, batch_key=batch_key, progress=False, **_ours_kw(args))  # defaults (random_state=0)
+            # defaults (random_state=0), or with --alt-kw's settings for the "alt" column
+            sv.tl.vae(adata, batch_key=batch_key, progress=False, **{**_ours_kw(args), **alt_kw})
             res["wall_s"], res["cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
             h = adata.uns["vae"]["history"]
             res.update(epochs=int(len(h["epoch"])), max_epochs=int(adata.uns["vae"]["params"]["max_epochs"]),
@@ -363,7 +371,7 @@ def run_worker(task, data, args, tmp, label_key=None, batch_key=None, scvi_cap=N
     out = os.path.join(tmp, f"{task}-{Path(data).stem}.json")
     cmd = [sys.executable, str(HERE), "--_worker", task, "--_data", data, "--_out", out,
            "--epochs", str(args.epochs), "--iwae-cells", str(args.iwae_cells),
-           "--threads", str(args.threads), "--ours-compile", args.ours_compile,
+           "--threads", str(args.threads), "--ours-compile", args.ours_compile, "--alt-kw", args.alt_kw,
            "--scvi-max-epochs", str(args.scvi_max_epochs if scvi_cap is None else scvi_cap)]
     if label_key:
         cmd += ["--_label_key", label_key]
@@ -372,7 +380,7 @@ def run_worker(task, data, args, tmp, label_key=None, batch_key=None, scvi_cap=N
     print(f"# running {task} on {Path(data).name} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     env = dict(os.environ)
-    if task.startswith("alt-"):
+    if task.startswith("alt-") and args.ours_alt:
         env["PYTHONPATH"] = os.pathsep.join([args.ours_alt] + [p for p in [env.get("PYTHONPATH")] if p])
     if args.omp_passive:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -461,6 +469,9 @@ def main(argv=None):
                    help="OMP_WAIT_POLICY=PASSIVE in the workers (avoids spin-waiting on a loaded machine)")
     p.add_argument("--ours-alt", metavar="PATH",
                    help="also run a modified copy of sc_vi_ext found at PATH (put first on PYTHONPATH) as a column")
+    p.add_argument("--alt-kw", default="", metavar="JSON",
+                   help='also run this code with these tl.vae settings as the "alt" column, e.g. '
+                        '\'{"precision": "bfloat16"}\' (with --ours-alt: that copy with these settings)')
     p.add_argument("--ours-compile", choices=["auto", "true", "false"], default="auto",
                    help="sc_vi_ext's compile= (the fused likelihood; its compile time falls in epoch 1)")
     p.add_argument("--keep", metavar="DIR", help="keep the data, worker JSON and latents in DIR")
@@ -481,7 +492,8 @@ def main(argv=None):
 
     import sc_vi_ext as sv
 
-    tools = ["ours"] + (["alt"] if args.ours_alt else []) + (["scvi"] if have_scvi() and not args.no_scvi else [])
+    tools = ["ours"] + (["alt"] if args.ours_alt or args.alt_kw else [])
+    tools += ["scvi"] if have_scvi() and not args.no_scvi else []
     batch_key = "batch" if args.batch else None
     # rows: (metric, {tool: formatted value}, {ratio name: text}); a ratio is other / ours
     rows: list[tuple[str, dict, dict]] = []
@@ -647,7 +659,8 @@ def main(argv=None):
         "Command: python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "",
     ]
-    names = {"ours": "sc_vi_ext", "alt": f"sc_vi_ext @ {args.ours_alt}", "scvi": "scvi-tools"}
+    names = {"ours": "sc_vi_ext", "scvi": "scvi-tools",
+             "alt": " ".join(x for x in ("sc_vi_ext", args.ours_alt and f"@ {args.ours_alt}", args.alt_kw) if x)}
     head = ["metric"] + [names[t] for t in tools]
     head += [f"{'alt' if t == 'alt' else 'scvi'} / ours (time)" for t in ratio_cols]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
