@@ -108,7 +108,10 @@ def quiet():
 
 def shared_split(n_obs: int, train_size: float, seed: int):
     """The train/validation split sc_vi_ext draws first inside ``tl.vae(random_state=seed)``."""
-    from sc_vi_ext.tl._utils import split_indices
+    try:
+        from sc_vi_ext.tl._utils import split_indices
+    except ImportError:  # a copy from before the cleanup (--ours-alt)
+        from sc_vi_ext.tl._vae import split_indices
 
     return split_indices(n_obs, train_size, np.random.default_rng(seed))
 

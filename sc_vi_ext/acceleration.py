@@ -33,8 +33,9 @@ def use_compiled(setting: bool | str, n_steps: int) -> bool:  # noqa: FBT001 - T
     if setting == "auto":
         setting = n_steps >= COMPILE_MIN_STEPS
     if setting and not fused.can_compile():
+        # stacklevel: use_compiled <- train <- _fit <- tl.vae <- the user's call
         warnings.warn("torch.compile is not available here (no C++ compiler?); training in eager mode.",
-                      stacklevel=4)
+                      stacklevel=5)
         return False
     return bool(setting)
 
@@ -43,10 +44,15 @@ Precision = Literal["float32", "bfloat16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
-def matmul_precision(precision: str, device: str) -> torch.autocast:
-    """Return the autocast context of a training step: bfloat16 matrix products, or disabled."""
+def check_precision(precision: str) -> None:
+    """Raise a clear error for a ``precision`` that is not one of ``PRECISIONS``."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}.")
+
+
+def matmul_precision(precision: str, device: str) -> torch.autocast:
+    """Return the autocast context of a training step: bfloat16 matrix products, or disabled."""
+    check_precision(precision)
     dev_type = torch.device(device).type
     if precision == "bfloat16" and dev_type == "cpu" and not bf16_fast_on_cpu():
         logg.warning("precision='bfloat16': this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX); "
@@ -71,7 +77,8 @@ def warm_up_compiled(module: VAE, loader: Minibatches, autocast: torch.autocast)
     if rng_state is not None:
         loader.rng.bit_generator.state = rng_state
     buffers = {k: v.clone() for k, v in module.named_buffers()}
-    with torch.random.fork_rng(devices=[]):
+    dev = torch.device(loader.device)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         with autocast:  # as in the training steps, so that the compiled graph is the one they use
             out = module.loss(mb.x, mb.batch, mb.log_library, cov=mb.cov, nz=mb.nz)
         out.loss(1.0).backward()

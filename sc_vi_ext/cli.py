@@ -159,6 +159,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the parser of ``sc-vi-ext`` with its ``demo`` and ``train`` commands."""
+    from .acceleration import COMPILE_MIN_STEPS, PRECISIONS
+
     parser = argparse.ArgumentParser(prog="sc-vi-ext", description=DESCRIPTION, formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     d = sub.add_parser("demo", help="train on the bundled PBMC data; write the h5ad and figures",
@@ -195,8 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for torch during training; when not given, torch's default reduced to the "
                         "cores that are idle at the start")
     t.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="fuse the likelihood with torch.compile; auto: for runs of at least 4,000 optimiser steps")
-    t.add_argument("--precision", choices=["float32", "bfloat16"], default="float32",
+                   help="fuse the likelihood with torch.compile; auto: for runs of at least "
+                        f"{COMPILE_MIN_STEPS:,} optimiser steps")
+    t.add_argument("--precision", choices=list(PRECISIONS), default="float32",
                    help="bfloat16: matrix products of the training steps in bfloat16 (CPUs with AVX-512 BF16 "
                         "or AMX, GPUs) (default: float32)")
     t.add_argument("--device", default="auto", help='torch device; "auto" picks CUDA when available, else CPU')

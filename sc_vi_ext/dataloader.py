@@ -30,7 +30,7 @@ def is_on_disk(X) -> bool:
 def rows_dense(X, idx: np.ndarray, *, round_counts: bool = False) -> np.ndarray:
     """Rows ``idx`` of ``X`` as a dense float32 array (the only place minibatches are cut).
 
-    ``round_counts`` rounds float noise away (see :func:`inspect_counts`); the block is a
+    ``round_counts`` rounds float noise away (see :func:`sc_vi_ext.inputs.inspect_counts`); the block is a
     fresh array, so the AnnData is never modified.
     """
     if isinstance(X, np.ndarray):

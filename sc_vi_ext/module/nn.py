@@ -37,7 +37,8 @@ class FCLayers(nn.Module):
             cat = cat.expand(*lead, cat.shape[-1]).reshape(-1, cat.shape[-1])
         for linear, bn, drop in self.layers:
             h = torch.cat([x, cat], dim=-1) if cat is not None else x
-            x = drop(F.relu(bn(linear(h))))
+            # .float(): under bfloat16 autocast only the Linear runs in bfloat16; BatchNorm and after in float32
+            x = drop(F.relu(bn(linear(h).float())))
         return x.reshape(*lead, -1)
 
 

@@ -24,7 +24,6 @@ def gap_summary(res: dict) -> str:
     return "amortization gap, nats/cell: " + ", ".join(parts)
 
 
-
 @doc_params(opt=OPTIMISER_DOC)
 def amortization_gap(
     adata: AnnData,

@@ -124,7 +124,7 @@ def vae_map(
     ref_uns = reference.uns.get(key)
     if ref_uns is None or "model" not in ref_uns:
         raise KeyError(f"reference.uns[{key!r}] holds no trained model; run sv.tl.vae(reference, key_added={key!r}).")
-    p = dict(ref_uns["params"])
+    p = dict(ref_uns["params"], precision="float32")  # the reference's settings; the query's fine-tuning is float32
     ref_module = get_model(reference, key)
     # the model's own genes (older models stored none: then the reference's var_names)
     ref_genes = np.asarray(ref_uns.get("var_names", reference.var_names)).astype(str)

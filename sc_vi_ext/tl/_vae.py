@@ -10,7 +10,7 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from .._docs import doc_params
-from ..acceleration import PRECISIONS, Precision
+from ..acceleration import Precision, check_precision
 from ..dataloader import Minibatches
 from ..distributed import device_for_rank, rank_and_world
 from ..inputs import TrainingData, read_training_data
@@ -144,10 +144,12 @@ def vae(
         compiles when the run has at least 4,000 optimiser steps (compiling takes 5-20 s)
         and a C++ compiler is available; results equal the eager ones to float32 rounding.
     precision
-        ``"bfloat16"``: the training steps' matrix products in bfloat16 (torch autocast),
-        for CPUs with bfloat16 instructions (AVX-512 BF16, AMX) and GPUs; the likelihood,
-        the weights, the optimiser, the validation ELBO and every tool after training stay
-        float32. Measured in ``benchmarks/RESULTS.md`` (speed and the quality it costs).
+        ``"bfloat16"``: the training steps' matrix products in bfloat16 (torch autocast; their
+        outputs are rounded to bfloat16, everything after them is float32), for CPUs with
+        bfloat16 instructions (AVX-512 BF16, AMX) and GPUs. The weights, the optimiser, the
+        validation ELBO and every tool after training stay float32; ``elbo_train`` in the
+        history comes from the bfloat16 steps. Speed and quality are measured in
+        ``benchmarks/RESULTS.md``.
     {progress}
     {copy}
 
@@ -191,8 +193,7 @@ def vae(
         raise ValueError("batch_size must be at least 2 (BatchNorm needs two cells).")
     check_options(likelihood=likelihood, dispersion=dispersion, library=library,
                   latent_distribution=latent_distribution)
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}.")
+    check_precision(precision)
     data = read_training_data(adata, layer=layer, batch_key=batch_key, size_factor_key=size_factor_key,
                               categorical_keys=categorical_covariate_keys, continuous_keys=continuous_covariate_keys)
     adata = adata.copy() if copy else adata
