@@ -160,6 +160,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 def build_parser() -> argparse.ArgumentParser:
     """Build the parser of ``sc-vi-ext`` with its ``demo`` and ``train`` commands."""
     from .acceleration import COMPILE_MIN_STEPS, PRECISIONS
+    from .module.vae import DEFAULTS, LIKELIHOODS
+    from .train import TRAINING_DEFAULTS
 
     parser = argparse.ArgumentParser(prog="sc-vi-ext", description=DESCRIPTION, formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -182,15 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("output", help="h5ad file to write")
     t.add_argument("--layer", default=None, help="layer with raw counts; adata.X when not given")
     t.add_argument("--batch-key", default=None, help="column of obs with batch labels; no batch when not given")
-    t.add_argument("--n-latent", type=int, default=10, help="dimension of the latent space")
-    t.add_argument("--likelihood", default="zinb", choices=["zinb", "nb", "poisson"], help="count likelihood")
+    t.add_argument("--n-latent", type=int, default=DEFAULTS["n_latent"], help="dimension of the latent space")
+    t.add_argument("--likelihood", default=DEFAULTS["likelihood"], choices=list(LIKELIHOODS), help="count likelihood")
     t.add_argument("--max-epochs", type=_epochs, default="auto", help=EPOCH_RULE)
     t.add_argument("--no-early-stopping", action="store_true",
                    help="run every epoch of the budget instead of stopping on the validation ELBO")
-    t.add_argument("--early-stopping-patience", type=int, default=20,
+    t.add_argument("--early-stopping-patience", type=int, default=TRAINING_DEFAULTS["early_stopping_patience"],
                    help="epochs without improvement of the validation ELBO before stopping")
-    t.add_argument("--batch-size", type=int, default=128, help="cells per minibatch")
-    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    t.add_argument("--batch-size", type=int, default=TRAINING_DEFAULTS["batch_size"], help="cells per minibatch")
+    t.add_argument("--lr", type=float, default=TRAINING_DEFAULTS["lr"], help="Adam learning rate")
     t.add_argument("--random-state", type=int, default=0,
                    help="seed; the same seed, machine, torch version and --n-threads give identical results")
     t.add_argument("--n-threads", type=int, default=None,
@@ -201,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{COMPILE_MIN_STEPS:,} optimiser steps")
     t.add_argument("--precision", choices=list(PRECISIONS), default="float32",
                    help="bfloat16: matrix products of the training steps in bfloat16 (CPUs with AVX-512 BF16 "
-                        "or AMX, GPUs) (default: float32)")
+                        "or AMX, GPUs)")
     t.add_argument("--device", default="auto", help='torch device; "auto" picks CUDA when available, else CPU')
     t.add_argument("--key-added", default="vae", help="name of the result (obsm['X_<key>'], uns['<key>'])")
     t.add_argument("--backed", action="store_true", help="read the input with backed='r' (out of core)")

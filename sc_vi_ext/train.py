@@ -24,6 +24,13 @@ HISTORY_KEYS = (
 )
 
 
+# The training defaults of tl.vae and the CLI (the architecture's are the VAE's own). Batch 256
+# with the learning rate scaled from scvi-tools' 1e-3 at 128 (linear scaling): the same quality
+# on PBMC and on a 20k simulation in fewer, cheaper steps (benchmarks/RESULTS.md, round 3).
+TRAINING_DEFAULTS = {"batch_size": 256, "lr": 2e-3, "weight_decay": 1e-6, "train_size": 0.9,
+                     "early_stopping_patience": 20}
+
+
 def default_max_epochs(n_cells: int) -> int:
     """Epoch budget from the data size: about 2 million cell passes, between 20 and 400 epochs.
 

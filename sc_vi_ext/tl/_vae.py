@@ -17,7 +17,7 @@ from ..inputs import TrainingData, read_training_data
 from ..model_store import state_to_numpy
 from ..module.vae import DEFAULTS, HPARAMS, VAE, Dispersion, LatentDistribution, Library, Likelihood, check_options
 from ..threads import threads
-from ..train import TrainResult, check_finite, default_max_epochs, train
+from ..train import TRAINING_DEFAULTS, TrainResult, check_finite, default_max_epochs, train
 from ._derived import remove_derived
 from ._utils import latent_means, resolve_device, set_library_prior, split_indices
 
@@ -41,13 +41,13 @@ def vae(
     categorical_covariate_keys: list[str] | None = None,
     continuous_covariate_keys: list[str] | None = None,
     max_epochs: int | None = None,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-6,
+    batch_size: int = TRAINING_DEFAULTS["batch_size"],
+    lr: float = TRAINING_DEFAULTS["lr"],
+    weight_decay: float = TRAINING_DEFAULTS["weight_decay"],
     n_epochs_kl_warmup: int | None = None,
-    train_size: float = 0.9,
+    train_size: float = TRAINING_DEFAULTS["train_size"],
     early_stopping: bool = True,
-    early_stopping_patience: int = 20,
+    early_stopping_patience: int = TRAINING_DEFAULTS["early_stopping_patience"],
     gap_every: int | None = None,
     random_state: int = 0,
     key_added: str = "vae",
@@ -111,9 +111,10 @@ def vae(
         Epoch budget. None: ``min(400, max(20, round(2e6 / n_obs)))``, about two million
         cell passes (400 epochs for 5,000 cells or fewer, 100 for 20,000, 20 from 100,000).
     batch_size
-        Cells per minibatch.
+        Cells per training minibatch (256: scvi-tools' 128 doubled, with the learning rate
+        scaled with it; measured to give the same quality in fewer, cheaper steps).
     lr
-        Adam learning rate.
+        Adam learning rate (scale it with ``batch_size``).
     weight_decay
         Adam weight decay.
     n_epochs_kl_warmup
