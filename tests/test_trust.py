@@ -24,7 +24,7 @@ from sc_vi_ext.model_store import held_out_mask
 def overfit():
     adata = sv.datasets.simulate(240, 200, n_batches=1, n_types=3, random_state=5)
     with pytest.warns(UserWarning, match="overfits") as rec:
-        sv.tl.vae(adata, train_size=0.5, max_epochs=200, batch_size=16, dropout=0.0, early_stopping=False,
+        sv.tl.vae(adata, train_size=0.5, max_epochs=200, batch_size=16, lr=1e-3, dropout=0.0, early_stopping=False,
                   n_hidden=128, gap_every=50, progress=False)
     adata.uns["alarm"] = str(rec[0].message)
     return adata
