@@ -99,14 +99,14 @@ def vae(
     latent_distribution
         ``"normal"``, or ``"ln"`` (logistic normal: the decoder sees softmax(z), and
         ``obsm`` holds the softmax of the latent mean).
+    size_factor_key
+        Column of ``adata.obs`` with a size factor to use as the observed library size
+        instead of the total counts.
     categorical_covariate_keys
         Columns of ``adata.obs`` with further categorical covariates (one-hot encoded),
         injected into the decoder (and the encoder with ``encode_covariates``).
     continuous_covariate_keys
         Columns of ``adata.obs`` with continuous covariates, injected likewise.
-    size_factor_key
-        Column of ``adata.obs`` with a size factor to use as the observed library size
-        instead of the total counts.
     max_epochs
         Epoch budget. None: ``min(400, max(20, round(2e6 / n_obs)))``, about two million
         cell passes (400 epochs for 5,000 cells or fewer, 100 for 20,000, 20 from 100,000).
