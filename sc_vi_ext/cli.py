@@ -49,23 +49,27 @@ def _demo_summary(adata, written: list[str], out: Path) -> None:
     sc.pp.log1p(pca)
     sc.pp.pca(pca, n_comps=10, random_state=0)
     acc_pca = knn_accuracy(pca.obsm["X_pca"], pca.obs["bulk_labels"])
+    names = {"train": "training cells", "validation": "held-out cells"}
+
+    def row(label: str, text: str) -> None:  # one aligned line of the summary
+        print(f"  {label:24s}{text}")
+
     print("\nsummary")
-    print(f"  epochs run           {len(h['epoch'])} (best {best + 1})")
-    print(f"  ELBO validation      {h['elbo_validation'][best]:.1f} nats/cell")
-    print(f"  kNN label accuracy   VAE {acc_vae:.3f}  |  PCA (10 PCs of log-normalised) {acc_pca:.3f}")
-    print(f"  leiden clusters      {adata.obs['leiden'].nunique()}")
+    row("epochs run", f"{len(h['epoch'])} (best {best + 1})")
+    row("ELBO validation", f"{h['elbo_validation'][best]:.1f} nats/cell")
+    row("kNN label accuracy", f"VAE {acc_vae:.3f}  |  PCA (10 PCs of log-normalised) {acc_pca:.3f}")
+    row("leiden clusters", f"{adata.obs['leiden'].nunique()}")
     for split, res in adata.uns["vae"].get("amortization_gap", {}).items():
-        if split in ("train", "validation"):
-            print(
-                f"  gaps, {split + ' cells':17s}amortization {res['amortization_gap_mean']:.2f} ± "
-                f"{res['amortization_gap_se']:.2f}, approximation {res['approximation_gap_mean']:.2f} ± "
-                f"{res['approximation_gap_se']:.2f} nats/cell (n={res['n_cells']})"
-            )
+        if split in names:
+            row(f"gaps, {names[split]}",
+                f"amortization {res['amortization_gap_mean']:.2f} ± {res['amortization_gap_se']:.2f}, "
+                f"approximation {res['approximation_gap_mean']:.2f} ± {res['approximation_gap_se']:.2f} "
+                f"nats/cell (n={res['n_cells']})")
     for split, res in adata.uns["vae"].get("trust", {}).items():
-        if split in ("train", "validation"):
-            print(f"  trust, {split + ' cells':17s}median {res['trust_median']:.2f}, flagged untrusted "
-                  f"{100 * res['frac_untrusted']:.1f}% (n={res['n_cells']})")
-    print(f"  wrote                {', '.join(sorted(written))} in {out}/")
+        if split in names:
+            row(f"trust, {names[split]}", f"median {res['trust_median']:.2f}, flagged untrusted "
+                f"{100 * res['frac_untrusted']:.1f}% (n={res['n_cells']})")
+    row("wrote", f"{', '.join(sorted(written))} in {out}/")
 
 
 def _demo(args) -> int:
