@@ -17,7 +17,7 @@ def _demo_figures(adata, out: Path, *, with_gap: bool) -> list[str]:
 
     figs = {}
     figs["elbo.png"] = sv.pl.elbo(adata, return_fig=True)
-    figs["latent_umap.png"] = sv.pl.latent(adata, color=["bulk_labels", "leiden"], wspace=0.9, return_fig=True)
+    figs["latent_umap.png"] = sv.pl.latent(adata, color=["bulk_labels", "leiden"], wspace=0.55, return_fig=True)
     if with_gap:
         figs["amortization_gap.png"] = sv.pl.amortization_gap(adata, groupby="bulk_labels", return_fig=True)
         # the flag reads at a glance; the trust score itself is uniform over typical training cells
