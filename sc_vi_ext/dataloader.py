@@ -112,7 +112,20 @@ class Minibatches:
         self.batch_size, self.shuffle, self.rng, self.device = batch_size, shuffle, rng, device
 
     def __len__(self) -> int:
+        """Minibatches per pass; from a file, counted window by window, as they are cut."""
+        if self._reads_windows():
+            return sum(len(self._bounds(len(w))) - 1 for w in self._windows())
         return len(self._bounds(len(self.indices))) - 1
+
+    def _reads_windows(self) -> bool:
+        """Whether a pass reads a file window by window (else minibatch by minibatch, in the order asked)."""
+        return is_on_disk(self.X) and (self.shuffle or bool(np.all(np.diff(self.indices) > 0)))
+
+    def _windows(self) -> list[np.ndarray]:
+        """Split the wanted rows, sorted, into windows of ``BACKED_CHUNK_ROWS`` consecutive rows of the file."""
+        idx = np.sort(self.indices)
+        cuts = np.searchsorted(idx, np.arange(BACKED_CHUNK_ROWS, self.X.shape[0], BACKED_CHUNK_ROWS))
+        return [w for w in np.split(idx, cuts) if len(w)]
 
     def _bounds(self, n: int) -> list[int]:
         # a trailing batch too small to give each rank two cells joins the one before
@@ -146,8 +159,7 @@ class Minibatches:
             yield Minibatch(x, bt, ll, idx, cv, nz)
 
     def __iter__(self) -> Iterator[Minibatch]:
-        in_order = not self.shuffle and np.all(np.diff(self.indices) > 0)
-        if is_on_disk(self.X) and (self.shuffle or in_order):
+        if self._reads_windows():
             yield from self._iter_backed()
             return
         # in memory, or on disk in a requested order that is not the file's: each minibatch
@@ -164,9 +176,7 @@ class Minibatches:
         of its rows are wanted, else by sorted fancy indexing. Memory holds one window at a
         time, whatever n_obs is.
         """
-        idx = np.sort(self.indices)
-        windows = [w for w in np.split(idx, np.searchsorted(idx, np.arange(BACKED_CHUNK_ROWS, self.X.shape[0],
-                                                                            BACKED_CHUNK_ROWS))) if len(w)]
+        windows = self._windows()
         if self.shuffle:
             windows = [windows[i] for i in self.rng.permutation(len(windows))]
         for rows in windows:
