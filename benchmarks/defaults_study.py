@@ -21,13 +21,14 @@ import numpy as np
 warnings.filterwarnings("ignore")
 
 CONFIGS = {
-    "default": {},
-    "warmup-all": {"n_epochs_kl_warmup": "max"},  # KL weight grows over the whole budget, as scvi-tools
-    "warmup-half": {"n_epochs_kl_warmup": "half"},
+    "default": {},  # the current defaults
+    "batch128": {"batch_size": 128, "lr": 1e-3},  # the defaults before round 3 ("default" in its table)
+    "warmup-all": {"batch_size": 128, "lr": 1e-3, "n_epochs_kl_warmup": "max"},  # KL over the whole budget
+    "warmup-half": {"batch_size": 128, "lr": 1e-3, "n_epochs_kl_warmup": "half"},
     "batch256": {"batch_size": 256, "lr": 2e-3},
     "batch256-warmup-half": {"batch_size": 256, "lr": 2e-3, "n_epochs_kl_warmup": "half"},
-    "epochs200": {"max_epochs": 200},
-    "bf16": {"precision": "bfloat16"},
+    "epochs200": {"batch_size": 128, "lr": 1e-3, "max_epochs": 200},
+    "bf16": {"batch_size": 128, "lr": 1e-3, "precision": "bfloat16"},
     "batch256-bf16": {"batch_size": 256, "lr": 2e-3, "precision": "bfloat16"},
 }
 

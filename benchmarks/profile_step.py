@@ -3,10 +3,11 @@
     python benchmarks/profile_step.py --threads 1
     python benchmarks/profile_step.py --threads 2 --n-cells 20000
 
-Builds what ``tl.vae`` builds (VAE with its defaults, CSR minibatches of 128 cells, fused
-Adam), runs whole epochs of the training step (forward, backward, Adam) and reports CPU
-and wall ms per step for the eager and the compiled likelihood, then ``torch.profiler``'s
-self CPU time per op family for the compiled step. Run it alone on the machine.
+Builds what ``tl.vae`` builds (VAE with its defaults, CSR minibatches of ``--batch-size``
+cells, default 128 as in the tables so far; fused Adam), runs whole epochs of the training
+step (forward, backward, Adam) and reports CPU and wall ms per step for the eager and the
+compiled likelihood, then ``torch.profiler``'s self CPU time per op family for the compiled
+step. Run it alone on the machine.
 """
 
 from __future__ import annotations

@@ -273,7 +273,7 @@ def worker(args) -> dict:
             stamps: list[float] = []
             t0 = time.perf_counter()
             ours_train(adata, epoch_times=stamps, **{
-                "max_epochs": E, "batch_size": 128, "likelihood": "zinb", "early_stopping": False,
+                "max_epochs": E, "batch_size": 128, "lr": 1e-3, "likelihood": "zinb", "early_stopping": False,
                 "train_size": 0.9, "progress": False, "batch_key": batch_key, "random_state": 0,
                 **_ours_kw(args), **alt_kw})
             total = time.perf_counter() - t0

@@ -125,7 +125,16 @@ class Minibatches:
         """Split the wanted rows, sorted, into windows of ``BACKED_CHUNK_ROWS`` consecutive rows of the file."""
         idx = np.sort(self.indices)
         cuts = np.searchsorted(idx, np.arange(BACKED_CHUNK_ROWS, self.X.shape[0], BACKED_CHUNK_ROWS))
-        return [w for w in np.split(idx, cuts) if len(w)]
+        windows = [w for w in np.split(idx, cuts) if len(w)]
+        # a window too small to give each rank two cells (BatchNorm needs two) joins its neighbour
+        small = 2 * self.shard[1]
+        merged: list[np.ndarray] = []
+        for w in windows:
+            if merged and (len(w) < small or len(merged[-1]) < small):
+                merged[-1] = np.concatenate([merged[-1], w])
+            else:
+                merged.append(w)
+        return merged
 
     def _bounds(self, n: int) -> list[int]:
         # a trailing batch too small to give each rank two cells joins the one before

@@ -58,7 +58,7 @@ def check_finite(epoch: int, lr: float, *values: float) -> None:
     if not all(math.isfinite(v) for v in values):
         raise TrainingDivergedError(
             f"Training diverged: the ELBO became NaN or infinite in epoch {epoch} (learning rate {lr:g}). "
-            "Nothing was written. Train again with a smaller learning rate (lr; the default is 1e-3)."
+            f"Nothing was written. Train again with a smaller learning rate (e.g. lr={lr / 2:g})."
         )
 
 

@@ -127,3 +127,19 @@ def test_backed_dense_trains_without_loading_the_matrix(tmp_path):
     assert dataloader.is_on_disk(inputs.get_counts(backed, None))
     np.testing.assert_allclose(backed.uns["vae"]["history"]["elbo_validation"][-1],
                                dense.uns["vae"]["history"]["elbo_validation"][-1], rtol=0.05)
+
+
+def test_a_window_of_one_cell_joins_its_neighbour(tmp_path, monkeypatch):
+    """With on-disk data, a window holding fewer than two wanted cells would be a one-cell
+    minibatch (BatchNorm cannot train on it): it joins the window before."""
+    monkeypatch.setattr(dataloader, "BACKED_CHUNK_ROWS", 64)
+    adata = sv.datasets.simulate(129, 20, random_state=0)  # windows of 64, 64 and 1 rows
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    X = inputs.get_counts(ad.read_h5ad(tmp_path / "a.h5ad", backed="r"), None)
+    for shuffle in (True, False):
+        mbs = dataloader.Minibatches(X, np.arange(129), log_library=None, batch_size=32, shuffle=shuffle,
+                                     rng=np.random.default_rng(0))
+        sizes = [len(mb.idx) for mb in mbs]
+        assert min(sizes) >= 2 and sum(sizes) == 129 and len(sizes) == len(mbs)
+    sv.tl.vae(ad.read_h5ad(tmp_path / "a.h5ad", backed="r"), max_epochs=2, n_hidden=8, batch_size=32, train_size=1.0,
+              progress=False)
