@@ -36,6 +36,7 @@ CONFIGS = {
 def run(adata, name, threads):
     import sc_vi_ext as sv
     from sc_vi_ext.metrics import batch_mixing, kmeans_scores, knn_accuracy
+    from sc_vi_ext.model_store import held_out_mask
     from sc_vi_ext.train import default_max_epochs
 
     kw = dict(CONFIGS[name])
@@ -48,7 +49,7 @@ def run(adata, name, threads):
     t0 = time.perf_counter()
     sv.tl.vae(a, batch_key="batch", progress=False, n_threads=threads, **kw)
     wall = time.perf_counter() - t0
-    mask = a.obs_names.isin(a.uns["vae"]["validation_obs_names"])
+    mask = held_out_mask(a, "vae")
     sv.tl.log_likelihood(a, n_samples=100, subset=mask, progress=False)
     iwae = float(np.nanmean(a.obs["vae_log_px"].to_numpy()[mask]))
     lat = a.obsm["X_vae"]

@@ -36,8 +36,6 @@ import sc_vi_ext as sv  # noqa: E402
 from sc_vi_ext.diagnostics import COLUMNS, elbo_paired, iwae, optimize_q, summarize  # noqa: E402
 from sc_vi_ext.model_store import held_out_mask, stored_loader  # noqa: E402
 
-NAMES = ("elbo", "elbo_opt", "log_px", "amortization_gap", "approximation_gap")
-
 
 def uptime() -> str:
     try:
@@ -100,7 +98,7 @@ def compare(name: str, adata) -> None:
         so = summarize({k: v[m] for k, v in old.items()})
         sn = summarize({k: v[m] for k, v in new.items()})
         print(f"  {split} cells (n={m.sum()}):   old mean ± s.e.   new mean ± s.e.   |diff| / combined s.e.")
-        for c in NAMES:
+        for c in COLUMNS:
             d = abs(sn[f"{c}_mean"] - so[f"{c}_mean"]) / np.hypot(sn[f"{c}_se"], so[f"{c}_se"])
             print(f"    {c:18s} {so[f'{c}_mean']:9.3f} ± {so[f'{c}_se']:.3f}  {sn[f'{c}_mean']:9.3f} ± "
                   f"{sn[f'{c}_se']:.3f}   {d:4.2f} {'ok' if d < 2 else 'DIFFERENT'}")

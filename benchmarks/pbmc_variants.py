@@ -37,6 +37,7 @@ def main():
 
     import sc_vi_ext as sv
     from sc_vi_ext.metrics import kmeans_scores, knn_accuracy
+    from sc_vi_ext.model_store import held_out_mask
 
     adata = sv.datasets.pbmc68k()
     labels = adata.obs["bulk_labels"].astype(str).to_numpy()
@@ -56,7 +57,7 @@ def main():
             t0 = time.perf_counter()
             sv.tl.vae(a, layer="counts", random_state=seed, progress=False, n_threads=args.threads, **CONFIGS[name])
             wall = time.perf_counter() - t0
-            mask = a.obs_names.isin(a.uns["vae"]["validation_obs_names"])
+            mask = held_out_mask(a, "vae")
             sv.tl.log_likelihood(a, n_samples=100, subset=mask, progress=False)
             iwae = float(np.nanmean(a.obs["vae_log_px"].to_numpy()[mask]))
             ari, nmi = kmeans_scores(a.obsm["X_vae"], labels)

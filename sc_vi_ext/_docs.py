@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from textwrap import dedent
 
+from .diagnostics import optimize as _opt
+
 _shared = {
     "adata": "adata\n    Annotated data matrix (cells x genes).",
     "key": "key\n    The ``key_added`` of the trained model (:func:`sc_vi_ext.tl.vae`).",
@@ -47,24 +49,24 @@ def doc_params(**extra: str):
     return deco
 
 
-# the per-cell optimiser of q* (tl.amortization_gap, tl.refine)
-OPTIMISER_DOC = """\
+# the per-cell optimiser of q* (tl.amortization_gap, tl.refine); its defaults are optimize_q's
+OPTIMISER_DOC = f"""\
 method
     Per-cell optimiser of q*: ``"lbfgs"`` (sample-average approximation: each cell's
     noise fixed, L-BFGS with a line search; converges in 10-20 evaluations) or ``"adam"``
     (the earlier stochastic optimiser, about 4x slower; kept for comparison).
 max_steps
-    Cap on objective evaluations (decoder passes with gradient) per cell; None: 60 for
-    ``"lbfgs"``, 500 for ``"adam"``.
+    Cap on objective evaluations (decoder passes with gradient) per cell; None:
+    {_opt.MAX_STEPS["lbfgs"]} for ``"lbfgs"``, {_opt.MAX_STEPS["adam"]} for ``"adam"``.
 lr
     Adam learning rate (``"adam"`` only).
 n_samples_step
-    Draws per evaluation of a cell's ELBO; None: 2 x latent dimension (at least 16) for
-    ``"lbfgs"``, 8 for ``"adam"``.
+    Draws per evaluation of a cell's ELBO; None: 2 x latent dimension (at least
+    {_opt.LBFGS_MIN_DRAWS}) for ``"lbfgs"``, {_opt.ADAM_DRAWS} for ``"adam"``.
 window
     Steps per window, over which ``"adam"`` averages a cell's ELBO estimates.
 patience
-    A cell stops after this many steps (``"lbfgs"``; None: 1) or windows (``"adam"``;
-    None: 3) that gain less than ``tol``.
+    A cell stops after this many steps (``"lbfgs"``; None: {_opt.PATIENCE["lbfgs"]}) or windows
+    (``"adam"``; None: {_opt.PATIENCE["adam"]}) that gain less than ``tol``.
 tol
     Improvement (nats) that counts."""

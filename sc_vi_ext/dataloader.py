@@ -54,9 +54,8 @@ def csr_rows(X, idx: np.ndarray, *, with_nz: bool = True, round_counts: bool = F
     the same with numpy fancy indexing (0.25 vs 0.9 ms for 128 x 2,000 at 36 % non-zero).
     """
     sub = X[idx]
-    if round_counts:  # a new array: noise such as 1e-12 becomes an (explicit) zero, dropped below
-        sub = sub.copy()
-        sub.data = np.rint(sub.data)
+    if round_counts:  # X[idx] is a new matrix and rint a new array: X is untouched; noise such as
+        sub.data = np.rint(sub.data)  # 1e-12 becomes an (explicit) zero, dropped below
     out = sub.toarray().astype(np.float32, copy=False)
     if not with_nz:  # inference only needs the block
         return out, None

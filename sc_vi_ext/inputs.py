@@ -181,6 +181,24 @@ def batch_codes(adata: AnnData, batch_key: str | None) -> tuple[np.ndarray | Non
     return cat.codes.astype(np.int64), [str(c) for c in cat.categories]
 
 
+def batch_codes_as(adata: AnnData, batch_key: str | None, known: list) -> tuple[np.ndarray | None, list]:
+    """Batch codes in the order of a trained model's categories ``known``, unseen ones after them.
+
+    Returns the codes (None without ``batch_key``) and the categories ``known`` lacks.
+    """
+    codes, cats = batch_codes(adata, batch_key)
+    if codes is None:
+        return None, []
+    new = [c for c in cats if c not in known]
+    lookup = {c: i for i, c in enumerate(list(known) + new)}
+    return np.array([lookup[c] for c in cats], dtype=np.int64)[codes], new
+
+
+def counts_label(layer: str | None) -> str:
+    """Where the counts are, as error messages name them."""
+    return "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+
+
 def covariate_design(adata: AnnData, categorical_keys, continuous_keys, categories: dict | None = None):
     """Dense float32 design of extra covariates: one-hot per categorical key, then continuous keys.
 
@@ -228,7 +246,7 @@ def read_training_data(adata: AnnData, *, layer: str | None, batch_key: str | No
                        categorical_keys, continuous_keys) -> TrainingData:
     """Check and read what training needs from ``adata`` (raises on bad input, writes nothing)."""
     X = get_counts(adata, layer)
-    what = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    what = counts_label(layer)
     codes, categories = batch_codes(adata, batch_key)
     cov, cov_categories = covariate_design(adata, categorical_keys, continuous_keys)
     counts = inspect_counts(X, what)

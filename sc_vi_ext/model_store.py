@@ -13,7 +13,7 @@ import torch
 from anndata import AnnData
 
 from .dataloader import Minibatches
-from .inputs import batch_codes, covariate_design, get_counts, inspect_counts, log_library
+from .inputs import batch_codes_as, counts_label, covariate_design, get_counts, inspect_counts, log_library
 from .module.vae import HPARAMS, VAE
 
 
@@ -166,15 +166,10 @@ def stored_loader(adata: AnnData, key: str, indices=None, *, batch_size: int = 2
     p = _stored(adata, key)["params"]
     X = get_counts(adata, p["layer"])
     _, gene_index = gene_alignment(adata, key)
-    codes, cats = batch_codes(adata, p["batch_key"])
-    if codes is not None:
-        trained = list(adata.uns[key]["batch_categories"])
-        lookup = {c: i for i, c in enumerate(trained)}
-        unknown = sorted(set(cats) - set(lookup))
-        if unknown:
-            raise ValueError(f"Batches {unknown} were not seen in training under {key!r}.")
-        codes = np.array([lookup[c] for c in cats], dtype=np.int64)[codes]
-    what = "adata.X" if p["layer"] is None else f"adata.layers[{p['layer']!r}]"
+    codes, unknown = batch_codes_as(adata, p["batch_key"], list(adata.uns[key]["batch_categories"]))
+    if unknown:
+        raise ValueError(f"Batches {sorted(unknown)} were not seen in training under {key!r}.")
+    what = counts_label(p["layer"])
     indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
     counts = inspect_counts(X, what, gene_index, rows=None if len(indices) == adata.n_obs else indices)
     log_lib = log_library(adata, counts.totals, p.get("size_factor_key"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -27,6 +26,7 @@ HISTORY_KEYS = (
 # The training defaults of tl.vae and the CLI (the architecture's are the VAE's own). Batch 256
 # with the learning rate scaled from scvi-tools' 1e-3 at 128 (linear scaling): the same quality
 # on PBMC and on a 20k simulation in fewer, cheaper steps (benchmarks/RESULTS.md, round 3).
+EVAL_BATCH_SIZE = 1024  # cells per minibatch where nothing is trained (validation, the latent of all cells)
 TRAINING_DEFAULTS = {"batch_size": 256, "lr": 2e-3, "weight_decay": 1e-6, "train_size": 0.9,
                      "early_stopping_patience": 20}
 
@@ -141,14 +141,14 @@ def train(
     """
     rank, _ = rank_and_world()
     res = TrainResult()
-    warmup_steps = n_epochs_kl_warmup * len(train_loader)
-    compiled = use_compiled(compile_likelihood, max_epochs * len(train_loader))
+    steps_per_epoch = len(train_loader)
+    warmup_steps = n_epochs_kl_warmup * steps_per_epoch
+    compiled = use_compiled(compile_likelihood, max_epochs * steps_per_epoch)
     best, step = _BestEpoch(n_epochs_kl_warmup), 0
     raw_loader = train_loader
     autocast = matmul_precision(precision, train_loader.device)
     # under torchrun, Ctrl-C stops every rank at the same step (see distributed.py)
     train_loader, restore_sigint = interruptible(train_loader)
-    cleanup = contextlib.ExitStack()
     bar = tqdm(range(max_epochs), desc="training VAE", unit="epoch", disable=not progress or rank > 0, leave=False)
     try:
         trainable = [p for p in module.parameters() if p.requires_grad]
@@ -156,34 +156,33 @@ def train(
         opt = torch.optim.Adam(trainable, lr=lr, weight_decay=weight_decay, eps=0.01, fused=True)
         model = wrap(module)  # DistributedDataParallel under torchrun, else the module itself
         # the compiled likelihood for this training only; the caller's setting is restored after
-        cleanup.enter_context(fused.compiled_likelihood("train" if compiled else False))
-        if compiled:
-            warm_up_compiled(module, raw_loader, autocast)
-        for epoch in bar:
-            t0 = time.perf_counter()
-            sums, step = _train_epoch(model, module, train_loader, opt, step, warmup_steps,
-                                       freeze_batchnorm=freeze_batchnorm, autocast=autocast)
-            rec, kl, n = global_sum(sums).tolist()
-            tr = {"reconstruction": rec / n, "kl": kl / n}
-            tr["elbo"] = tr["reconstruction"] - tr["kl"]
-            va = evaluate(module, val_loader, seed=seed) if val_loader is not None else None
-            check_finite(epoch + 1, lr, rec, kl, *(va.values() if va else ()))
-            # seconds: training + validation, before callbacks
-            row = _history_row(epoch + 1, tr, va, kl_weight(step, warmup_steps), time.perf_counter() - t0)
-            if callback is not None:
-                row.update(callback(epoch + 1, module) or {})
-            for k in row.keys() | res.history.keys():  # every column as long as the epoch column
-                res.history.setdefault(k, [np.nan] * epoch).append(row.get(k, np.nan))
-            bar.set_postfix(elbo_train=f"{tr['elbo']:.1f}", **({"elbo_val": f"{va['elbo']:.1f}"} if va else {}))
-            improved = best.update(epoch + 1, va["elbo"] if va else tr["elbo"], module)
-            if not improved and early_stopping and best.bad_epochs >= patience:
-                res.stopped_early = True
-                break
+        with fused.compiled_likelihood("train" if compiled else False):
+            if compiled:
+                warm_up_compiled(module, raw_loader, autocast)
+            for epoch in bar:
+                t0 = time.perf_counter()
+                sums, step = _train_epoch(model, module, train_loader, opt, step, warmup_steps,
+                                           freeze_batchnorm=freeze_batchnorm, autocast=autocast)
+                rec, kl, n = global_sum(sums).tolist()
+                tr = {"reconstruction": rec / n, "kl": kl / n}
+                tr["elbo"] = tr["reconstruction"] - tr["kl"]
+                va = evaluate(module, val_loader, seed=seed) if val_loader is not None else None
+                check_finite(epoch + 1, lr, rec, kl, *(va.values() if va else ()))
+                # seconds: training + validation, before callbacks
+                row = _history_row(epoch + 1, tr, va, kl_weight(step, warmup_steps), time.perf_counter() - t0)
+                if callback is not None:
+                    row.update(callback(epoch + 1, module) or {})
+                for k in row.keys() | res.history.keys():  # every column as long as the epoch column
+                    res.history.setdefault(k, [np.nan] * epoch).append(row.get(k, np.nan))
+                bar.set_postfix(elbo_train=f"{tr['elbo']:.1f}", **({"elbo_val": f"{va['elbo']:.1f}"} if va else {}))
+                improved = best.update(epoch + 1, va["elbo"] if va else tr["elbo"], module)
+                if not improved and early_stopping and best.bad_epochs >= patience:
+                    res.stopped_early = True
+                    break
     except KeyboardInterrupt:
         _keep_partial(res, best)
     finally:
         bar.close()
-        cleanup.close()
         restore_sigint()
     res.best_epoch = best.epoch
     if best.state is not None:

@@ -59,3 +59,18 @@ def test_known_batch_needs_no_training_and_bad_reference(ref_query):
     np.testing.assert_allclose(q.obsm["X_vae"], ref.obsm["X_vae"][pos], rtol=1e-5, atol=1e-5)
     with pytest.raises(KeyError, match="no trained model"):
         sv.tl.vae_map(q, reference=q.copy(), key="other")
+
+
+def test_latent_library_mapping_keeps_the_reference_library_encoder(ref_query):
+    """With a latent library, a new batch gets its own library prior; the reference's trained
+    library encoder and priors stay as they were."""
+    ref, query = ref_query
+    ref = ref.copy()
+    sv.tl.vae(ref, batch_key="batch", library="latent", max_epochs=3, n_hidden=16, progress=False, n_threads=1)
+    out = sv.tl.vae_map(query, reference=ref, max_epochs=2, progress=False, copy=True)
+    before, after = ref.uns["vae"]["model"], out.uns["vae"]["model"]
+    np.testing.assert_array_equal(after["library_encoder.mean.bias"], before["library_encoder.mean.bias"])
+    n_ref = len(before["library_prior_mean"])
+    np.testing.assert_array_equal(after["library_prior_mean"][:n_ref], before["library_prior_mean"])
+    new_prior = after["library_prior_mean"][n_ref:]
+    np.testing.assert_allclose(new_prior, np.log(query.X.sum(1)).mean(), rtol=1e-4)

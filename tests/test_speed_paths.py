@@ -26,7 +26,9 @@ def test_compiled_training_equals_eager(sim_session, options):
     assert not fused.compiled_enabled()  # switched off again after training
 
 
-def test_compile_auto_rule():
+def test_compile_auto_rule(monkeypatch):
+    monkeypatch.setattr(fused, "can_compile", lambda: True)
+    assert use_compiled("auto", COMPILE_MIN_STEPS) and use_compiled(True, 1)
     assert not use_compiled("auto", COMPILE_MIN_STEPS - 1)
     assert not use_compiled(False, 10**9)
     with pytest.raises(ValueError, match="compile must be"):

@@ -146,7 +146,7 @@ def test_reproducible_with_random_state(sim_session, trained_session, fast):
 
 def test_reproducible_with_two_threads(sim_session):
     """The promise holds at another thread count too (within it, not across thread counts)."""
-    kw = {"max_epochs": 4, "n_hidden": 32, "progress": False, "copy": True}
+    kw = {"max_epochs": 4, "n_hidden": 32, "progress": False, "copy": True, "n_threads": 2}  # not load-dependent
     torch.set_num_threads(2)
     try:
         runs = [sv.tl.vae(sim_session, **kw) for _ in range(2)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -35,30 +37,28 @@ def simulate(
     AnnData with CSR float32 counts in ``X``, ``obs["cell_type"]``, ``obs["batch"]``,
     ``var["marker_of"]`` (the type a gene marks, or "") and ``uns["simulation"]``.
     """
-    obs, var, blocks = simulate_blocks(
-        n_cells, n_genes, n_batches=n_batches, n_types=n_types, n_markers=n_markers, type_sd=type_sd,
-        dispersion=dispersion, mean_library=mean_library, random_state=random_state,
-    )
-    X = sp.vstack(list(blocks), format="csr")
-    adata = AnnData(X=X, obs=obs, var=var)
-    adata.uns["simulation"] = {
-        "n_batches": n_batches, "n_types": n_types, "n_markers": n_markers, "type_sd": type_sd,
-        "dispersion": dispersion, "mean_library": mean_library, "random_state": random_state,
-    }
+    settings = {k: v for k, v in locals().items() if k not in ("n_cells", "n_genes")}
+    obs, var, blocks = simulate_blocks(n_cells, n_genes, **settings)
+    adata = AnnData(X=sp.vstack(list(blocks), format="csr"), obs=obs, var=var)
+    adata.uns["simulation"] = settings
     return adata
+
+
+# the model's settings and their defaults are simulate's
+_DEFAULTS = {k: p.default for k, p in inspect.signature(simulate).parameters.items() if p.kind is p.KEYWORD_ONLY}
 
 
 def simulate_blocks(
     n_cells: int,
     n_genes: int,
     *,
-    n_batches: int = 2,
-    n_types: int = 5,
-    n_markers: int = 20,
-    type_sd: float = 0.3,
-    dispersion: float = 5.0,
-    mean_library: float = 1500.0,
-    random_state: int = 0,
+    n_batches: int = _DEFAULTS["n_batches"],
+    n_types: int = _DEFAULTS["n_types"],
+    n_markers: int = _DEFAULTS["n_markers"],
+    type_sd: float = _DEFAULTS["type_sd"],
+    dispersion: float = _DEFAULTS["dispersion"],
+    mean_library: float = _DEFAULTS["mean_library"],
+    random_state: int = _DEFAULTS["random_state"],
     block_rows: int = 20_000,
 ):
     """Return the data of :func:`simulate` as (obs, var, iterator of CSR blocks of ``block_rows`` rows).

@@ -49,6 +49,8 @@ def decompose(
     try:
         with torch.no_grad():
             q = module.inference(x, batch, cov)
+        if opt_kwargs.get("init", "encoder") == "encoder":  # start from the q just computed
+            opt_kwargs = {**opt_kwargs, "init": q}
         qs = optimize_q(module, x, batch, log_library, generator=generator, cov=cov, **opt_kwargs)
         k_total = max(n_samples, 2 * (n_samples_elbo or 0))
         log_px, ess, se_lpx, (rec_q, rec_opt) = iwae(

@@ -20,11 +20,10 @@ class GapTracker:
     """
 
     def __init__(self, X, train_idx, val_idx, *, every: int, seed: int, log_library, batch, device, cov=None,
-                 round_counts: bool = False, n_cells: int = 64, n_samples: int = 100, n_samples_elbo: int = 32,
-                 max_steps: int = 100):
+                 round_counts: bool = False, n_cells: int = 64, n_samples: int = 100, max_steps: int = 100):
         rng = np.random.default_rng(seed + 1)
         self.every, self.seed = every, seed
-        self.kw = {"n_samples": n_samples, "n_samples_elbo": n_samples_elbo, "max_steps": max_steps}
+        self.kw = {"n_samples": n_samples, "max_steps": max_steps}
         self.loaders = {}
         for split, idx in (("train", train_idx), ("validation", val_idx)):
             if len(idx):

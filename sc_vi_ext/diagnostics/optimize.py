@@ -28,6 +28,11 @@ from ..module import VAE
 from .bounds import log_px_given
 
 METHODS = ("lbfgs", "adam")
+# per-method defaults of optimize_q (and of the tools' parameters that reach it)
+MAX_STEPS = {"lbfgs": 60, "adam": 500}  # objective evaluations per cell
+PATIENCE = {"lbfgs": 1, "adam": 3}  # quiet steps ("lbfgs") or windows ("adam") before a cell stops
+ADAM_DRAWS = 8  # draws per Adam step; "lbfgs" uses 2 x latent_dim whitened draws, at least LBFGS_MIN_DRAWS
+LBFGS_MIN_DRAWS = 16
 
 
 @dataclass
@@ -174,7 +179,7 @@ def optimize_q(
     log_library: torch.Tensor,
     *,
     method: str = "lbfgs",
-    init: str = "encoder",
+    init: str | tuple[torch.Tensor, torch.Tensor] = "encoder",
     n_samples_step: int | None = None,
     lr: float = 0.02,
     max_steps: int | None = None,
@@ -186,15 +191,17 @@ def optimize_q(
 ) -> QStar:
     """Optimise (mean, log_var) of q(z) per cell; the module's weights are not changed.
 
-    ``n_samples_step``, ``max_steps`` and ``patience`` default per method: 2 x latent_dim
-    draws (at least 16), 60 evaluations, 1 quiet step for ``"lbfgs"``; 8 draws, 500 steps,
-    3 windows for ``"adam"``. ``lr`` and ``window`` are used by ``"adam"`` only.
+    ``init``: ``"encoder"`` (q(z|x)), ``"prior"``, or the start (mean, log_var) itself, e.g. the
+    encoder's q when the caller has it already. ``n_samples_step``, ``max_steps`` and
+    ``patience`` default per method (``MAX_STEPS``, ``PATIENCE``; draws: 2 x latent_dim,
+    at least ``LBFGS_MIN_DRAWS``, for ``"lbfgs"``, ``ADAM_DRAWS`` for ``"adam"``). ``lr`` and
+    ``window`` are used by ``"adam"`` only.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {method!r}")
     lbfgs = method == "lbfgs"
-    max_steps = max_steps or (60 if lbfgs else 500)
-    patience = patience or (1 if lbfgs else 3)
+    max_steps = max_steps or MAX_STEPS[method]
+    patience = patience or PATIENCE[method]
     was_training = module.training
     module.eval()
     flags = [p.requires_grad for p in module.parameters()]
@@ -202,7 +209,9 @@ def optimize_q(
         p.requires_grad_(False)
     try:
         with torch.no_grad():
-            if init == "encoder":
+            if isinstance(init, tuple):
+                mean, log_var = init
+            elif init == "encoder":
                 mean, log_var = module.inference(x, batch, cov)
             elif init == "prior":
                 mean, log_var = module.prior(batch, x.shape[0])
@@ -210,7 +219,7 @@ def optimize_q(
                 raise ValueError(f"init must be 'encoder' or 'prior', not {init!r}")
         params = torch.cat([mean, log_var], 1)  # (cells, 2d)
         n, d = mean.shape
-        n_samples_step = n_samples_step or (max(16, 2 * d) if lbfgs else 8)
+        n_samples_step = n_samples_step or (max(LBFGS_MIN_DRAWS, 2 * d) if lbfgs else ADAM_DRAWS)
 
         def sub(cells):
             return (x[cells], None if batch is None else batch[cells], log_library[cells],

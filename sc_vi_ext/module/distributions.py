@@ -17,9 +17,7 @@ from typing import Literal
 
 import torch
 
-from .fused import dense_terms, log_factorial, nb_gamma_terms
-
-_EPS = 1e-8
+from .fused import LOG_EPS, dense_terms, log_factorial, nb_gamma_terms
 
 
 def nonzeros(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -37,7 +35,7 @@ def log_poisson(x: torch.Tensor, mu: torch.Tensor, log_mu: torch.Tensor | None =
     """
     rows, _, xv = nonzeros(x) if nz is None else nz
     if log_mu is None:
-        log_mu = torch.log(mu + _EPS)
+        log_mu = torch.log(mu + LOG_EPS)
     lfact = log_factorial(xv)
     return dense_terms("poisson", x, mu, log_mu) - lfact.new_zeros(x.shape[0]).index_add_(0, rows, lfact)
 
@@ -73,7 +71,7 @@ def log_zinb(
     """
     nz = nonzeros(x) if nz is None else nz
     if log_mu is None:
-        log_mu = torch.log(mu + _EPS)
+        log_mu = torch.log(mu + LOG_EPS)
     if zi_logits is None:
         dense = dense_terms("nb", x, mu, log_mu, theta)
     else:

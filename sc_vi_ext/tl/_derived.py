@@ -7,19 +7,20 @@ from collections.abc import Mapping
 from anndata import AnnData
 from scanpy import logging as logg
 
-from ..diagnostics import COLUMNS
-
-# obs columns "<key>_<name>" written by amortization_gap, log_likelihood and refine
-OBS_COLUMNS = (*COLUMNS, "amortization_gap_se", "log_px_ess", "refine_gain")
 PPC_SUFFIXES = ("obs", "pred", "pred_sd")  # posterior_predictive: var columns "<key>_ppc_<stat>_<suffix>"
 
 
 def derived_results(adata: AnnData, key: str) -> dict[str, list[str]]:
     """List the slots of ``adata`` that tools computed from the model under ``key``, by attribute."""
-    from ._ppc import STATS as PPC_STATS  # _ppc imports _vae, which imports this module
+    # the tools import _vae, which imports this module
+    from ._gap import OBS_COLUMNS as GAP_COLUMNS
+    from ._ppc import STATS as PPC_STATS
+    from ._trust import OBS_COLUMNS as TRUST_COLUMNS
+
+    obs_columns = (*GAP_COLUMNS, *TRUST_COLUMNS, "log_px_ess", "refine_gain")  # + log_likelihood, refine
 
     out = {
-        "obs": [f"{key}_{c}" for c in OBS_COLUMNS if f"{key}_{c}" in adata.obs],
+        "obs": [f"{key}_{c}" for c in dict.fromkeys(obs_columns) if f"{key}_{c}" in adata.obs],
         "obsm": [f"X_{key}_refined"] if f"X_{key}_refined" in adata.obsm else [],
         "layers": [],
         "var": [f"{key}_ppc_{s}_{x}" for s in PPC_STATS for x in PPC_SUFFIXES if f"{key}_ppc_{s}_{x}" in adata.var],

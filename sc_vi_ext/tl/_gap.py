@@ -14,6 +14,9 @@ from ..model_store import stored_loader
 from ._cells import cell_subset, split_masks, write_obs_columns
 from ._utils import stored_model
 
+# the obs columns "<key>_<name>" this tool writes
+OBS_COLUMNS = (*COLUMNS, "amortization_gap_se", "approximation_gap_se", "library_size")
+
 
 def gap_summary(res: dict) -> str:
     """One line: amortization gap +- s.e. for training and held-out cells (or all cells)."""
@@ -111,8 +114,7 @@ def amortization_gap(
                                n_samples_elbo=n_samples_elbo, generator=gen, **opt))
         bar.update()
     per_cell = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    cols = (*COLUMNS, "amortization_gap_se", "approximation_gap_se", "library_size")
-    written = write_obs_columns(adata, key, idx, {c: per_cell[c] for c in cols})
+    written = write_obs_columns(adata, key, idx, {c: per_cell[c] for c in OBS_COLUMNS})
     adata.uns[key]["amortization_gap"] = {
         "params": params,
         **{s: summarize({k: v[m] for k, v in per_cell.items()}) for s, m in masks.items() if m.sum() > 0},

@@ -9,11 +9,11 @@ from scanpy import logging as logg
 
 from .._docs import doc_params
 from ..dataloader import Minibatches
-from ..inputs import batch_codes, get_counts, inspect_counts, log_library
+from ..inputs import batch_codes_as, get_counts, inspect_counts, log_library
 from ..model_store import get_model, state_to_numpy
 from ..module import VAE
 from ..module.nn import FCLayers
-from ..train import train
+from ..train import EVAL_BATCH_SIZE, train
 from ._derived import remove_derived
 from ._utils import latent_means, resolve_device, set_library_prior, split_indices
 
@@ -135,7 +135,7 @@ def vae_map(
     if p.get("n_cov"):
         raise NotImplementedError("Mapping a model with extra covariates is not supported yet.")
     ref_cats = list(ref_uns["batch_categories"])
-    codes, new = _batch_codes(adata, p["batch_key"], ref_cats)
+    codes, new = batch_codes_as(adata, p["batch_key"], ref_cats)
     adata = adata.copy() if copy else adata
     start = logg.info(f"mapping {adata.n_obs} query cells onto {key!r}")
     if n_missing:
@@ -156,7 +156,7 @@ def vae_map(
             history = {k: np.asarray(v) for k, v in res.history.items()}
         else:
             module, va_idx = ref_module.to(dev), np.array([], dtype=int)
-        latent = latent_means(module, Minibatches(X, np.arange(adata.n_obs), batch_size=1024, **common))
+        latent = latent_means(module, Minibatches(X, np.arange(adata.n_obs), batch_size=EVAL_BATCH_SIZE, **common))
     remove_derived(adata, key)
     adata.obsm[f"X_{key}"] = latent
     adata.uns[key] = _record(adata, ref_uns, p, ref_genes, gene_index, counts, module, va_idx,
@@ -202,22 +202,10 @@ def _gene_index(adata: AnnData, ref_genes: np.ndarray) -> np.ndarray:
     return gene_index
 
 
-def _batch_codes(adata: AnnData, batch_key, ref_cats: list) -> tuple[np.ndarray | None, list]:
-    """Batch codes of the query cells (the reference's categories first, then new ones) and the new categories."""
-    codes, cats = batch_codes(adata, batch_key)
-    if codes is None:
-        return None, []
-    new = [c for c in cats if c not in ref_cats]
-    lookup = {c: i for i, c in enumerate(ref_cats + new)}
-    return np.array([lookup[c] for c in cats], dtype=np.int64)[codes], new
-
-
 def _new_library_priors(module: VAE, totals: np.ndarray, codes: np.ndarray, n_ref: int) -> None:
     """Set the latent-library priors of the new batches (codes >= ``n_ref``) from the query's cells."""
-    fresh = codes >= n_ref
-    keep = module.library_prior_mean[:n_ref].clone(), module.library_prior_log_var[:n_ref].clone()
-    set_library_prior(module, np.log(totals[fresh]), codes[fresh])
-    module.library_prior_mean[:n_ref], module.library_prior_log_var[:n_ref] = keep
+    fresh = codes >= n_ref  # the reference's batches and its trained library encoder stay as they are
+    set_library_prior(module, np.log(totals[fresh]), codes[fresh], init_encoder=False)
 
 
 def _fine_tune(module: VAE, X, common: dict, *, train_size, random_state, max_epochs, batch_size, lr, progress):
@@ -227,7 +215,7 @@ def _fine_tune(module: VAE, X, common: dict, *, train_size, random_state, max_ep
     res = train(
         module,
         Minibatches(X, tr_idx, batch_size=batch_size, shuffle=True, rng=rng, with_nz=True, **common),
-        Minibatches(X, va_idx, batch_size=1024, with_nz=True, **common) if len(va_idx) else None,
+        Minibatches(X, va_idx, batch_size=EVAL_BATCH_SIZE, with_nz=True, **common) if len(va_idx) else None,
         max_epochs=max_epochs, lr=lr, weight_decay=0.0, n_epochs_kl_warmup=0, early_stopping=True,
         patience=10, seed=random_state, progress=progress, freeze_batchnorm=True,
     )

@@ -68,11 +68,11 @@ def refine(
     loader = stored_loader(adata, key, batch_size=batch_size, device=dev)
     bar = tqdm(total=len(loader), desc="refine", unit="batch", disable=not progress)
     for mb in loader:
-        qs = optimize_q(module, mb.x, mb.batch, mb.log_library, cov=mb.cov, method=method,
-                        n_samples_step=n_samples_step, lr=lr,
-                        max_steps=max_steps, window=window, patience=patience, tol=tol, generator=gen)
         with torch.no_grad():
             q = module.inference(mb.x, mb.batch, mb.cov)
+        qs = optimize_q(module, mb.x, mb.batch, mb.log_library, cov=mb.cov, method=method, init=q,
+                        n_samples_step=n_samples_step, lr=lr,
+                        max_steps=max_steps, window=window, patience=patience, tol=tol, generator=gen)
         (l_q, _), (l_opt, _) = elbo_paired(module, mb.x, mb.batch, mb.log_library, [q, (qs.mean, qs.log_var)],
                                            cov=mb.cov, n_samples=n_samples_elbo, generator=gen)
         means.append(module.representation(qs.mean).cpu().numpy())

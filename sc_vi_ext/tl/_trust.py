@@ -14,6 +14,8 @@ from ..diagnostics.trust import compare_to_reference
 from ..model_store import held_out_mask, stored_loader
 from ._utils import stored_model
 
+# the obs columns "<key>_<name>" this tool writes
+OBS_COLUMNS = ("gap_estimate", "trust", "untrusted")
 
 @doc_params()
 def trust_score(
@@ -82,6 +84,7 @@ def trust_score(
     module, dev = stored_model(adata, key, device)
     adata = adata.copy() if copy else adata
     start = logg.info(f"scoring the inference of {key!r} on {adata.n_obs} cells")
+    val = held_out_mask(adata, key)  # checked before the per-cell work, like every other input
     gen = torch.Generator(device=dev).manual_seed(random_state)
     gaps, log_lib = [], []
     loader = stored_loader(adata, key, batch_size=batch_size, device=dev)
@@ -92,12 +95,10 @@ def trust_score(
         log_lib.append(mb.log_library.cpu().numpy().astype(np.float64))
         bar.update()
     gap, log_lib = np.concatenate(gaps), np.concatenate(log_lib)
-    val = held_out_mask(adata, key)
     trust, z = compare_to_reference(gap, log_lib, ~val, n_neighbors=n_neighbors)
     flag = z > n_mads
-    adata.obs[f"{key}_gap_estimate"] = gap
-    adata.obs[f"{key}_trust"] = trust
-    adata.obs[f"{key}_untrusted"] = flag
+    for name, values in zip(OBS_COLUMNS, (gap, trust, flag), strict=True):
+        adata.obs[f"{key}_{name}"] = values
     summary = {"params": params}
     for split, m in (("train", ~val), ("validation", val), ("all", np.ones_like(val))):
         if m.any():

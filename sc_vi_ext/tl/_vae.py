@@ -10,19 +10,19 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from .._docs import doc_params
-from ..acceleration import Precision, check_precision
+from ..acceleration import COMPILE_MIN_STEPS, Precision, check_precision
 from ..dataloader import Minibatches
 from ..distributed import device_for_rank, rank_and_world
-from ..inputs import TrainingData, read_training_data
+from ..inputs import COUNT_RTOL, TrainingData, read_training_data
 from ..model_store import state_to_numpy
 from ..module.vae import DEFAULTS, HPARAMS, VAE, Dispersion, LatentDistribution, Library, Likelihood, check_options
 from ..threads import threads
-from ..train import TRAINING_DEFAULTS, TrainResult, check_finite, default_max_epochs, train
+from ..train import EVAL_BATCH_SIZE, TRAINING_DEFAULTS, TrainingDivergedError, TrainResult, default_max_epochs, train
 from ._derived import remove_derived
 from ._utils import latent_means, resolve_device, set_library_prior, split_indices
 
 
-@doc_params()
+@doc_params(compile_min_steps=f"{COMPILE_MIN_STEPS:,}", count_rtol=f"{COUNT_RTOL:g}")
 def vae(
     adata: AnnData,
     *,
@@ -71,7 +71,7 @@ def vae(
     {adata}
     layer
         Layer with raw counts; ``adata.X`` when None. Dense, CSR or CSC, int or float;
-        floats within 1e-6 (relative) of an integer, as CSV files often hold, are used
+        floats within {count_rtol} (relative) of an integer, as CSV files often hold, are used
         rounded (the AnnData is not modified).
     batch_key
         Column of ``adata.obs`` with batch labels, injected into the decoder (and the
@@ -142,7 +142,7 @@ def vae(
         Fuse the likelihood's element-wise terms with ``torch.compile`` (forward and
         backward in one pass; measured on one thread: the likelihood 1.7x and a training step
         1.2-1.25x faster, see ``benchmarks/RESULTS.md``). ``"auto"``
-        compiles when the run has at least 4,000 optimiser steps (compiling takes 5-20 s)
+        compiles when the run has at least {compile_min_steps} optimiser steps (compiling takes 5-20 s)
         and a C++ compiler is available; results equal the eager ones to float32 rounding.
     precision
         ``"bfloat16"``: the training steps' matrix products in bfloat16 (torch autocast; their
@@ -214,11 +214,14 @@ def vae(
         torch.manual_seed(random_state)
         module = _build_module(params, data, train_idx).to(dev)
         res = _fit(module, data, train_idx, val_idx, rng, params, common)
-        latent = latent_means(module, Minibatches(data.X, np.arange(adata.n_obs), batch_size=1024, **common))
+        latent = latent_means(module, Minibatches(data.X, np.arange(adata.n_obs), batch_size=EVAL_BATCH_SIZE, **common))
     state = state_to_numpy(module)
     # never write NaN: the loop checks the ELBO per epoch; the weights and latent are checked here
     finite = bool(np.isfinite(latent).all()) and all(bool(np.isfinite(v).all()) for v in state.values())
-    check_finite(res.best_epoch, lr, 0.0 if finite else float("nan"))
+    if not finite:
+        raise TrainingDivergedError(
+            f"Training produced non-finite weights or latent coordinates (learning rate {lr:g}). Nothing was "
+            f"written. Train again with a smaller learning rate (e.g. lr={lr / 2:g}).")
 
     remove_derived(adata, key_added)
     adata.obsm[f"X_{key_added}"] = latent
@@ -241,8 +244,8 @@ def _fit(module: VAE, data: TrainingData, train_idx, val_idx, rng, params: dict,
     train_loader = Minibatches(data.X, train_idx, batch_size=p["batch_size"], shuffle=True, rng=rng, with_nz=True,
                                shard=rank_and_world(), **common)
     # data-parallel: each rank evaluates its share of the held-out cells (sums all-reduced)
-    val_loader = (Minibatches(data.X, val_idx, batch_size=1024, shard=rank_and_world(), with_nz=True, **common)
-                  if len(val_idx) else None)
+    val_loader = (Minibatches(data.X, val_idx, batch_size=EVAL_BATCH_SIZE, shard=rank_and_world(), with_nz=True,
+                              **common) if len(val_idx) else None)
     callback = None
     if p["gap_every"]:
         from ..diagnostics.history import GapTracker
