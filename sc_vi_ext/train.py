@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ._progress import tqdm
-from .acceleration import matmul_precision, use_compiled, warm_up_compiled
+from .acceleration import keep_freed_memory, matmul_precision, use_compiled, warm_up_compiled
 from .dataloader import Minibatches
 from .distributed import broadcast_buffers, global_sum, interruptible, rank_and_world, wrap
 from .module import VAE, fused
@@ -140,6 +140,7 @@ def train(
     likelihood, the optimiser, the weights and the validation stay float32.
     """
     rank, _ = rank_and_world()
+    keep_freed_memory()  # the steps' tensors are reused from the heap, not page-faulted in anew
     res = TrainResult()
     steps_per_epoch = len(train_loader)
     warmup_steps = n_epochs_kl_warmup * steps_per_epoch

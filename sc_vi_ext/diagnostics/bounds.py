@@ -59,45 +59,67 @@ def elbo_paired(module: VAE, x, batch, log_library, qs, *, n_samples: int, gener
     return out
 
 
+WIDE_SCALE = 1.5  # the widened q* of the gap's proposal: standard deviations times this
+
+
 @torch.no_grad()
-def iwae(module: VAE, x, batch, log_library, mean, log_var, *, n_samples: int, generator: torch.Generator,
-         cov=None, also=None, return_rec: bool = False):
-    """IWAE estimate of log p(x) with proposal N(mean, exp(log_var)), per cell.
+def mixture_iwae(module: VAE, x, batch, log_library, components, *, generator: torch.Generator, cov=None):
+    """IWAE estimate of log p(x) with a mixture proposal, drawn by stratified allocation.
 
-    With ``also=(mean2, log_var2)`` the proposal is the equal mixture of the two Gaussians,
-    half the samples drawn from each and weighted by the mixture density (multiple
-    importance sampling with the balance heuristic: unbiased for p(x), and its weights stay
-    bounded by twice those of the wider component, so a too-narrow q* cannot produce the
-    rare huge weights that would push the estimate above log p(x)). The two halves share
-    their standard-normal draws (sample j of one component and of the other use the same
-    noise): the estimate stays unbiased, and the same draws give both ELBOs with common
-    random numbers at no extra cost (``return_rec``).
+    ``components``: a list of ``(mean, log_var, n_draws, stream)``; component c contributes
+    ``n_draws`` samples and has weight n_draws / N in the mixture density that divides
+    p(x, z) (multiple importance sampling with the balance heuristic: unbiased for p(x),
+    and each weight is bounded by N / n_c times that of the component that drew it).
+    Components of the same ``stream`` (an int) share their standard-normal draws, so
+    their log p(x | z) samples are common random numbers (their ``n_draws`` must agree).
 
-    Returns (log_px, ess, se): the estimate, the effective sample size of the importance
-    weights, and a delta-method standard error sqrt(1/ESS - 1/K); with ``return_rec`` also
-    the list of log p(x | z) draws, (K / components, cells), one per component.
+    Returns (log_px, ess, se, recs): the estimate, the effective sample size of the N
+    importance weights, a delta-method standard error sqrt(1/ESS - 1/N), and per
+    component the (n_draws, cells) log p(x | z) draws (for ELBOs and their differences).
     """
-    n_cells, d = mean.shape
-    comps = [(mean, log_var)] + ([also] if also is not None else [])
-    n_pairs = -(-n_samples // len(comps))  # draws per component
-    n_samples = n_pairs * len(comps)
-    chunk = max(1, sample_chunk(n_samples, n_cells, x.shape[-1]) // len(comps))
+    n_cells, _ = components[0][0].shape
+    streams: dict[int, list[int]] = {}
+    for i, (_, _, n, stream) in enumerate(components):
+        streams.setdefault(stream, []).append(i)
+        if n != components[streams[stream][0]][2]:
+            raise ValueError("components that share a stream must have the same number of draws")
+    total = sum(c[2] for c in components)
+    log_alloc = [math.log(c[2] / total) for c in components]
     lse = torch.full((n_cells,), -math.inf, dtype=torch.float64, device=x.device)
     lse2 = lse.clone()
-    recs = [[] for _ in comps]
+    recs: list[list[torch.Tensor]] = [[] for _ in components]
     nz = nonzeros(x)
-    for lo in range(0, n_pairs, chunk):
-        k = min(chunk, n_pairs - lo)
-        eps = torch.randn((k, n_cells, d), generator=generator, device=x.device)
-        for i, (m, lv) in enumerate(comps):
-            rec, z = log_px_given(module, x, batch, log_library, m, lv, eps, cov, nz)
-            log_q = torch.logsumexp(torch.stack([log_normal(z, *c) for c in comps]), 0) - math.log(len(comps))
-            log_w = (rec + module.log_prior(z, batch) - log_q).double()
-            lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
-            lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * log_w, 0))
-            if return_rec:
+    for members in streams.values():
+        n = components[members[0]][2]
+        chunk = max(1, sample_chunk(n * len(members), n_cells, x.shape[-1]) // len(members))
+        for lo in range(0, n, chunk):
+            eps = torch.randn((min(chunk, n - lo), n_cells, components[0][0].shape[1]), generator=generator,
+                              device=x.device)
+            for i in members:
+                mean, log_var = components[i][:2]
+                rec, z = log_px_given(module, x, batch, log_library, mean, log_var, eps, cov, nz)
+                log_q = torch.logsumexp(torch.stack([log_normal(z, c[0], c[1]) + la
+                                                     for c, la in zip(components, log_alloc, strict=True)]), 0)
+                log_w = (rec + module.log_prior(z, batch) - log_q).double()
+                lse = torch.logaddexp(lse, torch.logsumexp(log_w, 0))
+                lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * log_w, 0))
                 recs[i].append(rec.double())
     ess = torch.exp(2 * lse - lse2)
-    se = torch.sqrt(torch.clamp(1 / ess - 1 / n_samples, min=0))
-    out = (lse - math.log(n_samples), ess, se)
-    return (*out, [torch.cat(r) for r in recs]) if return_rec else out
+    se = torch.sqrt(torch.clamp(1 / ess - 1 / total, min=0))
+    return lse - math.log(total), ess, se, [torch.cat(r) for r in recs]
+
+
+def iwae(module: VAE, x, batch, log_library, mean, log_var, *, n_samples: int, generator: torch.Generator,
+         cov=None, also=None, return_rec: bool = False):
+    """IWAE estimate of log p(x) with proposal N(mean, exp(log_var)), per cell (Burda et al. 2016).
+
+    With ``also=(mean2, log_var2)`` the proposal is the equal mixture of the two Gaussians,
+    half the samples drawn from each, the two halves sharing their noise
+    (:func:`mixture_iwae`). Returns (log_px, ess, se); with ``return_rec`` also the
+    log p(x | z) draws, one (K / components, cells) tensor per component.
+    """
+    comps = [(mean, log_var)] + ([also] if also is not None else [])
+    n = -(-n_samples // len(comps))  # draws per component
+    out = mixture_iwae(module, x, batch, log_library, [(m, lv, n, 0) for m, lv in comps], generator=generator,
+                       cov=cov)
+    return out if return_rec else out[:3]

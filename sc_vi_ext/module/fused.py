@@ -26,8 +26,10 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .dense import nb_dense
+
 GAMMA_TABLE_SIZE = 32  # counts 1..32 are looked up; larger ones go through lgamma
-LOG_EPS = 1e-8  # inside a log of a mean or of theta, which can underflow to 0 in float32
+LOG_EPS = 1e-8  # inside the log of a mean, which can underflow to 0 in float32 (theta > 0 needs none)
 
 _LOG = logging.getLogger(__name__)
 
@@ -124,7 +126,7 @@ def log_factorial(xv: torch.Tensor) -> torch.Tensor:
 def dense_zinb(x, mu, log_mu, theta, zi_logits):
     """Per-cell sum of the ZINB terms that need no gamma function (see ``log_zinb``)."""
     log_theta_mu = torch.log(theta + mu)
-    nb_zero = theta * (torch.log(theta + LOG_EPS) - log_theta_mu)  # log NB(0; mu, theta) <= 0
+    nb_zero = theta * (torch.log(theta) - log_theta_mu)  # log NB(0; mu, theta) <= 0
     # x = 0: log(pi + (1 - pi) NB(0)) = logaddexp(l, log NB(0)) - softplus(l)
     # x > 0: log(1 - pi) + log NB(x) = -softplus(l) + log NB(0) + x log(mu / (theta + mu)) + gamma terms
     terms = torch.where(x > 0, nb_zero + x * (log_mu - log_theta_mu), torch.logaddexp(zi_logits, nb_zero))
@@ -134,7 +136,7 @@ def dense_zinb(x, mu, log_mu, theta, zi_logits):
 def dense_nb(x, mu, log_mu, theta):
     """Per-cell sum of the NB terms that need no gamma function."""
     log_theta_mu = torch.log(theta + mu)
-    return (theta * (torch.log(theta + LOG_EPS) - log_theta_mu) + x * (log_mu - log_theta_mu)).sum(-1)
+    return (theta * (torch.log(theta) - log_theta_mu) + x * (log_mu - log_theta_mu)).sum(-1)
 
 
 def dense_poisson(x, mu, log_mu):
@@ -207,7 +209,11 @@ class compiled_likelihood:  # noqa: N801 - used like a function: ``with compiled
 
 
 def dense_terms(likelihood: str, x, *args):
-    """Return the dense terms of ``likelihood``, compiled when switched on (see :func:`set_compiled`)."""
+    """Return the dense terms of ``likelihood``, compiled when switched on (see :func:`set_compiled`).
+
+    Otherwise NB and ZINB by :func:`~sc_vi_ext.module.dense.nb_dense` (the gradient written
+    out), Poisson by its plain formula.
+    """
     fn = DENSE[likelihood]
     use = _mode == "all" or (_mode == "train" and torch.is_grad_enabled())
     if use:
@@ -221,7 +227,9 @@ def dense_terms(likelihood: str, x, *args):
             return _compiled[likelihood](x, *args)
         except Exception as err:  # noqa: BLE001 - a compiler failure must not stop the analysis
             _disable(err)
-    return fn(x, *args)
+    if likelihood == "poisson":
+        return fn(x, *args)
+    return nb_dense(x, *args)
 
 
 def _disable(err: Exception) -> None:

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from anndata import AnnData
 
+from ..acceleration import keep_freed_memory
 from ..dataloader import Minibatches
 from ..model_store import get_model
 from ..module import VAE
@@ -66,6 +67,8 @@ def stored_model(adata: AnnData, key: str, device: str) -> tuple[VAE, str]:
     """Rebuild the model stored under ``key`` on ``device`` ("auto": CUDA when available).
 
     Returns the module and the name of the device it is on (for minibatches and generators).
+    Also lets the allocator keep freed blocks for reuse (:func:`~sc_vi_ext.acceleration.keep_freed_memory`).
     """
+    keep_freed_memory()
     module = get_model(adata, key, device=resolve_device(device))
     return module, str(next(module.parameters()).device)
