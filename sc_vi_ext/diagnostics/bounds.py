@@ -16,7 +16,8 @@ import math
 import torch
 
 from ..module import VAE, log_normal
-from ..module.distributions import nonzeros, reparameterize
+from ..module.distributions import reparameterize
+from ..module.scoring import LogPxGivenZ
 
 _ELEMENT_BUDGET = 1 << 20  # samples x cells x genes per chunk: cache-sized chunks (benchmarks/iwae_chunk.py: 1.9x)
 
@@ -25,14 +26,14 @@ def sample_chunk(n_samples: int, n_cells: int, n_genes: int) -> int:
     return int(max(1, min(n_samples, _ELEMENT_BUDGET // max(1, n_cells * n_genes))))
 
 
-def log_px_given(module: VAE, x, batch, log_library, mean, log_var, eps, cov=None, nz=None):
+def log_px_given(score: LogPxGivenZ, mean, log_var, eps):
     """Log p(x | z) and z for z = mean + sigma * eps; ``eps`` is (K, cells, latent_dim). Returns (K, cells).
 
-    ``nz``: the non-zeros of ``x`` (:func:`~sc_vi_ext.module.distributions.nonzeros`), found
-    once by the caller rather than once per chunk of samples.
+    ``score``: the minibatch's :class:`~sc_vi_ext.module.scoring.LogPxGivenZ`, built once by
+    the caller rather than once per chunk of samples.
     """
     z = reparameterize(mean, log_var, eps)
-    return module.log_px_z(x, module.generative(z, batch, log_library, cov), nz), z
+    return score(z), z
 
 
 @torch.no_grad()
@@ -45,13 +46,13 @@ def elbo_paired(module: VAE, x, batch, log_library, qs, *, n_samples: int, gener
     """
     n_cells, d = qs[0][0].shape
     chunk = sample_chunk(n_samples, n_cells, x.shape[-1])
-    nz = nonzeros(x)
+    score = LogPxGivenZ(module, x, batch, log_library, cov)
     recs = [[] for _ in qs]
     for lo in range(0, n_samples, chunk):
         k = min(chunk, n_samples - lo)
         eps = torch.randn((k, n_cells, d), generator=generator, device=x.device)
         for i, (mean, log_var) in enumerate(qs):
-            recs[i].append(log_px_given(module, x, batch, log_library, mean, log_var, eps, cov, nz)[0].double())
+            recs[i].append(log_px_given(score, mean, log_var, eps)[0].double())
     out = []
     for (mean, log_var), r in zip(qs, recs, strict=True):
         r = torch.cat(r)
@@ -88,7 +89,7 @@ def mixture_iwae(module: VAE, x, batch, log_library, components, *, generator: t
     lse = torch.full((n_cells,), -math.inf, dtype=torch.float64, device=x.device)
     lse2 = lse.clone()
     recs: list[list[torch.Tensor]] = [[] for _ in components]
-    nz = nonzeros(x)
+    score = LogPxGivenZ(module, x, batch, log_library, cov)
     for members in streams.values():
         n = components[members[0]][2]
         chunk = max(1, sample_chunk(n * len(members), n_cells, x.shape[-1]) // len(members))
@@ -97,7 +98,7 @@ def mixture_iwae(module: VAE, x, batch, log_library, components, *, generator: t
                               device=x.device)
             for i in members:
                 mean, log_var = components[i][:2]
-                rec, z = log_px_given(module, x, batch, log_library, mean, log_var, eps, cov, nz)
+                rec, z = log_px_given(score, mean, log_var, eps)
                 log_q = torch.logsumexp(torch.stack([log_normal(z, c[0], c[1]) + la
                                                      for c, la in zip(components, log_alloc, strict=True)]), 0)
                 log_w = (rec + module.log_prior(z, batch) - log_q).double()

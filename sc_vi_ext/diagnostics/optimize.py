@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ..module import VAE
-from ..module.distributions import nonzeros
+from ..module.scoring import LogPxGivenZ
 from .bounds import log_px_given, sample_chunk
 
 METHODS = ("lbfgs", "adam")
@@ -34,6 +34,7 @@ MAX_STEPS = {"lbfgs": 60, "adam": 500}  # objective evaluations per cell
 PATIENCE = {"lbfgs": 1, "adam": 3}  # quiet steps ("lbfgs") or windows ("adam") before a cell stops
 ADAM_DRAWS = 8  # draws per Adam step; "lbfgs" uses 2 x latent_dim whitened draws, at least LBFGS_MIN_DRAWS
 LBFGS_MIN_DRAWS = 16
+PRECONDITION = True
 
 
 @dataclass
@@ -44,7 +45,7 @@ class QStar:
     saa_gain: torch.Tensor | None = None  # "lbfgs": ELBO gained on the cell's own fixed draws, nats
 
 
-def _neg_elbo(module: VAE, x, batch, log_library, cov, p: torch.Tensor, eps: torch.Tensor):
+def _neg_elbo(score: LogPxGivenZ, batch, p: torch.Tensor, eps: torch.Tensor):
     """Minus the ELBO of q = N(p[:, :d], exp(p[:, d:])) by the draws ``eps``, and its gradient in p.
 
     The draws go through the decoder in cache-sized chunks (``sample_chunk``), each chunk's
@@ -53,13 +54,12 @@ def _neg_elbo(module: VAE, x, batch, log_library, cov, p: torch.Tensor, eps: tor
     k_all, _, d = eps.shape
     p = p.detach().requires_grad_(True)
     mu, lv = p[:, :d], p[:, d:]
-    kl = module.kl(mu, lv, batch)
+    kl = score.module.kl(mu, lv, batch)
     (g,) = torch.autograd.grad(kl.sum(), p)
     f = kl.detach()
-    nz = nonzeros(x)
-    chunk = sample_chunk(k_all, x.shape[0], x.shape[1])
+    chunk = sample_chunk(k_all, *score.x.shape)
     for lo in range(0, k_all, chunk):
-        rec, _ = log_px_given(module, x, batch, log_library, mu, lv, eps[lo:lo + chunk], cov, nz)
+        rec, _ = log_px_given(score, mu, lv, eps[lo:lo + chunk])
         rec = rec.sum(0) / k_all
         (g_rec,) = torch.autograd.grad(rec.sum(), p)
         f -= rec.detach()
@@ -89,7 +89,7 @@ def saa_noise(n_samples: int, n_cells: int, d: int, *, generator: torch.Generato
 
 
 def _two_loop(g, S, Y, rho, gamma, newest):
-    """L-BFGS direction -H g per cell from ring buffers S, Y, rho (history, cells, ...)."""
+    """L-BFGS direction -H g per cell from ring buffers S, Y, rho (history, cells, ...); H0 = diag(gamma)."""
     m = S.shape[0]
     cells = torch.arange(g.shape[0], device=g.device)
     q, alphas = g.clone(), []
@@ -99,7 +99,7 @@ def _two_loop(g, S, Y, rho, gamma, newest):
         a = r * (s * q).sum(1)
         q -= a[:, None] * y
         alphas.append((j, a))
-    r_ = gamma[:, None] * q
+    r_ = gamma * q
     for j, a in reversed(alphas):
         s, y, r = S[j, cells], Y[j, cells], rho[j, cells]
         b = r * (y * r_).sum(1)
@@ -107,16 +107,24 @@ def _two_loop(g, S, Y, rho, gamma, newest):
     return -r_
 
 
-def _lbfgs(fg, p, *, max_steps: int, tol: float, patience: int, history: int = 6):
-    """Minimise ``fg(cells, p) -> (f, grad)`` per cell (rows of ``p``), batched over cells."""
+def _lbfgs(fg, p, *, max_steps: int, tol: float, patience: int, history: int = 6, scale=None):
+    """Minimise ``fg(cells, p) -> (f, grad)`` per cell (rows of ``p``), batched over cells.
+
+    ``scale`` (cells, D): a diagonal estimate of the inverse Hessian, the initial H of every
+    L-BFGS update (rescaled by each accepted pair's curvature) and the first step's metric.
+    """
     n, D = p.shape
     dev = p.device
     f, g = fg(torch.arange(n, device=dev), p)
     f0 = f.clone()
     S = torch.zeros(history, n, D, device=dev)
     Y, rho = torch.zeros_like(S), torch.zeros(history, n, device=dev)
-    gamma = 0.1 / g.norm(dim=1).clamp_min(1e-8)  # first step: length 0.1 along the gradient
-    direction = -gamma[:, None] * g
+    if scale is None:
+        scale = torch.ones_like(p)
+        gamma = 0.1 / g.norm(dim=1).clamp_min(1e-8)  # first step: length 0.1 along the gradient
+    else:
+        gamma = torch.ones(n, device=dev)  # first step: the diagonal Newton step
+    direction = -gamma[:, None] * scale * g
     step = torch.ones(n, device=dev)
     n_pairs = torch.zeros(n, dtype=torch.long, device=dev)
     quiet = torch.zeros(n, dtype=torch.long, device=dev)
@@ -137,11 +145,12 @@ def _lbfgs(fg, p, *, max_steps: int, tol: float, patience: int, history: int = 6
             good = sy > 1e-10  # curvature condition; other pairs would break the update
             cg, pos = acc[good], n_pairs[acc[good]] % history
             S[pos, cg], Y[pos, cg], rho[pos, cg] = s[good], y[good], 1 / sy[good]
-            gamma[cg] = sy[good] / (y[good] * y[good]).sum(1)
+            gamma[cg] = sy[good] / (y[good] * scale[cg] * y[good]).sum(1)
             n_pairs[cg] += 1
-            d_new = _two_loop(g[acc], S[:, acc], Y[:, acc], rho[:, acc], gamma[acc], (n_pairs[acc] - 1) % history)
+            h0 = gamma[acc, None] * scale[acc]
+            d_new = _two_loop(g[acc], S[:, acc], Y[:, acc], rho[:, acc], h0, (n_pairs[acc] - 1) % history)
             bad_dir = (d_new * g[acc]).sum(1) >= 0
-            d_new[bad_dir] = -gamma[acc][bad_dir, None] * g[acc][bad_dir]
+            d_new[bad_dir] = -h0[bad_dir] * g[acc][bad_dir]
             direction[acc], step[acc] = d_new, 1.0
             quiet[acc] = torch.where(gain < tol, quiet[acc] + 1, 0)
         rej = active[~ok]
@@ -234,18 +243,22 @@ def optimize_q(
         n, d = mean.shape
         n_samples_step = n_samples_step or (max(LBFGS_MIN_DRAWS, 2 * d) if lbfgs else ADAM_DRAWS)
 
+        score = LogPxGivenZ(module, x, batch, log_library, cov)
+
         def sub(cells):
-            return (x[cells], None if batch is None else batch[cells], log_library[cells],
-                    None if cov is None else cov[cells])
+            return score.subset(cells), None if batch is None else batch[cells]
 
         if lbfgs:
             eps = saa_noise(n_samples_step, n, d, generator=generator, device=x.device)
-            params, steps, gain = _lbfgs(lambda c, p: _neg_elbo(module, *sub(c), p, eps[:, c]), params,
-                                   max_steps=max_steps, tol=tol, patience=patience)
+            # inverse curvature: the start's variance for a mean (the posterior's, if the start is
+            # good), 2 for a log-variance (the ELBO's curvature in it is 1/2 at any optimum)
+            scale = torch.cat([torch.exp(log_var), torch.full_like(log_var, 2.0)], 1) if PRECONDITION else None
+            params, steps, gain = _lbfgs(lambda c, p: _neg_elbo(*sub(c), p, eps[:, c]), params,
+                                         max_steps=max_steps, tol=tol, patience=patience, scale=scale)
         else:
             def fg_stoch(c, p):
                 e = torch.randn((n_samples_step, len(c), d), generator=generator, device=x.device)
-                return _neg_elbo(module, *sub(c), p, e)
+                return _neg_elbo(*sub(c), p, e)
 
             gain = None
             params, steps = _adam(fg_stoch, params, lr=lr, max_steps=max_steps, window=window,

@@ -71,8 +71,13 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor, cat: torch.Tensor | None):
         """Log gene proportions, zero-inflation logits (or None), per-cell log dispersion (or None)."""
+        logits, zi, log_theta = self.heads(z, cat)
+        return F.log_softmax(logits, dim=-1), zi, log_theta
+
+    def heads(self, z: torch.Tensor, cat: torch.Tensor | None):
+        """Gene logits (before the softmax), zero-inflation logits (or None), per-cell log dispersion (or None)."""
         h = self.net(z, cat)
-        log_scale = F.log_softmax(self.scale(h).float(), dim=-1)  # float32 also under bfloat16 autocast
+        # float32 also under bfloat16 autocast
         zi = self.zi_logits(h).float() if self.zi_logits is not None else None
         log_theta = self.log_theta(h).float() if self.log_theta is not None else None
-        return log_scale, zi, log_theta
+        return self.scale(h).float(), zi, log_theta

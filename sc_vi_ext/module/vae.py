@@ -118,7 +118,7 @@ class VAE(nn.Module):
         """The constructor's arguments by name; ``VAE(**module.hparams)`` builds the same architecture."""
         return {name: getattr(self, name) for name in HPARAMS}
 
-    def _covariates(self, batch: torch.Tensor | None, cov: torch.Tensor | None) -> torch.Tensor | None:
+    def covariates(self, batch: torch.Tensor | None, cov: torch.Tensor | None) -> torch.Tensor | None:
         """Network input for the covariates: batch one-hot, then the extra design ``cov``."""
         parts = []
         if self.n_batch and batch is not None:
@@ -131,7 +131,7 @@ class VAE(nn.Module):
 
     def inference(self, x: torch.Tensor, batch: torch.Tensor | None = None, cov: torch.Tensor | None = None):
         """Mean and log-variance of q(latent | x), each (cells, latent_dim)."""
-        cat = self._covariates(batch, cov) if self.encode_covariates else None
+        cat = self.covariates(batch, cov) if self.encode_covariates else None
         mean, log_var = self.encoder(x, cat)
         if self.library_encoder is not None:
             l_mean, l_log_var = self.library_encoder(x, cat)
@@ -173,7 +173,7 @@ class VAE(nn.Module):
         """
         if self.library == "latent":
             log_library = z[..., -1]
-        log_scale, zi, cell_log_theta = self.decoder(self.representation(z), self._covariates(batch, cov))
+        log_scale, zi, cell_log_theta = self.decoder(self.representation(z), self.covariates(batch, cov))
         log_mu = log_scale + log_library[..., None]
         out = {"mu": torch.exp(log_mu), "log_mu": log_mu, "zi_logits": zi, "theta": None}
         if cell_log_theta is not None:
@@ -187,7 +187,7 @@ class VAE(nn.Module):
 
     def scale(self, z: torch.Tensor, batch: torch.Tensor | None, cov: torch.Tensor | None = None) -> torch.Tensor:
         """Gene proportions (the decoder's softmax) for latent samples ``z``: normalised expression."""
-        return torch.exp(self.decoder(self.representation(z), self._covariates(batch, cov))[0])
+        return torch.exp(self.decoder(self.representation(z), self.covariates(batch, cov))[0])
 
     def log_px_z(self, x: torch.Tensor, params: dict, nz=None) -> torch.Tensor:
         """Log p(x | z) summed over genes, (..., cells); ``nz``: x's non-zeros if known."""
