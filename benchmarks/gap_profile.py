@@ -8,8 +8,9 @@ Without ``--model`` it trains ``tl.vae`` with its defaults on ``datasets.simulat
 n_genes, n_batches=2)`` (``--pbmc``: the bundled PBMC subset, layer "counts") and saves the
 result with ``--save``; with ``--model`` it loads a saved one, so that several commits (a
 ``git worktree`` of an older commit put first on PYTHONPATH) time the same weights. Then
-``tl.amortization_gap`` runs with its defaults on every cell, ``--repeats`` times per thread
-count, timing in wall seconds the two calls that do the work inside ``diagnostics.gaps``:
+``tl.amortization_gap`` runs with its defaults (``--kw``: other settings) on every cell,
+``--repeats`` times per thread count, timing in wall seconds the two calls that do the work
+inside ``diagnostics.gaps``:
 the q* optimiser and the importance-sampling pass (``iwae`` before round 4, ``mixture_iwae``
 after). It prints the machine's load before and after: run it alone on the machine.
 """
@@ -17,6 +18,7 @@ after). It prints the machine's load before and after: run it alone on the machi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 import warnings
@@ -49,6 +51,7 @@ def main():
     p.add_argument("--threads", type=int, nargs="+", default=[2])
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--label", default="this checkout")
+    p.add_argument("--kw", default="{}", help="tl.amortization_gap settings as JSON (default: its defaults)")
     args = p.parse_args()
     import anndata as ad
 
@@ -81,7 +84,7 @@ def main():
                 totals[k] = 0.0
             a = adata.copy()
             t0 = time.perf_counter()
-            sv.tl.amortization_gap(a, n_cells=None, progress=False)
+            sv.tl.amortization_gap(a, n_cells=None, progress=False, **json.loads(args.kw))
             wall = time.perf_counter() - t0
             res = a.uns["vae"]["amortization_gap"]
             cols = [f"{res[s][g + '_mean']:.3f} ± {res[s][g + '_se']:.3f}" for s in ("train", "validation")
