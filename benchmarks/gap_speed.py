@@ -7,7 +7,8 @@ Both run on the same trained model and the same cells (every cell), one after th
   L[q*] with 256 common random numbers and log p(x) by IWAE with K = 1,000 (mixture of q and
   q*), as ``tl.amortization_gap`` did before issue 12;
 - new: ``tl.amortization_gap`` with its defaults (q* by L-BFGS on a sample-average
-  approximation, then one pass of K = 500 paired draws for log p(x), L[q] and L[q*]).
+  approximation, then one pass of importance sampling for log p(x), L[q] and L[q*]; K = 500
+  paired draws until round 3, 128 draws from q, q* and a widened q* since round 4).
 
 It prints CPU time (``time.process_time``; with OMP_NUM_THREADS=1 this is close to the work
 done, whatever else the machine runs) and wall time, the machine's load before and after,
@@ -90,7 +91,7 @@ def compare(name: str, adata) -> None:
     print(f"uptime after:  {uptime()}")
     print(f"old (Adam q*, K=1000 + 2x256): CPU {c_old:7.1f} s, wall {w_old:7.1f} s, "
           f"{old['opt_steps'].mean():.0f} steps per cell (max {old['opt_steps'].max():.0f})")
-    print(f"new (L-BFGS/SAA q*, K=500):    CPU {c_new:7.1f} s, wall {w_new:7.1f} s")
+    print(f"new (tl.amortization_gap):     CPU {c_new:7.1f} s, wall {w_new:7.1f} s")
     print(f"speed-up: {c_old / c_new:.1f}x CPU time, {w_old / w_new:.1f}x wall time")
     for split, m in (("training", ~val), ("held-out", val)):
         if m.sum() < 2:

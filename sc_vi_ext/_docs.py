@@ -53,7 +53,7 @@ def doc_params(**extra: str):
 OPTIMISER_DOC = f"""\
 method
     Per-cell optimiser of q*: ``"lbfgs"`` (sample-average approximation: each cell's
-    noise fixed, L-BFGS with a line search; converges in 10-20 evaluations) or ``"adam"``
+    noise fixed, L-BFGS with a line search; converges in 5-10 evaluations) or ``"adam"``
     (the earlier stochastic optimiser, about 4x slower; kept for comparison).
 max_steps
     Cap on objective evaluations (decoder passes with gradient) per cell; None:

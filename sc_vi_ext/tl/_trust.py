@@ -56,7 +56,7 @@ def trust_score(
     {key}
     max_steps
         Decoder passes (with gradient) per cell; the gap estimate is a lower bound that
-        tightens with more (the full optimisation usually stops after 10-20).
+        tightens with more (the full optimisation usually stops after 5-10).
     n_neighbors
         Training cells, nearest in log library size, that each cell is compared with.
     n_mads
