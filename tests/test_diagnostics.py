@@ -208,3 +208,21 @@ def test_missing_diagnostics_errors(trained):
         sv.pl.gap_history(trained, show=False)
     with pytest.raises(KeyError, match="tl.vae"):
         sv.tl.log_likelihood(trained, key="nope")
+
+
+def test_lbfgs_preconditioned_first_step_is_newton():
+    """With the exact diagonal inverse Hessian as ``scale``, a diagonal quadratic is solved by the first step."""
+    from sc_vi_ext.diagnostics.optimize import _lbfgs
+
+    gen = torch.Generator().manual_seed(0)
+    c = torch.randn(5, 4, generator=gen)
+    h = torch.rand(5, 4, generator=gen) * 10 + 0.1  # per-cell, per-coordinate curvature
+
+    def fg(cells, p):
+        d = p - c[cells]
+        return 0.5 * (h[cells] * d**2).sum(1), h[cells] * d
+
+    p, evals, gain = _lbfgs(fg, torch.zeros(5, 4), 1 / h, max_steps=20, tol=1e-6, patience=1)
+    torch.testing.assert_close(p, c)
+    torch.testing.assert_close(gain, 0.5 * (h * c**2).sum(1))
+    assert (evals <= 3).all()  # start, the Newton step, one step that gains nothing
