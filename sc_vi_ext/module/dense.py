@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 class _NBDense(torch.autograd.Function):
@@ -61,6 +62,7 @@ class _NBDense(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         x, g_mu, g_theta, g_logit = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -115,10 +117,10 @@ class _NBFromLogits(torch.autograd.Function):
             v = zi_logits + st
             out = out + (F.softplus(v) * zero).sum(-1) - F.softplus(zi_logits).sum(-1)
         need = ctx.needs_input_grad
-        if not (need[1] or need[2] or need[4]):
-            return out
         if need[3]:
             raise NotImplementedError("nb_from_logits has no gradient in theta; use nb_dense")
+        if not (need[1] or need[2] or need[4]):
+            return out
         a = None if v is None else torch.sigmoid(v).mul_(zero)  # share of a zero the dropout explains
         r = u.div_(u + 1)  # mu / (theta + mu)
         w = r.mul_(x + theta)
@@ -133,6 +135,7 @@ class _NBFromLogits(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         g_logits, g_lib, g_zi = ctx.saved_tensors
         need = ctx.needs_input_grad
