@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import fast_counts
 from .distributions import Likelihood, count_distribution, kl_normal, log_normal, reparameterize
 from .nn import Decoder, Encoder
 
@@ -206,8 +207,27 @@ class VAE(nn.Module):
         mean, log_var = self.inference(x, batch, cov)
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = reparameterize(mean, log_var, eps)
-        rec = self.log_px_z(x, self.generative(z, batch, log_library, cov), nz)
+        rec = self.fused_log_px_z(x, z, batch, log_library, cov, nz)
+        if rec is None:
+            rec = self.log_px_z(x, self.generative(z, batch, log_library, cov), nz)
         return LossOutput(reconstruction=rec, kl=self.kl(mean, log_var, batch))
+
+    def fused_log_px_z(self, x, z, batch, log_library, cov=None, nz=None) -> torch.Tensor | None:
+        """Log p(x | z) by the fused kernel (:mod:`~sc_vi_ext.module.fast_counts`); None where it does not apply.
+
+        The same value and gradient as ``log_px_z(x, generative(z, ...))``, for one latent sample on CPU.
+        """
+        if z.dim() != 2 or not fast_counts.applies(x, z, self.likelihood, self.dispersion):
+            return None
+        logits, zi, _ = self.decoder.heads(self.representation(z), self.covariates(batch, cov))
+        if self.library == "latent":
+            log_library = z[:, -1]
+        theta = index = None
+        if self.likelihood != "poisson":
+            theta = torch.exp(self.log_theta)
+            index = batch if theta.shape[0] > 1 else None
+        return fast_counts.log_px_from_logits(self.likelihood, x, logits, zi if self.likelihood == "zinb" else None,
+                                              log_library, theta, index, nz)
 
 
 HPARAMS = tuple(inspect.signature(VAE).parameters)  # n_genes, n_batch, n_cov, then the settings
