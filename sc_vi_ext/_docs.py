@@ -17,10 +17,10 @@ _shared = {
     "device": 'device\n    Torch device; ``"auto"`` picks CUDA when available, else CPU.',
     "n_threads": (
         "n_threads\n    CPU threads for torch during this call. None: torch's default, reduced to the cores "
-        "that are idle now (sampled for 0.2 s), since busy cores make torch's spin-waiting threads very slow. "
-        "A seed reproduces a result "
-        "bit for bit only with the same thread count: pass it for runs that must match (the count used is "
-        "stored in ``params['n_threads_used']``)."
+        "that are idle now and re-chosen about once a second from what other processes use while the call "
+        "runs, since busy cores make torch's spin-waiting threads very slow. A seed reproduces a result "
+        "bit for bit only with the same thread count: pass it for runs that must match (the count the call "
+        "started with is stored in ``params['n_threads_used']``)."
     ),
     "progress": "progress\n    Show a progress bar.",
     "batch_size": "batch_size\n    Cells per minibatch.",

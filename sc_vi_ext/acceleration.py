@@ -26,16 +26,19 @@ from .module import VAE, fused
 COMPILE_MIN_STEPS = 4000
 
 
-def use_compiled(setting: bool | str, n_steps: int) -> bool:  # noqa: FBT001 - True/False/"auto", passed positionally
+def use_compiled(setting: bool | str, n_steps: int, *, kernel: bool = False) -> bool:  # noqa: FBT001 - True/False/"auto"
     """Whether to train with the compiled likelihood.
 
-    ``setting`` True/False, or "auto" (at least ``COMPILE_MIN_STEPS`` optimiser steps in the budget
-    and a compiler here).
+    ``setting`` True/False, or "auto": only where the fused kernel does not apply (``kernel``
+    False: a per-cell dispersion, a GPU), with at least ``COMPILE_MIN_STEPS`` optimiser steps in
+    the budget and a compiler here. Where the kernel applies it is faster than the compiled
+    dense terms and needs no compile time (``benchmarks/RESULTS.md``); True still compiles
+    them (and the kernel stands aside for that training).
     """
     if setting not in (True, False, "auto"):
         raise ValueError(f"compile must be True, False or 'auto', not {setting!r}.")
     if setting == "auto":
-        setting = n_steps >= COMPILE_MIN_STEPS
+        setting = not kernel and n_steps >= COMPILE_MIN_STEPS
     if setting and not fused.can_compile():
         # stacklevel: use_compiled <- train <- _fit <- tl.vae <- the user's call
         warnings.warn("torch.compile is not available here (no C++ compiler?); training in eager mode.",

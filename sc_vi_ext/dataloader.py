@@ -18,6 +18,8 @@ import scipy.sparse as sp
 import torch
 from anndata.abc import CSRDataset
 
+from .threads import rebalance
+
 BACKED_CHUNK_ROWS = 8192  # rows read from disk at once for a backed AnnData
 ON_DISK = (CSRDataset, h5py.Dataset)  # a backed AnnData's X: sparse (CSR) or dense on disk
 
@@ -147,6 +149,7 @@ class Minibatches:
         bounds = self._bounds(len(order))
         rank, world = self.shard
         for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+            rebalance()  # inside a tool's threads block: follow the machine's load
             idx, r = order[lo:hi][rank::world], rows[lo:hi][rank::world]
             nz = None
             if self.gene_index is not None:

@@ -15,7 +15,7 @@ from ._progress import tqdm
 from .acceleration import keep_freed_memory, matmul_precision, use_compiled, warm_up_compiled
 from .dataloader import Minibatches
 from .distributed import broadcast_buffers, global_sum, interruptible, rank_and_world, wrap
-from .module import VAE, fused
+from .module import VAE, fast_counts, fused
 
 HISTORY_KEYS = (
     "epoch", "elbo_train", "elbo_validation", "reconstruction_train", "reconstruction_validation",
@@ -134,8 +134,9 @@ def train(
     may return extra metrics for the history (a dict of floats). Only parameters that
     require gradients are optimised; ``freeze_batchnorm`` keeps BatchNorm layers on their
     stored running statistics (query mapping). ``compile_likelihood`` fuses the
-    likelihood's dense terms with ``torch.compile`` (True, False, or "auto": when the run
-    has enough steps to repay the compile time, see :func:`sc_vi_ext.acceleration.use_compiled`). ``precision``
+    likelihood's dense terms with ``torch.compile`` (True, False, or "auto": where the fused
+    kernel does not apply and the run has enough steps to repay the compile time, see
+    :func:`sc_vi_ext.acceleration.use_compiled`). ``precision``
     ``"bfloat16"`` runs the training steps' matrix products in bfloat16 (autocast); the
     likelihood, the optimiser, the weights and the validation stay float32.
     """
@@ -144,7 +145,8 @@ def train(
     res = TrainResult()
     steps_per_epoch = len(train_loader)
     warmup_steps = n_epochs_kl_warmup * steps_per_epoch
-    compiled = use_compiled(compile_likelihood, max_epochs * steps_per_epoch)
+    compiled = use_compiled(compile_likelihood, max_epochs * steps_per_epoch,
+                            kernel=fast_counts.applies_to(module, train_loader.device))
     best, step = _BestEpoch(n_epochs_kl_warmup), 0
     raw_loader = train_loader
     autocast = matmul_precision(precision, train_loader.device)

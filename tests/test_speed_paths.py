@@ -30,6 +30,8 @@ def test_compile_auto_rule(monkeypatch):
     monkeypatch.setattr(fused, "can_compile", lambda: True)
     assert use_compiled("auto", COMPILE_MIN_STEPS) and use_compiled(True, 1)
     assert not use_compiled("auto", COMPILE_MIN_STEPS - 1)
+    # where the fused kernel applies, "auto" never compiles; True still does
+    assert not use_compiled("auto", 10**9, kernel=True) and use_compiled(True, 1, kernel=True)
     assert not use_compiled(False, 10**9)
     with pytest.raises(ValueError, match="compile must be"):
         use_compiled("yes", 10)
@@ -139,3 +141,40 @@ def test_warnings_point_at_the_callers_line(sim_session, monkeypatch):
     with pytest.warns(UserWarning, match="not unique") as rec:
         sv.tl.vae(dup, max_epochs=1, n_hidden=16, progress=False)
     assert [w.filename for w in rec if "not unique" in str(w.message)] == [__file__]
+
+
+def test_thread_count_follows_other_processes_load(monkeypatch):
+    """Inside a default-threads block the count drops when another process takes a core and comes back after."""
+    from sc_vi_ext import threads as th
+
+    monkeypatch.setattr(th, "available_cpus", lambda: 2)
+    monkeypatch.setattr(th, "busy_cpus", lambda seconds=0.1: 0.0)
+    monkeypatch.setattr(th, "REBALANCE_SECONDS", 0.0)
+    clock = {"idle": 0, "total": 0, "own": 0}
+    monkeypatch.setattr(th, "_cpu_times", lambda: (clock["idle"], clock["total"]))
+    monkeypatch.setattr(th, "_own_jiffies", lambda: clock["own"])
+
+    def interval(own, others):  # 100 jiffies of 2 CPUs: this process and the others busy for so many
+        clock["total"] += 200
+        clock["idle"] += 200 - own - others
+        clock["own"] += own
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with th.threads(None) as n:
+            assert n == 2
+            interval(own=100, others=95)  # another process holds a core
+            th.rebalance()
+            assert torch.get_num_threads() == 1
+            interval(own=100, others=2)  # it has ended
+            th.rebalance()
+            assert torch.get_num_threads() == 2
+            with th.threads(1):  # an explicit count wins, ungoverned
+                interval(own=100, others=0)
+                th.rebalance()
+                assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    th.rebalance()  # outside a block: nothing to do

@@ -107,6 +107,12 @@ class _FusedCounts(torch.autograd.Function):
                 glib * grad_out if need[5] else None, g_theta, None)
 
 
+def applies_to(module, device) -> bool:
+    """Whether the training steps of ``module`` on ``device`` go through the kernel (see :func:`applies`)."""
+    return (available() and torch.device(device).type == "cpu"
+            and (module.likelihood == "poisson" or module.dispersion != "gene-cell"))
+
+
 def applies(x: torch.Tensor, z: torch.Tensor, likelihood: str, dispersion: str) -> bool:
     """Whether :func:`log_px_from_logits` computes log p(x | z) for latent samples ``z`` (else the plain path must)."""
     return (available() and x.device.type == "cpu" and z.dim() == 2 and z.dtype == torch.float32

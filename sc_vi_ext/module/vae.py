@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import fast_counts
+from . import fast_counts, fused
 from .distributions import Likelihood, count_distribution, kl_normal, log_normal, reparameterize
 from .nn import Decoder, Encoder
 
@@ -215,9 +215,10 @@ class VAE(nn.Module):
     def fused_log_px_z(self, x, z, batch, log_library, cov=None, nz=None) -> torch.Tensor | None:
         """Log p(x | z) by the fused kernel (:mod:`~sc_vi_ext.module.fast_counts`); None where it does not apply.
 
-        The same value and gradient as ``log_px_z(x, generative(z, ...))``, for one latent sample on CPU.
+        The same value and gradient as ``log_px_z(x, generative(z, ...))``, for one latent sample on
+        CPU; it stands aside where the compiled likelihood is switched on (``tl.vae(compile=True)``).
         """
-        if z.dim() != 2 or not fast_counts.applies(x, z, self.likelihood, self.dispersion):
+        if z.dim() != 2 or fused.compiled_enabled() or not fast_counts.applies(x, z, self.likelihood, self.dispersion):
             return None
         logits, zi, _ = self.decoder.heads(self.representation(z), self.covariates(batch, cov))
         if self.library == "latent":

@@ -14,6 +14,7 @@ from .._docs import doc_params
 from .._progress import tqdm
 from ..model_store import gene_alignment, stored_loader
 from ..module import VAE
+from ..threads import cpu_threads
 from ._expression import all_batches, decode_scale, sample_latent
 from ._utils import stored_model
 
@@ -154,6 +155,7 @@ def _ranked_records(stats: dict[str, dict], model_genes) -> dict[str, np.recarra
 
 
 @doc_params()
+@cpu_threads
 def differential_expression(
     adata: AnnData,
     *,

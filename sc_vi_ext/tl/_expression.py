@@ -15,6 +15,7 @@ from .._progress import tqdm
 from ..model_store import gene_alignment, stored_loader
 from ..module import VAE
 from ..module.distributions import reparameterize
+from ..threads import cpu_threads
 from ._utils import stored_model
 
 _WARN_BYTES = 2 * 1024**3  # warn before materialising a result larger than this
@@ -98,6 +99,7 @@ def layer_columns(adata: AnnData, key: str, model_genes: np.ndarray, gene_index)
 
 
 @doc_params()
+@cpu_threads
 def normalized_expression(
     adata: AnnData,
     *,

@@ -13,6 +13,7 @@ from ..diagnostics import COLUMNS, decompose, summarize
 from ..diagnostics.bounds import WIDE_SCALE
 from ..diagnostics.gaps import N_SAMPLES, N_SAMPLES_ELBO
 from ..model_store import stored_loader
+from ..threads import cpu_threads
 from ._cells import cell_subset, split_masks, write_obs_columns
 from ._utils import stored_model
 
@@ -30,6 +31,7 @@ def gap_summary(res: dict) -> str:
 
 
 @doc_params(opt=OPTIMISER_DOC, wide_scale=f"{WIDE_SCALE:g}")
+@cpu_threads
 def amortization_gap(
     adata: AnnData,
     *,

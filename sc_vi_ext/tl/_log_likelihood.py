@@ -11,11 +11,13 @@ from .._docs import doc_params
 from .._progress import tqdm
 from ..diagnostics import iwae
 from ..model_store import stored_loader
+from ..threads import cpu_threads
 from ._cells import cell_subset, write_obs_columns
 from ._utils import stored_model
 
 
 @doc_params()
+@cpu_threads
 def log_likelihood(
     adata: AnnData,
     *,

@@ -13,6 +13,7 @@ from ..inputs import batch_codes_as, get_counts, inspect_counts, log_library
 from ..model_store import get_model, state_to_numpy
 from ..module import VAE
 from ..module.nn import FCLayers
+from ..threads import cpu_threads
 from ..train import EVAL_BATCH_SIZE, train
 from ._derived import remove_derived
 from ._utils import latent_means, resolve_device, set_library_prior, split_indices
@@ -65,6 +66,7 @@ def _grow_batches(ref: VAE, n_new: int) -> tuple[VAE, list]:
 
 
 @doc_params()
+@cpu_threads
 def vae_map(
     adata: AnnData,
     *,

@@ -14,6 +14,7 @@ from .._progress import tqdm
 from ..model_store import gene_alignment, stored_loader
 from ..module import VAE
 from ..module.distributions import count_distribution
+from ..threads import cpu_threads
 from ._expression import sample_latent
 from ._utils import stored_model
 
@@ -67,6 +68,7 @@ def summarize_ppc(obs: dict, pred: dict, pred_sd: dict) -> dict:
 
 
 @doc_params()
+@cpu_threads
 def posterior_predictive(
     adata: AnnData,
     *,

@@ -11,10 +11,12 @@ from .._docs import OPTIMISER_DOC, doc_params
 from .._progress import tqdm
 from ..diagnostics import elbo_paired, optimize_q
 from ..model_store import stored_loader
+from ..threads import cpu_threads
 from ._utils import stored_model
 
 
 @doc_params(opt=OPTIMISER_DOC)
+@cpu_threads
 def refine(
     adata: AnnData,
     *,

@@ -12,12 +12,14 @@ from .._progress import tqdm
 from ..diagnostics import optimize_q
 from ..diagnostics.trust import compare_to_reference
 from ..model_store import held_out_mask, stored_loader
+from ..threads import cpu_threads
 from ._utils import stored_model
 
 # the obs columns "<key>_<name>" this tool writes
 OBS_COLUMNS = ("gap_estimate", "trust", "untrusted")
 
 @doc_params()
+@cpu_threads
 def trust_score(
     adata: AnnData,
     *,

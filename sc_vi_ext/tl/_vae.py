@@ -139,10 +139,11 @@ def vae(
     {device}
     {n_threads}
     compile
-        Fuse the likelihood's element-wise terms with ``torch.compile`` (forward and
-        backward in one pass; measured on one thread: the likelihood 1.7x and a training step
-        1.2-1.25x faster, see ``benchmarks/RESULTS.md``). ``"auto"``
-        compiles when the run has at least {compile_min_steps} optimiser steps (compiling takes 5-20 s)
+        Fuse the likelihood's element-wise terms with ``torch.compile`` instead of the fused
+        kernel (:mod:`sc_vi_ext.module.fast_counts`, numba: softmax, library, likelihood and
+        gradient in one pass, no compiler needed), which is faster on CPU where it applies.
+        ``"auto"`` compiles only where the kernel does not apply (a per-cell dispersion, a
+        GPU), the run has at least {compile_min_steps} optimiser steps (compiling takes 5-20 s)
         and a C++ compiler is available; results equal the eager ones to float32 rounding.
     precision
         ``"bfloat16"``: the training steps' matrix products in bfloat16 (torch autocast; their
