@@ -259,7 +259,7 @@ def worker(args) -> dict:
     adata = ad.read_h5ad(args._data)
     batch_key = args._batch_key or None
     res = {"task": args._worker, "torch_threads": torch.get_num_threads(), "rss_after_load_mib": rss_mib(),
-           "load_start": os.getloadavg()[0]}
+           "load_start": os.getloadavg()[0], "python": platform.python_version()}
     train_idx, val_idx = shared_split(adata.n_obs, 0.9, 0)
     split = {"datasplitter_kwargs": {"external_indexing": [train_idx, val_idx]}}
     tool, mode = args._worker.split("-")
@@ -372,7 +372,8 @@ def worker(args) -> dict:
 
 def run_worker(task, data, args, tmp, label_key=None, batch_key=None, scvi_cap=None) -> dict | None:
     out = os.path.join(tmp, f"{task}-{Path(data).stem}.json")
-    cmd = [sys.executable, str(HERE), "--_worker", task, "--_data", data, "--_out", out,
+    python = args.scvi_python if task.startswith("scvi") and args.scvi_python else sys.executable
+    cmd = [python, str(HERE), "--_worker", task, "--_data", data, "--_out", out,
            "--epochs", str(args.epochs), "--iwae-cells", str(args.iwae_cells),
            "--threads", str(args.threads), "--ours-compile", args.ours_compile, "--alt-kw", args.alt_kw,
            "--scvi-max-epochs", str(args.scvi_max_epochs if scvi_cap is None else scvi_cap)]
@@ -462,6 +463,10 @@ def main(argv=None):
     p.add_argument("--pbmc", action="store_true", help="(d) end-to-end on sv.datasets.pbmc68k()")
     p.add_argument("--no-throughput", action="store_true", help="skip (a) and (c)")
     p.add_argument("--no-scvi", action="store_true", help="only our column")
+    p.add_argument("--scvi-python", metavar="PYTHON",
+                   help="interpreter of a venv with scvi-tools (and sc_vi_ext, for the shared metrics), e.g. "
+                        "scvi-tools 1.5.1 on Python 3.12: python3.12 -m venv V && V/bin/pip install "
+                        "scvi-tools==1.5.1 -e .")
     p.add_argument("--scvi-max-epochs", type=int, default=0,
                    help="cap scvi-tools' end-to-end epochs on the simulated data (0: its default, 400 epochs "
                         "up to 20k cells) and extrapolate its wall time; --pbmc always runs its defaults")
@@ -496,7 +501,7 @@ def main(argv=None):
     import sc_vi_ext as sv
 
     tools = ["ours"] + (["alt"] if args.ours_alt or args.alt_kw else [])
-    tools += ["scvi"] if have_scvi() and not args.no_scvi else []
+    tools += ["scvi"] if (args.scvi_python or have_scvi()) and not args.no_scvi else []
     batch_key = "batch" if args.batch else None
     # rows: (metric, {tool: formatted value}, {ratio name: text}); a ratio is other / ours
     rows: list[tuple[str, dict, dict]] = []
@@ -651,9 +656,10 @@ def main(argv=None):
 
     pkgs = f"sc_vi_ext {sv.__version__} (git {rev or '?'}), scanpy {scanpy.__version__}"
     if "scvi" in tools:
-        import importlib.metadata as md
-
-        pkgs += f", scvi-tools {md.version('scvi-tools')}, lightning {md.version('lightning')}"
+        probe = ("import importlib.metadata as md, platform, torch; print(f\"scvi-tools {md.version('scvi-tools')}, "
+                 "lightning {md.version('lightning')}, torch {torch.__version__} on Python {platform.python_version()}\")")
+        pkgs += ", " + subprocess.run([args.scvi_python or sys.executable, "-c", probe], capture_output=True,
+                                      text=True).stdout.strip()
     lines = [
         f"Packages: {pkgs}",
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, torch.get_num_threads()={m['torch_threads']}, "
