@@ -114,9 +114,18 @@ def applies_to(module, device) -> bool:
 
 
 def applies(x: torch.Tensor, z: torch.Tensor, likelihood: str, dispersion: str) -> bool:
-    """Whether :func:`log_px_from_logits` computes log p(x | z) for latent samples ``z`` (else the plain path must)."""
-    return (available() and x.device.type == "cpu" and z.dim() == 2 and z.dtype == torch.float32
+    """Whether :func:`log_px_from_logits` computes log p(x | z) for latent samples ``z`` (else the plain path must).
+
+    ``z`` may be bfloat16 (the decoder's matrix products under ``precision="bfloat16"``): the
+    kernel then takes the decoder's outputs in float32.
+    """
+    return (available() and x.device.type == "cpu" and z.dim() == 2 and z.dtype in (torch.float32, torch.bfloat16)
             and x.dtype == torch.float32 and (likelihood == "poisson" or dispersion != "gene-cell"))
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous float32 tensor (the decoder's outputs are bfloat16 under autocast)."""
+    return t.float().contiguous()
 
 
 def _row_nonzeros(x: torch.Tensor, nz) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -142,8 +151,8 @@ def log_px_from_logits(likelihood: str, x: torch.Tensor, logits: torch.Tensor, z
     if theta_index is None:
         theta_index = torch.zeros(x.shape[0], dtype=torch.int64)
     try:
-        return _FusedCounts.apply(MODES[likelihood], x.contiguous(), _row_nonzeros(x, nz), logits.contiguous(),
-                                  None if zi_logits is None else zi_logits.contiguous(), log_library.contiguous(),
+        return _FusedCounts.apply(MODES[likelihood], x.contiguous(), _row_nonzeros(x, nz), _f32(logits),
+                                  None if zi_logits is None else _f32(zi_logits), _f32(log_library),
                                   theta, theta_index.long())
     except Exception as err:  # noqa: BLE001 - a kernel that cannot compile here must not stop the analysis
         _state["failed"] = True

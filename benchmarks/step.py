@@ -1,0 +1,224 @@
+"""The training step against the machine's floor, one and two threads, and every tool under load.
+
+    python -m benchmarks step
+    python -m benchmarks step --quick
+
+a. The floor: the step's matrix products alone (encoder 2,000 -> 128 forward and weight
+   gradient; both decoder heads 128 -> 2 × 2,000 forward, input and weight gradients: 0.52
+   GFLOP per 128 cells), float32 and bfloat16, at one and two threads.
+b. The step as ``tl.vae`` runs it (the default fast path: fused likelihood kernel, fused Adam;
+   CSR minibatches of 128 cells of a 3-batch simulation), float32 and bfloat16, at one and two
+   threads: wall and CPU ms per step, best epoch of ``--epochs``.
+c. Where the float32 step goes at one thread (``torch.profiler``, self CPU time per op family).
+d. Every tool at its defaults on PBMC, quiet and with one busy process on another core (a
+   spinning Python loop), in one process each: wall seconds and the ratio (target <= 1.6).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ._common import parser, run_worker, save, table, uptime
+
+FAMILIES = [  # first match wins
+    ("matrix products (Linear forward and backward)", ("mm", "addmm", "linear")),
+    ("fused likelihood kernel (forward and backward)", ("_FusedCounts",)),
+    ("Adam", ("adam", "Optimizer", "zero_grad")),
+    ("batch norm", ("batch_norm",)),
+    ("copies, casts, allocation", ("copy_", "to", "from_numpy", "empty", "zeros", "clone")),
+]
+TOOLS = ("vae", "amortization_gap", "trust_score", "refine", "log_likelihood", "normalized_expression",
+         "differential_expression", "posterior_predictive", "vae_map")
+
+
+def gemm_ms(threads: int, dtype, n_genes=2000, hidden=128, batch=128, reps=30) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    x, we = torch.rand(batch, n_genes, generator=g), torch.rand(n_genes, hidden, generator=g)
+    h, wd = torch.rand(batch, hidden, generator=g), torch.rand(hidden, 2 * n_genes, generator=g)
+    gd = torch.rand(batch, 2 * n_genes, generator=g)
+    x, we, h, wd, gd = (t.to(dtype) for t in (x, we, h, wd, gd))
+
+    def once():
+        x @ we, x.T @ h  # encoder: forward, weight gradient
+        h @ wd, gd @ wd.T, h.T @ gd  # decoder heads: forward, input gradient, weight gradient
+
+    for _ in range(3):
+        once()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        once()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def build(n_cells: int, n_genes: int):
+    import torch
+
+    import sc_vi_ext as sv
+    from sc_vi_ext.dataloader import Minibatches
+    from sc_vi_ext.inputs import check_counts, get_counts
+    from sc_vi_ext.module import VAE
+
+    adata = sv.datasets.simulate(n_cells, n_genes, n_batches=3, n_types=8, random_state=0)
+    X = get_counts(adata, None)
+    totals = check_counts(X, "X")
+    codes = adata.obs["batch"].cat.codes.to_numpy()
+    torch.manual_seed(0)
+    module = VAE(n_genes, n_batch=3)
+    loader = Minibatches(X, np.arange(n_cells), batch=codes, log_library=np.log(totals).astype(np.float32),
+                         batch_size=128, with_nz=True, shuffle=True, rng=np.random.default_rng(0))
+    return module, loader
+
+
+def epoch(module, loader, opt, autocast) -> None:
+    module.train()
+    for mb in loader:
+        with autocast:
+            out = module(mb.x, mb.batch, mb.log_library, mb.cov, mb.nz)
+        opt.zero_grad(set_to_none=True)
+        out.loss(1.0).backward()
+        opt.step()
+
+
+def step_ms(module, loader, threads: int, precision: str, epochs: int) -> tuple[float, float]:
+    import torch
+
+    from sc_vi_ext.acceleration import matmul_precision
+
+    torch.set_num_threads(threads)
+    opt = torch.optim.Adam(module.parameters(), lr=1e-3, eps=0.01, fused=True)
+    ac = matmul_precision(precision, "cpu")
+    epoch(module, loader, opt, ac)  # warm-up
+    wall = cpu = float("inf")
+    for _ in range(epochs):
+        c, w = time.process_time(), time.perf_counter()
+        epoch(module, loader, opt, ac)
+        wall = min(wall, (time.perf_counter() - w) / len(loader) * 1e3)
+        cpu = min(cpu, (time.process_time() - c) / len(loader) * 1e3)
+    return wall, cpu
+
+
+def profile_shares(module, loader) -> list[tuple[str, float]]:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(1)
+    opt = torch.optim.Adam(module.parameters(), lr=1e-3, eps=0.01, fused=True)
+    epoch(module, loader, opt, contextlib.nullcontext())
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        epoch(module, loader, opt, contextlib.nullcontext())
+    fam: collections.Counter = collections.Counter()
+    for e in prof.key_averages():
+        fam[next((f for f, keys in FAMILIES if any(k.lower() in e.key.lower() for k in keys)),
+                 "other element-wise, autograd, Python")] += e.self_cpu_time_total
+    total = sum(fam.values())
+    return [(k, 100 * v / total) for k, v in fam.most_common()]
+
+
+# --------------------------------------------------------------------------- d: the tools under load
+def tool_worker(args) -> None:
+    """Time every tool once, in the order of TOOLS, on a PBMC model trained here (quietly or not)."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import sc_vi_ext as sv
+
+    cfg = json.loads(args._cfg)
+    adata = sv.datasets.pbmc68k()
+    groups = adata.obs["bulk_labels"].astype(str)
+    calls = {
+        "vae": lambda: sv.tl.vae(adata, max_epochs=cfg["epochs"], progress=False),
+        "amortization_gap": lambda: sv.tl.amortization_gap(adata, n_cells=cfg["cells"], progress=False),
+        "trust_score": lambda: sv.tl.trust_score(adata, progress=False),
+        "refine": lambda: sv.tl.refine(adata, progress=False),
+        "log_likelihood": lambda: sv.tl.log_likelihood(adata, n_samples=100, progress=False),
+        "normalized_expression": lambda: sv.tl.normalized_expression(adata, n_samples=10, progress=False),
+        "differential_expression": lambda: sv.tl.differential_expression(
+            adata, groupby="bulk_labels", groups=[groups.iloc[0]], progress=False),
+        "posterior_predictive": lambda: sv.tl.posterior_predictive(adata, progress=False),
+        "vae_map": lambda: sv.tl.vae_map(adata[:200].copy(), reference=adata, max_epochs=cfg["epochs"], progress=False),
+    }
+    out = {}
+    for name in TOOLS:
+        t0 = time.perf_counter()
+        calls[name]()
+        out[name] = time.perf_counter() - t0
+    Path(args._out).write_text(json.dumps(out))
+
+
+def under_load(quick: bool, tmp: Path) -> dict:
+    cfg = json.dumps({"epochs": 20 if quick else 100, "cells": 60 if quick else 200})
+    res = {}
+    for state in ("quiet", "loaded", "quiet again"):
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if state == "loaded" else None
+        try:
+            res[state] = run_worker("step", sys.executable, ["--_worker", "tools", "--_cfg", cfg],
+                                    tmp / f"tools-{state}.json")
+        finally:
+            if spinner is not None:
+                spinner.kill()
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__)
+    p.add_argument("--n-cells", type=int, default=6400)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--no-load", action="store_true", help="skip (d), the tools under load")
+    args = p.parse_known_args(argv)[0]
+    if args._worker:
+        return tool_worker(args)
+    import tempfile
+
+    import torch
+
+    from sc_vi_ext.acceleration import bf16_fast_on_cpu
+
+    started = uptime()
+    n_cells, epochs = (640, 1) if args.quick else (args.n_cells, args.epochs)
+    precisions = ["float32"] + (["bfloat16"] if bf16_fast_on_cpu() else [])
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    rows = [[prec, f"{t}", f"{gemm_ms(t, dtypes[prec]):.2f}", f"{0.524 / gemm_ms(t, dtypes[prec]) * 1e3:.0f}"]
+            for prec in precisions for t in (1, 2)]
+    tables = [table("a. The floor: the step's matrix products alone (0.52 GFLOP per 128 cells)",
+                    ["precision", "threads", "ms per step", "GFLOP/s"], rows)]
+    module, loader = build(n_cells, 2000)
+    ms = {(prec, t): step_ms(module, loader, t, prec, epochs) for prec in precisions for t in (1, 2)}
+    rows = [[prec, f"{t}", f"{ms[prec, t][0]:.2f}", f"{ms[prec, t][1]:.2f}", f"{ms[prec, 1][0] / ms[prec, t][0]:.2f}×",
+             f"{ms[prec, t][0] / float(tables[0]['rows'][precisions.index(prec) * 2 + t - 1][2]):.1f}×"]
+            for prec in precisions for t in (1, 2)]
+    tables.append(table(f"b. The training step (ZINB, 3 batches, 128 cells, {n_cells} × 2,000; best of {epochs} epochs)",
+                        ["precision", "threads", "wall ms / step", "CPU ms / step", "speed-up over 1 thread",
+                         "step / its floor"], rows))
+    shares = profile_shares(module, loader)
+    tables.append(table("c. Where the float32 step goes (1 thread, torch.profiler self CPU time)",
+                        ["op family", "share"], [[k, f"{v:.1f} %"] for k, v in shares]))
+    if not args.no_load:
+        with tempfile.TemporaryDirectory() as tmp:
+            res = under_load(args.quick, Path(tmp))
+        rows = []
+        for name in TOOLS:
+            q = [res[s][name] for s in ("quiet", "quiet again") if res.get(s)]
+            lo = res["loaded"][name] if res.get("loaded") else float("nan")
+            rows.append([f"tl.{name}", f"{min(q):.2f}", f"{lo:.2f}", f"{lo / min(q):.2f}×"])
+        tables.append(table("d. Each tool at its defaults on PBMC (700 cells), quiet and with one busy process",
+                            ["tool", "quiet s (best of 2)", "loaded s", "loaded / quiet"], rows,
+                            ["tl.vae and tl.vae_map: 100 epochs (20 with --quick); tl.amortization_gap: 200 cells."]))
+    save("step", argv=argv if argv is not None else sys.argv[2:], quick=args.quick, tables=tables, started=started,
+         data=f"simulate({n_cells}, 2000, n_batches=3, n_types=8); sv.datasets.pbmc68k()")
+
+
+if __name__ == "__main__":
+    main()
