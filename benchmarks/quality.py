@@ -23,8 +23,21 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import (SCVI_VENV_HELP, K_IWAE, fmt, ours_iwae, parser, peer_versions, quality, quiet, run_worker,
-                      save, shared_split, table, uptime)
+from ._common import (
+    K_IWAE,
+    SCVI_VENV_HELP,
+    fmt,
+    ours_iwae,
+    parser,
+    peer_versions,
+    quality,
+    quiet,
+    run_worker,
+    save,
+    shared_split,
+    table,
+    uptime,
+)
 
 NAMES = {"ours": "sc_vi_ext", "ours-bf16": "sc_vi_ext bfloat16", "scvi": "scvi-tools", "pca": "PCA (50)"}
 
@@ -130,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
             res["pca"] = {"latent": _pca(adata), "iwae": None, "epochs": None}
             for t, r in res.items():
                 adata.obsm[f"X_{t}"] = r["latent"]
-                r.update(quality(r["latent"], adata.obs[label_key], None if batch_key is None else adata.obs[batch_key]))
+                batches = None if batch_key is None else adata.obs[batch_key]
+                r.update(quality(r["latent"], adata.obs[label_key], batches))
             scib = _run_scib(adata, res, label_key, batch_key, tmp, name, args)
             tables.append(_table(name, res, scib, batch_key))
     save("quality", argv=argv if argv is not None else sys.argv[2:], quick=args.quick, tables=tables, started=started,

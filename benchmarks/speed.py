@@ -29,8 +29,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import (SCVI_VENV_HELP, fmt, parser, peak_rss_mib, peer_versions, quiet, run_worker, save, shared_split, table,
-                      uptime)
+from ._common import (
+    SCVI_VENV_HELP,
+    fmt,
+    parser,
+    peak_rss_mib,
+    peer_versions,
+    quiet,
+    run_worker,
+    save,
+    shared_split,
+    table,
+    uptime,
+)
 
 SETTINGS = {"batch_size": 128, "lr": 1e-3, "likelihood": "zinb", "n_latent": 10, "n_hidden": 128, "n_layers": 1}
 

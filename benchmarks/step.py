@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = [[prec, f"{t}", f"{ms[prec, t][0]:.2f}", f"{ms[prec, t][1]:.2f}", f"{ms[prec, 1][0] / ms[prec, t][0]:.2f}×",
              f"{ms[prec, t][0] / float(tables[0]['rows'][precisions.index(prec) * 2 + t - 1][2]):.1f}×"]
             for prec in precisions for t in (1, 2)]
-    tables.append(table(f"b. The training step (ZINB, 3 batches, 128 cells, {n_cells} × 2,000; best of {epochs} epochs)",
+    tables.append(table(f"b. The training step (ZINB, 3 batches, 128 cells, {n_cells} × 2,000; best of {epochs} "
+                        "epochs)",
                         ["precision", "threads", "wall ms / step", "CPU ms / step", "speed-up over 1 thread",
                          "step / its floor"], rows))
     shares = profile_shares(module, loader)
