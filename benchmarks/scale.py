@@ -1,36 +1,23 @@
-"""Scaling benchmark (issue 10): ``tl.vae`` at 10^4, 10^5 and 10^6 cells; in memory, backed, 2 processes.
+"""Scale: ``tl.vae``'s default run from 10^4 to 10^6 cells, in memory and backed (and two processes).
 
-    python benchmarks/scale.py                                   # the issue's table (hours at 10^6)
-    python benchmarks/scale.py --sizes 2000 --ddp-sizes 2000 --epochs 2 --after   # smoke test
+    python -m benchmarks scale                        # 10^4, 10^5, 10^6 (the 10^6 rows take a while)
+    python -m benchmarks scale --quick                # 2,000 cells, 2 epochs
 
-Data: ``sv.datasets.simulate`` (2,000 genes, 3 batches, 8 types, ~37 % non-zero), written once
-per size to ``--data-dir`` as uncompressed h5ad, block by block (the counts of 10^6 cells are
-never all in memory while writing), and reused by later runs; a file is only reused once
-complete (it is written under a temporary name and renamed).
-
-Rows: every size in ``--sizes`` in each mode of ``--modes`` (``memory``: the h5ad read into
-memory; ``backed``: ``backed="r"``), plus ``ddp2`` (2 processes under ``torchrun``, gloo on
-CPU, data in memory) at the sizes in ``--ddp-sizes`` (default 10^5). ``--epochs default``
-(the default) is ``tl.vae``'s default run: its epoch budget and early stopping; an integer
-runs that many epochs without early stopping (throughput only). Each row runs in its own
-process (peak RSS, ``ru_maxrss``, is that row's alone; for ``ddp2`` rank 0's and the sum over
-ranks) and records its command and ``uptime`` before and after, so that a row measured on a
-busy machine can be told apart. ``--after`` also times, in the same process after training,
-what runs on a trained model: the latent fill of all cells from the stored model,
-``log_likelihood`` on 1,000 cells (100 samples), ``amortization_gap`` on 100 cells (at most 100
-optimisation steps) and
-``normalized_expression`` on a 50-gene subset.
-
-Rows are appended as JSON lines to ``--out`` and printed as a markdown table at the end.
+Data: ``sv.datasets.simulate`` (2,000 genes, 3 batches, 8 types, ~37 % non-zero; a real
+simulation, not stacked copies), written once per size to ``--data-dir`` as h5ad block by block
+(10^6 cells' counts are never all in memory while writing) and reused; a file is reused only
+once complete (written under a temporary name, then renamed). Rows: each size in each of
+``--modes`` (``memory``: read into memory; ``backed``: ``backed="r"``), plus ``ddp2`` (two
+processes under ``torchrun``, gloo on CPU) at ``--ddp-sizes``. Each row is its own process (its
+peak RSS is its own; for ``ddp2`` rank 0's and the sum) and records ``uptime`` before and after.
+``--after`` also times what runs on the trained model: the latent of every cell, log_likelihood
+on 1,000 cells, amortization_gap on 100 cells, normalized_expression on 50 genes.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
-import resource
 import shlex
 import socket
 import subprocess
@@ -38,16 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve()
-ROOT = HERE.parents[1]
-sys.path.insert(0, str(ROOT))  # this checkout's sc_vi_ext, here and (PYTHONPATH) in every row's process
-
-
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+from ._common import ROOT, parser, peak_rss_mib, save, table, uptime
 
 
 def make_data(n_cells: int, n_genes: int, data_dir: Path, block_rows: int = 20_000) -> Path:
@@ -90,7 +68,7 @@ def csr_gib(path: Path) -> float:
 
 
 def rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return peak_rss_mib() / 1024
 
 
 def worker(mode: str, data: str, epochs: str, batch_size: int, threads: int, after: bool,
@@ -104,7 +82,8 @@ def worker(mode: str, data: str, epochs: str, batch_size: int, threads: int, aft
     from sc_vi_ext.distributed import init_from_env, rank_and_world
 
     sc.settings.verbosity = 0
-    torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
     init_from_env()
     rank, world = rank_and_world()
     t0 = time.perf_counter()
@@ -114,7 +93,7 @@ def worker(mode: str, data: str, epochs: str, batch_size: int, threads: int, aft
     t0 = time.perf_counter()
     compile_arg = {"auto": "auto", "true": True, "false": False}[compile_]
     run.update({"batch_size": batch_size} if batch_size else {})
-    sv.tl.vae(adata, progress=False, n_threads=threads, compile=compile_arg, **run)
+    sv.tl.vae(adata, progress=False, n_threads=threads or None, compile=compile_arg, **run)
     t_vae = time.perf_counter() - t0
     uns = adata.uns["vae"]
     h = uns["history"]
@@ -159,19 +138,20 @@ def _free_port() -> int:
 
 
 def run_row(mode: str, path: Path, a) -> dict:
-    args = [str(HERE), "--_worker", mode, "--_data", str(path), "--epochs", str(a.epochs), "--batch-size",
-            str(a.batch_size), "--threads", str(a.threads), "--compile", a.compile, *(["--after"] if a.after else [])]
+    args = ["-m", "benchmarks.scale", "--_worker", mode, "--_data", str(path), "--epochs", str(a.epochs),
+            "--batch-size", str(a.batch_size), "--threads", str(a.threads), "--compile", a.compile,
+            *(["--after"] if a.after else [])]
     if mode == "ddp2":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                "--master-port", str(_free_port()), *args]
     else:
         cmd = [sys.executable, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    row = {"mode": mode, "command": shlex.join(["OMP_NUM_THREADS=" + str(a.threads), *cmd]),
+    threads = {"OMP_NUM_THREADS": str(a.threads)} if a.threads else {}
+    env = {**os.environ, **threads, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    row = {"mode": mode, "command": shlex.join([*(f"{k}={v}" for k, v in threads.items()), *cmd]),
            "uptime_before": uptime()}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
     row["wall_s"] = time.perf_counter() - t0
     row["uptime_after"] = uptime()
     results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -181,27 +161,25 @@ def run_row(mode: str, path: Path, a) -> dict:
     return {**row, **r0, "maxrss_sum_gib": sum(r["maxrss_gib"] for r in results)}
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| cells | mode | s/epoch | epochs (max, early stop) | train s | tl.vae s | row wall s "
-             "| peak RSS GiB (all ranks) | limit 1.5×CSR+2 | val ELBO | uptime before → after |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+def scale_table(rows: list[dict]) -> dict:
+    out = []
     for r in rows:
-        head = f"| {r['n_cells']:,} | {r['mode']} "
+        head = [f"{r['n_cells']:,}", r["mode"]]
         if "error" in r:
-            lines.append(head + "| error | | | | | | | | |")
+            out.append(head + ["error"] + [""] * 8)
             continue
         load = lambda u: u.split("load average:")[-1].strip()  # noqa: E731
-        lines.append(
-            head + f"| {r['epoch_s']:.1f} | {r['epochs']} ({r['max_epochs']}, {'yes' if r['stopped_early'] else 'no'}) "
-            f"| {r['train_s']:.0f} | {r['vae_s']:.0f} | {r['wall_s']:.0f} | {r['maxrss_gib']:.2f} "
-            f"({r['maxrss_sum_gib']:.2f}) | {1.5 * r['csr_gib'] + 2:.1f} | {r['elbo_validation']:.1f} "
-            f"| {load(r['uptime_before'])} → {load(r['uptime_after'])} |"
-        )
-    return "\n".join(lines)
+        out.append(head + [f"{r['epoch_s']:.1f}", f"{r['epochs']} ({r['max_epochs']}, "
+                           f"{'yes' if r['stopped_early'] else 'no'})", f"{r['train_s']:.0f}", f"{r['vae_s']:.0f}",
+                           f"{r['vae_s'] / 60:.1f}", f"{r['maxrss_gib']:.2f} ({r['maxrss_sum_gib']:.2f})",
+                           f"{r['csr_gib']:.2f}", f"{load(r['uptime_before'])} → {load(r['uptime_after'])}"])
+    return table("tl.vae's default run by size", ["cells", "mode", "s / epoch", "epochs (max, early stop)", "train s",
+                                                  "tl.vae s", "tl.vae min", "peak RSS GiB (all ranks)",
+                                                  "counts as CSR GiB", "load before → after"], out)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__)
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--ddp-sizes", type=int, nargs="*", default=[100_000],
                    help="sizes (among --sizes or not) that also get a 2-process row")
@@ -214,23 +192,19 @@ def main() -> None:
     p.add_argument("--after", action="store_true", help="also time the tools that apply the trained model")
     p.add_argument("--data-dir", default="benchmarks/out/data")
     p.add_argument("--out", default="benchmarks/out/scale.jsonl", help="JSON lines, one per row (appended)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads per process (default 1: each DDP rank gets 1 as torchrun sets it; "
-                        "on a busy 2-core machine 2 threads in one process oversubscribe the cores)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads per process (0: tl.vae's load-aware default; torchrun gives each rank 1)")
     p.add_argument("--compile", choices=["auto", "true", "false"], default="auto",
                    help="tl.vae's compile= (the fused likelihood); auto compiles runs of >= 4,000 steps")
-    p.add_argument("--_worker")
-    p.add_argument("--_data")
-    a = p.parse_args()
+    a = p.parse_known_args(argv)[0]
     if a._worker:
         worker(a._worker, a._data, a.epochs, a.batch_size, a.threads, a.after, a.compile)
         return
     if a.epochs != "default":
         int(a.epochs)
-    import torch
-
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{a.threads} torch thread(s) per process; {uptime()}", flush=True)
+    if a.quick:
+        a.sizes, a.ddp_sizes, a.epochs, a.modes = [2000], [], "2", ["memory", "backed"]
+    started = uptime()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -247,11 +221,8 @@ def main() -> None:
             with out.open("a") as f:
                 f.write(json.dumps(r) + "\n")
             print(f"  {mode}: " + json.dumps({k: v for k, v in r.items() if k != "command"}), flush=True)
-    print()
-    print(table(rows))
-    print("\ncommands:")
-    for r in rows:
-        print(f"  {r['n_cells']:,} {r['mode']}: {r['command']}")
+    save("scale", argv=argv if argv is not None else sys.argv[2:], quick=a.quick, tables=[scale_table(rows)],
+         started=started, data=f"simulate(n, {a.n_genes}, n_batches=3, n_types=8)", raw={"rows": rows})
 
 
 if __name__ == "__main__":
