@@ -17,6 +17,20 @@ from .inputs import batch_codes_as, counts_label, covariate_design, get_counts, 
 from .module.vae import HPARAMS, VAE
 
 
+def stored_names(values) -> np.ndarray:
+    """Names kept in ``uns`` (genes, held-out cells, categories) as an object array of ``str``.
+
+    Whatever the file format gave back: h5ad returns object arrays, zarr numpy ``StringDType``
+    arrays (which ``astype(str)`` cannot cast), an empty list may come back as a float array.
+    """
+    return np.array([str(v) for v in np.asarray(values, dtype=object).ravel()], dtype=object)
+
+
+def stored_categories(categories: Mapping | None) -> dict | None:
+    """Return the stored categories of each categorical covariate as lists of ``str`` (None when there are none)."""
+    return {k: list(stored_names(v)) for k, v in categories.items()} if categories else None
+
+
 def state_to_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
 
@@ -124,8 +138,8 @@ def gene_alignment(adata: AnnData, key: str) -> tuple[np.ndarray, np.ndarray | N
         gene_index = np.asarray(gene_index)
         names = np.asarray(adata.var_names, dtype=object)[np.maximum(gene_index, 0)]
         return np.where(gene_index >= 0, names, ""), gene_index
-    names = np.asarray(names).astype(str)
-    if adata.n_vars == len(names) and np.array_equal(names, np.asarray(adata.var_names).astype(str)):
+    names = stored_names(names)
+    if adata.n_vars == len(names) and np.array_equal(names, stored_names(adata.var_names)):
         return names, None
     if not adata.var_names.is_unique:
         raise ValueError("adata.var_names are not unique, so genes cannot be matched to the model's by name; "
@@ -146,7 +160,7 @@ def held_out_mask(adata: AnnData, key: str) -> np.ndarray:
     """Which cells of ``adata`` were held out from training the model under ``key`` (by obs name)."""
     uns = _stored(adata, key)
     if "validation_obs_names" in uns:
-        return np.asarray(adata.obs_names.isin(list(np.asarray(uns["validation_obs_names"]).astype(str))))
+        return np.asarray(adata.obs_names.isin(list(stored_names(uns["validation_obs_names"]))))
     pos = np.asarray(uns.get("validation_indices", []), dtype=int)  # older versions stored positions
     if len(pos) and pos.max() >= adata.n_obs:
         raise ValueError(f"The model under {key!r} stores its held-out cells as positions (older sc_vi_ext), "
@@ -166,7 +180,7 @@ def stored_loader(adata: AnnData, key: str, indices=None, *, batch_size: int = 2
     p = _stored(adata, key)["params"]
     X = get_counts(adata, p["layer"])
     _, gene_index = gene_alignment(adata, key)
-    codes, unknown = batch_codes_as(adata, p["batch_key"], list(adata.uns[key]["batch_categories"]))
+    codes, unknown = batch_codes_as(adata, p["batch_key"], list(stored_names(adata.uns[key]["batch_categories"])))
     if unknown:
         raise ValueError(f"Batches {sorted(unknown)} were not seen in training under {key!r}.")
     what = counts_label(p["layer"])
@@ -174,6 +188,6 @@ def stored_loader(adata: AnnData, key: str, indices=None, *, batch_size: int = 2
     counts = inspect_counts(X, what, gene_index, rows=None if len(indices) == adata.n_obs else indices)
     log_lib = log_library(adata, counts.totals, p.get("size_factor_key"))
     cov, _ = covariate_design(adata, p.get("categorical_covariate_keys"), p.get("continuous_covariate_keys"),
-                              adata.uns[key].get("covariate_categories") or None)
+                              stored_categories(adata.uns[key].get("covariate_categories")))
     return Minibatches(X, indices, log_library=log_lib, batch=codes, cov=cov, batch_size=batch_size,
                        device=device, gene_index=gene_index, round_counts=counts.n_rounded > 0)

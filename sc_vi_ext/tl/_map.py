@@ -10,7 +10,7 @@ from scanpy import logging as logg
 from .._docs import doc_params
 from ..dataloader import Minibatches
 from ..inputs import batch_codes_as, get_counts, inspect_counts, log_library
-from ..model_store import get_model, state_to_numpy
+from ..model_store import get_model, state_to_numpy, stored_categories, stored_names
 from ..module import VAE
 from ..module.nn import FCLayers
 from ..threads import cpu_threads
@@ -129,14 +129,14 @@ def vae_map(
     p = dict(ref_uns["params"], precision="float32")  # the reference's settings; the query's fine-tuning is float32
     ref_module = get_model(reference, key)
     # the model's own genes (older models stored none: then the reference's var_names)
-    ref_genes = np.asarray(ref_uns.get("var_names", reference.var_names)).astype(str)
+    ref_genes = stored_names(ref_uns.get("var_names", reference.var_names))
     gene_index = _gene_index(adata, ref_genes)
     n_missing = int((gene_index < 0).sum())
     X = get_counts(adata, p["layer"])
     counts = inspect_counts(X, "the query counts (in the reference's genes)", gene_index)
     if p.get("n_cov"):
         raise NotImplementedError("Mapping a model with extra covariates is not supported yet.")
-    ref_cats = list(ref_uns["batch_categories"])
+    ref_cats = list(stored_names(ref_uns["batch_categories"]))
     codes, new = batch_codes_as(adata, p["batch_key"], ref_cats)
     adata = adata.copy() if copy else adata
     start = logg.info(f"mapping {adata.n_obs} query cells onto {key!r}")
@@ -175,8 +175,8 @@ def _record(adata: AnnData, ref_uns, params: dict, ref_genes, gene_index, counts
         "params": params,
         "history": dict(ref_uns["history"]),
         "validation_obs_names": np.asarray(adata.obs_names[va_idx], dtype=object),
-        "batch_categories": list(ref_uns["batch_categories"]) + mapping["new_batches"],
-        "covariate_categories": ref_uns.get("covariate_categories", {}),
+        "batch_categories": list(stored_names(ref_uns["batch_categories"])) + mapping["new_batches"],
+        "covariate_categories": stored_categories(ref_uns.get("covariate_categories")) or {},
         "model": state_to_numpy(module),
         "best_epoch": ref_uns["best_epoch"],
         "stopped_early": ref_uns["stopped_early"],
