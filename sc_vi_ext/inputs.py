@@ -8,7 +8,6 @@ loaded whole; bad input raises an error that says what to do, before anything is
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -229,6 +228,18 @@ def covariate_design(adata: AnnData, categorical_keys, continuous_keys, categori
     return (np.concatenate(cols, 1) if cols else None), used
 
 
+_WHY_UNIQUE = {"var": "a model is bound to its genes by name", "obs": "held-out cells are stored by name"}
+
+
+def require_unique(adata: AnnData, axis: str) -> None:
+    """Refuse duplicate ``var_names`` (``axis="var"``) or ``obs_names`` (``"obs"``), saying how to fix them."""
+    names = adata.var_names if axis == "var" else adata.obs_names
+    if not names.is_unique:
+        dup = list(names[names.duplicated()].unique()[:5])
+        raise ValueError(f"adata.{axis}_names are not unique (e.g. {dup}): {_WHY_UNIQUE[axis]}; "
+                         f"run adata.{axis}_names_make_unique() first.")
+
+
 @dataclass
 class TrainingData:
     """The counts and covariates of an AnnData, checked (what :func:`read_training_data` returns)."""
@@ -245,14 +256,12 @@ class TrainingData:
 def read_training_data(adata: AnnData, *, layer: str | None, batch_key: str | None, size_factor_key: str | None,
                        categorical_keys, continuous_keys) -> TrainingData:
     """Check and read what training needs from ``adata`` (raises on bad input, writes nothing)."""
+    require_unique(adata, "var")  # before the counts are read: a quick refusal
+    require_unique(adata, "obs")
     X = get_counts(adata, layer)
     what = counts_label(layer)
     codes, categories = batch_codes(adata, batch_key)
     cov, cov_categories = covariate_design(adata, categorical_keys, continuous_keys)
     counts = inspect_counts(X, what)
     log_lib = log_library(adata, counts.totals, size_factor_key)
-    if not adata.obs_names.is_unique:
-        warnings.warn("adata.obs_names are not unique: held-out cells are stored by name, so the diagnostics "
-                      "cannot tell duplicates apart; run adata.obs_names_make_unique() first.", UserWarning,
-                      stacklevel=3)
     return TrainingData(X, codes, categories, cov, cov_categories, counts, log_lib)

@@ -13,7 +13,15 @@ import torch
 from anndata import AnnData
 
 from .dataloader import Minibatches
-from .inputs import batch_codes_as, counts_label, covariate_design, get_counts, inspect_counts, log_library
+from .inputs import (
+    batch_codes_as,
+    counts_label,
+    covariate_design,
+    get_counts,
+    inspect_counts,
+    log_library,
+    require_unique,
+)
 from .module.vae import HPARAMS, VAE
 
 
@@ -159,6 +167,7 @@ def gene_alignment(adata: AnnData, key: str) -> tuple[np.ndarray, np.ndarray | N
 def held_out_mask(adata: AnnData, key: str) -> np.ndarray:
     """Which cells of ``adata`` were held out from training the model under ``key`` (by obs name)."""
     uns = _stored(adata, key)
+    require_unique(adata, "obs")  # a duplicate name would count a cell as held out that was not
     if "validation_obs_names" in uns:
         return np.asarray(adata.obs_names.isin(list(stored_names(uns["validation_obs_names"]))))
     pos = np.asarray(uns.get("validation_indices", []), dtype=int)  # older versions stored positions

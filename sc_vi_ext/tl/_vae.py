@@ -234,8 +234,15 @@ def vae(
 def _build_module(params: dict, data: TrainingData, train_idx: np.ndarray) -> VAE:
     """Build the VAE of this call's settings; its latent-library prior from the training cells (global torch RNG)."""
     module = VAE(n_batch=len(data.categories), **{k: params[k] for k in HPARAMS if k in params})
-    set_library_prior(module, np.log(data.counts.totals[train_idx]),
-                      None if data.codes is None else data.codes[train_idx])
+    empty = set_library_prior(module, np.log(data.counts.totals[train_idx]),
+                              None if data.codes is None else data.codes[train_idx], pool_empty=True)
+    if empty and data.codes is not None:
+        names = [data.categories[b] for b in empty]
+        warnings.warn(
+            f"Batch(es) {names} of adata.obs[{params['batch_key']!r}] have no training cells (all their cells are "
+            "held out): the model learns nothing of them, and their latent-library prior is that of all training "
+            "cells. Hold out fewer cells (a larger train_size, or train_size=1.0) to train on them.",
+            UserWarning, stacklevel=3)  # the line of the sv.tl.vae call
     return module
 
 
