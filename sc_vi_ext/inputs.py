@@ -96,6 +96,12 @@ class CountCheck:
     totals: np.ndarray  # total (rounded) counts per cell
     n_rounded: int  # values within COUNT_RTOL of an integer but not equal to it
     max_deviation: float  # the largest |x - round(x)| among them
+    n_duplicates: int = 0  # CSR entries that repeat a (cell, gene) of the same block: summed into it
+
+    @property
+    def read_options(self) -> dict:
+        """Return how minibatches of these counts are read (keywords of :class:`~sc_vi_ext.dataloader.Minibatches`)."""
+        return {"round_counts": self.n_rounded > 0, "sum_duplicates": self.n_duplicates > 0}
 
 
 def inspect_counts(X, what: str, gene_index=None, rows=None) -> CountCheck:
@@ -110,10 +116,14 @@ def inspect_counts(X, what: str, gene_index=None, rows=None) -> CountCheck:
     """
     cols = None if gene_index is None else np.asarray(gene_index)[np.asarray(gene_index) >= 0]
     totals = np.full(X.shape[0], np.nan)
-    n_rounded, max_dev = 0, 0.0
+    n_rounded, max_dev, n_dup = 0, 0.0, 0
     for pos, block in row_blocks(X, rows):
         if not sp.issparse(block):
             block = np.asarray(block)
+        elif not block.has_canonical_format:  # a count may be stored in pieces (1 + 1, 0.5 + 0.5): add them up
+            nnz, block = block.nnz, block.copy()  # a copy: the AnnData is never modified
+            block.sum_duplicates()
+            n_dup += nnz - block.nnz
         vals = block.data if sp.issparse(block) else block
         if not np.all(np.isfinite(vals)):
             raise ValueError(f"{what} contains NaN or infinite values; the VAE needs finite raw counts.")
@@ -144,10 +154,13 @@ def inspect_counts(X, what: str, gene_index=None, rows=None) -> CountCheck:
             f"{n_empty} cell(s) have zero total counts in {what}; remove them first, "
             "e.g. sc.pp.filter_cells(adata, min_counts=1)."
         )
+    if n_dup:
+        logg.info(f"    {what} is a non-canonical CSR matrix: {n_dup} entries repeat a (cell, gene) and are added to "
+                  "it in every minibatch; the AnnData is not modified (X.sum_duplicates() makes it canonical)")
     if n_rounded:
         logg.info(f"    rounded {n_rounded} value(s) of {what} within {COUNT_RTOL:g} (relative) of an integer "
                   f"to it (largest deviation {max_dev:.3g}); the AnnData is not modified")
-    return CountCheck(totals, n_rounded, max_dev)
+    return CountCheck(totals, n_rounded, max_dev, n_dup)
 
 
 def check_counts(X, what: str) -> np.ndarray:

@@ -199,4 +199,4 @@ def stored_loader(adata: AnnData, key: str, indices=None, *, batch_size: int = 2
     cov, _ = covariate_design(adata, p.get("categorical_covariate_keys"), p.get("continuous_covariate_keys"),
                               stored_categories(adata.uns[key].get("covariate_categories")))
     return Minibatches(X, indices, log_library=log_lib, batch=codes, cov=cov, batch_size=batch_size,
-                       device=device, gene_index=gene_index, round_counts=counts.n_rounded > 0)
+                       device=device, gene_index=gene_index, **counts.read_options)

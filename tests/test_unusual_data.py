@@ -4,8 +4,10 @@ need an embedding. README.md, "Bad input", lists the same cases."""
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 import sc_vi_ext as sv
 
@@ -56,3 +58,36 @@ def test_batch_without_training_cells_warns_and_gets_the_pooled_prior(sim):
     log_totals = np.log(np.asarray(sim.X[train].sum(1)).ravel())
     assert model.library_prior_mean[b].item() == pytest.approx(log_totals.mean(), rel=1e-5)
     assert model.library_prior_log_var[b].item() == pytest.approx(np.log(log_totals.var()), rel=1e-4)
+
+
+def _in_pieces(X):
+    """The same counts as a non-canonical CSR: every count stored as two entries (1 = 0.5 + 0.5, 5 = 2 + 3)."""
+    X = sp.csr_matrix(X)
+    first = np.where(X.data == 1, 0.5, np.floor(X.data / 2))
+    data = np.stack([first, X.data - first], 1).ravel()  # both pieces of an entry side by side
+    out = sp.csr_matrix((data, np.repeat(X.indices, 2), 2 * X.indptr), shape=X.shape)
+    assert not out.has_canonical_format and out.nnz == 2 * X.nnz
+    np.testing.assert_array_equal(out.toarray(), X.toarray())
+    return out
+
+
+@pytest.mark.parametrize("backed", [False, True], ids=["in-memory", "backed"])
+def test_non_canonical_csr_trains_as_its_sum(backed, sim, fast, tmp_path):
+    pieces = sim.copy()
+    pieces.X = _in_pieces(sim.X)
+    kept = (pieces.X.data.copy(), pieces.X.indices.copy(), pieces.X.indptr.copy())
+    if backed:
+        pieces.write_h5ad(tmp_path / "pieces.h5ad")
+        sim.write_h5ad(tmp_path / "sim.h5ad")
+        pieces, sim = (ad.read_h5ad(tmp_path / f"{n}.h5ad", backed="r") for n in ("pieces", "sim"))
+    sv.tl.vae(sim, **fast)
+    sv.tl.vae(pieces, **fast)
+    np.testing.assert_allclose(pieces.uns["vae"]["history"]["elbo_train"], sim.uns["vae"]["history"]["elbo_train"],
+                               rtol=1e-6)
+    np.testing.assert_allclose(pieces.obsm["X_vae"], sim.obsm["X_vae"], rtol=1e-5, atol=1e-6)
+    sv.tl.log_likelihood(sim, n_samples=10, progress=False)
+    sv.tl.log_likelihood(pieces, n_samples=10, progress=False)
+    np.testing.assert_allclose(pieces.obs["vae_log_px"], sim.obs["vae_log_px"], rtol=1e-6)
+    if not backed:  # the user's matrix keeps its entries
+        for a, b in zip(kept, (pieces.X.data, pieces.X.indices, pieces.X.indptr), strict=True):
+            np.testing.assert_array_equal(a, b)

@@ -145,7 +145,7 @@ def vae_map(
                      "they are treated as zero counts.")
     dev = resolve_device(device)
     common = {"log_library": log_library(adata, counts.totals, p.get("size_factor_key")), "batch": codes,
-              "device": dev, "gene_index": gene_index, "round_counts": counts.n_rounded > 0}
+              "device": dev, "gene_index": gene_index, **counts.read_options}
     history, trained = {}, []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(random_state)

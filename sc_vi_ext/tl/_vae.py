@@ -210,7 +210,7 @@ def vae(
     rng = np.random.default_rng(random_state)
     train_idx, val_idx = split_indices(adata.n_obs, train_size, rng)
     common = {"log_library": data.log_lib, "batch": data.codes, "cov": data.cov, "device": dev,
-              "round_counts": data.counts.n_rounded > 0}
+              **data.counts.read_options}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(random_state)
         module = _build_module(params, data, train_idx).to(dev)
