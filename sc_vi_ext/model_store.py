@@ -65,11 +65,13 @@ def _build(uns: Mapping, key: str) -> VAE:
     """
     p = uns["params"]
     hparams = {k: p[k] for k in HPARAMS if k in p}
-    hparams.update(n_genes=int(p["n_genes"]), n_cov=int(p.get("n_cov", 0)), n_batch=len(uns["batch_categories"]))
-    module = VAE(**hparams)
-    stored, expected = uns["model"], module.state_dict()
+    hparams.update(n_genes=p["n_genes"], n_cov=p.get("n_cov", 0), n_batch=len(uns["batch_categories"]))
+    stored = uns["model"]
     if not isinstance(stored, Mapping):
         raise _damaged(key, f"a {type(stored).__name__} instead of a mapping of weight arrays")
+    _check_sizes(hparams, stored, key)
+    with torch.device("meta"):  # the architecture's shapes, without allocating or initialising anything
+        expected = VAE(**hparams).state_dict()
     missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
     if missing or unexpected:
         raise _damaged(key, f"missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -83,11 +85,32 @@ def _build(uns: Mapping, key: str) -> VAE:
         if not np.all(np.isfinite(arr)):
             raise _damaged(key, f"{name!r} has NaN or infinite values")
         state[name] = torch.as_tensor(arr).to(expected[name].dtype)
-    module.load_state_dict(state)
     names = uns.get("var_names")
-    if names is not None and len(names) != module.n_genes:
-        raise _damaged(key, f"{len(names)} gene names for {module.n_genes} genes")
+    if names is not None and len(names) != hparams["n_genes"]:
+        raise _damaged(key, f"{len(names)} gene names for {hparams['n_genes']} genes")
+    module = VAE(**hparams)  # the settings agree with the stored weights: as large as they are
+    module.load_state_dict(state)
     return module
+
+
+_SIZES = {"n_genes": 1, "n_hidden": 1, "n_latent": 1, "n_layers": 1, "n_cov": 0}  # each setting's smallest value
+
+
+def _check_sizes(hparams: dict, stored: Mapping, key: str) -> None:
+    """Refuse size settings that are not integers, or more layers than there are stored arrays.
+
+    Runs before anything is built, so that a file whose settings were altered (``n_layers``
+    of 10^4) fails at once instead of building a huge model first; the other sizes are then
+    compared with the stored shapes on a model that allocates nothing.
+    """
+    for name, low in _SIZES.items():
+        value = hparams.get(name, low)
+        if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer) or value < low:
+            raise _damaged(key, f"params[{name!r}] is {value!r}, not an integer >= {low}")
+        hparams[name] = int(value)
+    if hparams.get("n_layers", 1) > len(stored):  # every layer stores several arrays
+        raise _damaged(key, f"params['n_layers'] is {hparams['n_layers']} but only {len(stored)} weight arrays "
+                            "are stored")
 
 
 def get_model(adata: AnnData, key: str = "vae", *, device: str = "cpu") -> VAE:

@@ -48,3 +48,28 @@ def test_zarr_round_trip_keeps_every_tool_working(batch_model, tmp_path):
     sc.pp.neighbors(again, use_rep="X_vae")
     again.write_h5ad(tmp_path / "c.h5ad")
     sv.tl.vae(ad.read_h5ad(tmp_path / "c.h5ad"), batch_key="batch", max_epochs=2, n_hidden=16, progress=False)
+
+
+@pytest.mark.parametrize("setting, value", [("n_hidden", 10**7), ("n_layers", 10**4), ("n_latent", 10**8),
+                                            ("n_genes", 10**9), ("n_cov", 10**6), ("n_hidden", "128"),
+                                            ("n_layers", 0), ("n_latent", 2.5)])
+def test_settings_are_checked_against_the_weights_before_building(setting, value, trained, monkeypatch):
+    """An altered setting fails with the usual error before any model is built (none of its memory allocated)."""
+    import time
+
+    import torch
+
+    from sc_vi_ext import model_store
+
+    real = model_store.VAE
+
+    def only_shapes(*args, **kwargs):  # building on the meta device allocates nothing
+        assert torch.get_default_device().type == "meta", "a model was built before its settings were checked"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_store, "VAE", only_shapes)
+    trained.uns["vae"]["params"][setting] = value
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"model stored in adata\.uns\['vae'\]\['model'\] is damaged.*retrain"):
+        sv.get_model(trained)
+    assert time.perf_counter() - t0 < 1.0
