@@ -91,3 +91,24 @@ def test_non_canonical_csr_trains_as_its_sum(backed, sim, fast, tmp_path):
     if not backed:  # the user's matrix keeps its entries
         for a, b in zip(kept, (pieces.X.data, pieces.X.indices, pieces.X.indptr), strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def test_a_single_cell_split_warns_that_its_standard_errors_are_nan(trained):
+    held_out = trained.obs_names.isin(trained.uns["vae"]["validation_obs_names"])
+    sub = trained[np.flatnonzero(held_out)[:1].tolist() + np.flatnonzero(~held_out)[:5].tolist()].copy()
+    with pytest.warns(UserWarning, match="'validation' cells hold a single evaluated cell.*NaN") as rec:
+        sv.tl.amortization_gap(sub, n_cells=None, n_samples=8, n_samples_elbo=4, max_steps=5, progress=False)
+    assert np.isnan(sub.uns["vae"]["amortization_gap"]["validation"]["amortization_gap_se"])
+    assert [w.filename for w in rec if "single" in str(w.message)] == [__file__]
+
+
+def test_posterior_predictive_warns_where_a_summary_cannot_be_estimated(sim):
+    one = sim[:, :1].copy()  # one gene: totals are that gene, so the cells kept have no zeros
+    one = one[np.asarray(one.X.sum(1)).ravel() > 0].copy()
+    sv.tl.vae(one, max_epochs=2, n_hidden=8, progress=False)
+    with pytest.warns(UserWarning, match=r"mean_abs_log_ratio of \['frac_zero'\] is NaN") as rec:
+        sv.tl.posterior_predictive(one, n_samples=2, progress=False)
+    assert one.uns["vae"]["posterior_predictive"]["summary"]["frac_zero"]["n_genes"] == 0
+    assert [w.filename for w in rec if "NaN" in str(w.message)] == [__file__]
+    with pytest.warns(UserWarning), pytest.warns(UserWarning, match="n_samples=1 the replicates' spread cannot"):
+        sv.tl.posterior_predictive(one, n_samples=1, progress=False)
