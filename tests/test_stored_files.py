@@ -73,3 +73,39 @@ def test_settings_are_checked_against_the_weights_before_building(setting, value
     with pytest.raises(ValueError, match=r"model stored in adata\.uns\['vae'\]\['model'\] is damaged.*retrain"):
         sv.get_model(trained)
     assert time.perf_counter() - t0 < 1.0
+
+
+@pytest.fixture
+def two_keys(sim_session):
+    """A model under "vae" and another under "vae_refined", whose latent is obsm["X_vae_refined"]."""
+    a = sv.tl.vae(sim_session, max_epochs=2, n_hidden=16, progress=False, copy=True)
+    sv.tl.vae(a, key_added="vae_refined", max_epochs=2, n_hidden=16, progress=False)
+    return a
+
+
+def test_retraining_one_key_keeps_the_latent_of_another(two_keys):
+    latent = two_keys.obsm["X_vae_refined"].copy()
+    sv.tl.vae(two_keys, max_epochs=2, n_hidden=16, progress=False)
+    np.testing.assert_array_equal(two_keys.obsm["X_vae_refined"], latent)
+    sv.tl.log_likelihood(two_keys, key="vae_refined", n_samples=5, progress=False)
+
+
+def test_a_result_never_overwrites_another_keys(two_keys, unchanged):
+    check = unchanged(two_keys)
+    latent = two_keys.obsm["X_vae_refined"].copy()
+    with pytest.raises(ValueError, match=r"obsm\['X_vae_refined'\] holds the result of the model stored under "
+                                         r"'vae_refined'.*another key"):
+        sv.tl.refine(two_keys, max_steps=5, n_samples_elbo=4, progress=False)
+    np.testing.assert_array_equal(two_keys.obsm["X_vae_refined"], latent)
+    check()
+
+
+def test_training_under_a_name_that_holds_a_derived_result_is_refused(trained, unchanged):
+    sv.tl.refine(trained, max_steps=5, n_samples_elbo=4, progress=False)
+    sv.tl.differential_expression(trained, groupby="cell_type", n_samples=5, progress=False)
+    check = unchanged(trained)
+    for name, attr in (("vae_refined", "obsm"), ("vae_de", "uns")):
+        with pytest.raises(ValueError, match=rf"adata\.{attr}\[.*\] holds a result derived from the model stored "
+                                             r"under 'vae'"):
+            sv.tl.vae(trained, key_added=name, max_epochs=2, progress=False)
+        check()

@@ -16,6 +16,7 @@ from ..model_store import gene_alignment, stored_loader, stored_names
 from ..module import VAE
 from ..module.distributions import reparameterize
 from ..threads import cpu_threads
+from ._derived import check_free
 from ._utils import stored_model
 
 _WARN_BYTES = 2 * 1024**3  # warn before materialising a result larger than this
@@ -172,6 +173,7 @@ def normalized_expression(
     params = {"key": key, "transform_batch": None if transform_batch is None else
               [stored_names(adata.uns[key]["batch_categories"])[c] for c in codes], "library_size": float(library_size),
               "n_samples": int(n_samples), "random_state": random_state}
+    check_free(adata, key, "layers" if gene_subset is None else "obsm", layer_added)
     adata = adata.copy() if copy else adata
     n_out = module.n_genes if genes is None else len(genes)
     size = adata.n_obs * n_out * 4

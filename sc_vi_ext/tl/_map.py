@@ -15,7 +15,7 @@ from ..module import VAE
 from ..module.nn import FCLayers
 from ..threads import cpu_threads
 from ..train import EVAL_BATCH_SIZE, train
-from ._derived import remove_derived
+from ._derived import check_free, remove_derived
 from ._utils import latent_means, resolve_device, set_library_prior, split_indices
 
 
@@ -127,6 +127,8 @@ def vae_map(
     if ref_uns is None or "model" not in ref_uns:
         raise KeyError(f"reference.uns[{key!r}] holds no trained model; run sv.tl.vae(reference, key_added={key!r}).")
     p = dict(ref_uns["params"], precision="float32")  # the reference's settings; the query's fine-tuning is float32
+    check_free(adata, key, "obsm", f"X_{key}")  # the query's slots of another key stay
+    check_free(adata, key, "uns", key)
     ref_module = get_model(reference, key)
     # the model's own genes (older models stored none: then the reference's var_names)
     ref_genes = stored_names(ref_uns.get("var_names", reference.var_names))

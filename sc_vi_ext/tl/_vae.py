@@ -18,7 +18,7 @@ from ..model_store import state_to_numpy
 from ..module.vae import DEFAULTS, HPARAMS, VAE, Dispersion, LatentDistribution, Library, Likelihood, check_options
 from ..threads import threads
 from ..train import EVAL_BATCH_SIZE, TRAINING_DEFAULTS, TrainingDivergedError, TrainResult, default_max_epochs, train
-from ._derived import remove_derived
+from ._derived import check_free, remove_derived
 from ._utils import latent_means, resolve_device, set_library_prior, split_indices
 
 
@@ -196,6 +196,8 @@ def vae(
     check_options(likelihood=likelihood, dispersion=dispersion, library=library,
                   latent_distribution=latent_distribution)
     check_precision(precision)
+    check_free(adata, key_added, "obsm", f"X_{key_added}")  # another key's result is never overwritten
+    check_free(adata, key_added, "uns", key_added)
     data = read_training_data(adata, layer=layer, batch_key=batch_key, size_factor_key=size_factor_key,
                               categorical_keys=categorical_covariate_keys, continuous_keys=continuous_covariate_keys)
     adata = adata.copy() if copy else adata
