@@ -20,6 +20,7 @@ from .inputs import (
     get_counts,
     inspect_counts,
     log_library,
+    raw_hint,
     require_unique,
 )
 from .module.vae import HPARAMS, VAE
@@ -210,14 +211,16 @@ def stored_loader(adata: AnnData, key: str, indices=None, *, batch_size: int = 2
     subset of a large (backed) AnnData stay cheap.
     """
     p = _stored(adata, key)["params"]
-    X = get_counts(adata, p["layer"])
+    use_raw = bool(p.get("use_raw", False))  # not stored by older versions
+    X = get_counts(adata, p["layer"], use_raw=use_raw)
     _, gene_index = gene_alignment(adata, key)
     codes, unknown = batch_codes_as(adata, p["batch_key"], list(stored_names(adata.uns[key]["batch_categories"])))
     if unknown:
         raise ValueError(f"Batches {sorted(unknown)} were not seen in training under {key!r}.")
-    what = counts_label(p["layer"])
+    what = counts_label(p["layer"], use_raw=use_raw)
     indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
-    counts = inspect_counts(X, what, gene_index, rows=None if len(indices) == adata.n_obs else indices)
+    counts = inspect_counts(X, what, gene_index, rows=None if len(indices) == adata.n_obs else indices,
+                            hint=lambda: raw_hint(adata, p["layer"], use_raw=use_raw))
     log_lib = log_library(adata, counts.totals, p.get("size_factor_key"))
     cov, _ = covariate_design(adata, p.get("categorical_covariate_keys"), p.get("continuous_covariate_keys"),
                               stored_categories(adata.uns[key].get("covariate_categories")))

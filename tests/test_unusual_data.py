@@ -7,6 +7,7 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pytest
+import scanpy as sc
 import scipy.sparse as sp
 
 import sc_vi_ext as sv
@@ -112,3 +113,48 @@ def test_posterior_predictive_warns_where_a_summary_cannot_be_estimated(sim):
     assert [w.filename for w in rec if "NaN" in str(w.message)] == [__file__]
     with pytest.warns(UserWarning), pytest.warns(UserWarning, match="n_samples=1 the replicates' spread cannot"):
         sv.tl.posterior_predictive(one, n_samples=1, progress=False)
+
+
+def _cellxgene(sim):
+    """The CELLxGENE layout: adata.X normalised and log-transformed, the raw counts in adata.raw (more genes)."""
+    a = sim.copy()
+    a.raw = sim.copy()  # its own matrix: normalize_total works in place
+    sc.pp.normalize_total(a, target_sum=1e4)
+    sc.pp.log1p(a)
+    return a[:, a.var_names[10:][::-1]].copy()  # fewer genes than raw, in another order
+
+
+def test_normalised_x_with_counts_in_raw_names_raw(sim, unchanged):
+    a = _cellxgene(sim)
+    check = unchanged(a)
+    with pytest.raises(ValueError, match=r"adata\.X contains non-integer values.*adata\.raw holds raw counts.*"
+                                         r"use_raw=True"):
+        sv.tl.vae(a, max_epochs=2, progress=False)
+    check()
+
+
+def test_use_raw_trains_on_the_raw_counts_of_var_names(sim, fast):
+    a = _cellxgene(sim)
+    sv.tl.vae(a, use_raw=True, **fast)
+    plain = sim[:, a.var_names].copy()  # the same counts, in X
+    sv.tl.vae(plain, **fast)
+    np.testing.assert_allclose(a.obsm["X_vae"], plain.obsm["X_vae"], rtol=1e-5, atol=1e-6)
+    assert a.uns["vae"]["params"]["use_raw"] is True and list(a.uns["vae"]["var_names"]) == list(a.var_names)
+    sv.tl.log_likelihood(a, n_samples=10, progress=False)  # the tools read the counts in raw too
+    sv.tl.log_likelihood(plain, n_samples=10, progress=False)
+    np.testing.assert_allclose(a.obs["vae_log_px"], plain.obs["vae_log_px"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("case, match", [("no-raw", r"use_raw=True, but adata\.raw is None"),
+                                         ("with-layer", r"use_raw=True and layer='counts' name two places"),
+                                         ("gene-not-in-raw", r"1 gene\(s\) of adata\.var_names are not in adata\.raw")])
+def test_use_raw_errors(case, match, sim, unchanged):
+    sim.layers["counts"] = sim.X.copy()
+    if case == "gene-not-in-raw":
+        sim.raw = sim[:, 1:].copy()
+    elif case == "with-layer":
+        sim.raw = sim
+    check = unchanged(sim)
+    with pytest.raises(ValueError, match=match):
+        sv.tl.vae(sim, use_raw=True, layer="counts" if case == "with-layer" else None, max_epochs=2, progress=False)
+    check()

@@ -134,7 +134,7 @@ def vae_map(
     ref_genes = stored_names(ref_uns.get("var_names", reference.var_names))
     gene_index = _gene_index(adata, ref_genes)
     n_missing = int((gene_index < 0).sum())
-    X = get_counts(adata, p["layer"])
+    X = get_counts(adata, p["layer"], use_raw=bool(p.get("use_raw", False)))  # where the reference read its counts
     counts = inspect_counts(X, "the query counts (in the reference's genes)", gene_index)
     if p.get("n_cov"):
         raise NotImplementedError("Mapping a model with extra covariates is not supported yet.")

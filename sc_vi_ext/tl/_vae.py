@@ -27,6 +27,7 @@ def vae(
     adata: AnnData,
     *,
     layer: str | None = None,
+    use_raw: bool = False,
     batch_key: str | None = None,
     n_latent: int = DEFAULTS["n_latent"],
     n_hidden: int = DEFAULTS["n_hidden"],
@@ -73,6 +74,10 @@ def vae(
         Layer with raw counts; ``adata.X`` when None. Dense, CSR or CSC, int or float;
         floats within {count_rtol} (relative) of an integer, as CSV files often hold, are used
         rounded (the AnnData is not modified).
+    use_raw
+        Train on the counts in ``adata.raw`` (as CELLxGENE files hold them, with ``adata.X``
+        normalised): those of the genes of ``adata.var_names``, which may be fewer than
+        raw's. The tools that apply the model read them there too. Not with ``layer``.
     batch_key
         Column of ``adata.obs`` with batch labels, injected into the decoder (and the
         encoder when ``encode_covariates``).
@@ -198,7 +203,7 @@ def vae(
     check_precision(precision)
     check_free(adata, key_added, "obsm", f"X_{key_added}")  # another key's result is never overwritten
     check_free(adata, key_added, "uns", key_added)
-    data = read_training_data(adata, layer=layer, batch_key=batch_key, size_factor_key=size_factor_key,
+    data = read_training_data(adata, layer=layer, use_raw=use_raw, batch_key=batch_key, size_factor_key=size_factor_key,
                               categorical_keys=categorical_covariate_keys, continuous_keys=continuous_covariate_keys)
     adata = adata.copy() if copy else adata
 
