@@ -132,9 +132,9 @@ def amortization_gap(
     }
     lone = [s for s, m in masks.items() if m.sum() == 1]
     if lone:
-        warnings.warn(f"amortization_gap: the {' and '.join(map(repr, lone))} cells hold a single evaluated cell, so "
-                      "their standard errors cannot be estimated and are NaN; evaluate more cells (n_cells=None: all).",
-                      UserWarning, stacklevel=3)  # the line of the user's call
+        warnings.warn(f"amortization_gap: one evaluated cell only among the {' and '.join(map(repr, lone))} cells, "
+                      "so the standard errors there cannot be estimated and are NaN; evaluate more cells "
+                      "(n_cells=None: all).", UserWarning, stacklevel=3)  # the line of the user's call
     text = gap_summary(adata.uns[key]["amortization_gap"])
     bar.set_postfix_str(text, refresh=True)  # the bar's last line holds the result
     bar.close()
