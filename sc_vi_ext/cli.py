@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .cli_files import CommandError, check_input, check_output, read_input, write_adata, write_atomic
+
 
 def _demo_figures(adata, out: Path, *, with_gap: bool) -> list[str]:
     """Write the demo's figures into ``out``; return their file names."""
@@ -30,7 +32,7 @@ def _demo_figures(adata, out: Path, *, with_gap: bool) -> list[str]:
                                  "of the training cells of similar library size)")
         figs["latent_trust.png"] = fig
     for name, fig in figs.items():
-        fig.savefig(out / name, dpi=110, bbox_inches="tight")
+        write_atomic(lambda tmp, fig=fig: fig.savefig(tmp, dpi=110, bbox_inches="tight"), out / name)
         plt.close(fig)
     return list(figs)
 
@@ -82,7 +84,10 @@ def _demo(args) -> int:
 
     sc.settings.verbosity = 3
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out} is a file; name a folder for the demo's outputs")
     out.mkdir(parents=True, exist_ok=True)
+    check_output(str(out / "pbmc68k_vae.h5ad"))  # writable, before the work
     adata = sv.datasets.pbmc68k()
     print(f"PBMC data: {adata.n_obs} cells x {adata.n_vars} genes, {adata.obs['bulk_labels'].nunique()} cell types")
     sv.tl.vae(adata, layer="counts", max_epochs=args.max_epochs, progress=not args.quiet)
@@ -95,39 +100,46 @@ def _demo(args) -> int:
     sc.tl.umap(adata, random_state=0)
     sc.tl.leiden(adata, flavor="igraph", n_iterations=2, directed=False, random_state=0)
     figs = _demo_figures(adata, out, with_gap=not args.no_gap)
-    adata.write_h5ad(out / "pbmc68k_vae.h5ad")
+    write_adata(adata, out / "pbmc68k_vae.h5ad", "h5ad")
     _demo_summary(adata, [*figs, "pbmc68k_vae.h5ad"], out)
     return 0
 
 
 def _train(args) -> int:
-    import anndata as ad
     import scanpy as sc
 
     import sc_vi_ext as sv
 
-    from .distributed import defer_sigint, init_from_env, rank_and_world
+    from .distributed import defer_sigint, init_from_env, last_signal_name, rank_and_world, sigterm_as_ctrl_c
 
-    # under torchrun, Ctrl-C stops training on every rank at the same step, then rank 0
-    # still writes the result and the others exit (see sc_vi_ext/distributed.py)
-    restore_sigint = defer_sigint()
+    # both files checked before any work: a bad path costs one line, not a training run
+    in_format, out_format = check_input(args.input, backed=args.backed), check_output(args.output)
+    # under torchrun, Ctrl-C or SIGTERM stops training on every rank at the same step, then
+    # rank 0 still writes the result and the others exit (see sc_vi_ext/distributed.py); in
+    # one process SIGTERM (a scheduler's time limit) stops training as Ctrl-C does
+    restore_sigint, restore_sigterm = defer_sigint(), sigterm_as_ctrl_c()
     init_from_env()  # under torchrun: join the process group (gloo on CPU, NCCL on GPUs)
     rank, world = rank_and_world()
     sc.settings.verbosity = 3 if rank == 0 else 0
-    adata = ad.read_h5ad(args.input, backed="r" if args.backed else None)
+    adata = read_input(args.input, in_format, backed=args.backed)
     sv.tl.vae(
-        adata, layer=args.layer, batch_key=args.batch_key, n_latent=args.n_latent,
+        adata, layer=args.layer, use_raw=args.use_raw, batch_key=args.batch_key, n_latent=args.n_latent,
         likelihood=args.likelihood, max_epochs=args.max_epochs, batch_size=args.batch_size, lr=args.lr,
         early_stopping=not args.no_early_stopping, early_stopping_patience=args.early_stopping_patience,
         random_state=args.random_state, key_added=args.key_added, device=args.device, progress=not args.quiet,
         n_threads=args.n_threads, compile={"auto": "auto", "on": True, "off": False}[args.compile],
         precision=args.precision,
     )
+    restore_sigterm()
     if rank == 0:  # every rank holds the same model; one writes
         if args.backed:
             adata = adata.to_memory()
-        adata.write_h5ad(args.output)
-        interrupted = (" after Ctrl-C, best weights so far"
+        restore_writing = defer_sigint(always=True)  # a signal now waits for the write (the grace period)
+        try:
+            write_adata(adata, args.output, out_format)
+        finally:
+            restore_writing()
+        interrupted = (f" after {last_signal_name()}, best weights so far"
                        if adata.uns.get(args.key_added, {}).get("interrupted") else "")
         print(f"wrote {args.output}" + (f" (trained on {world} processes)" if world > 1 else "") + interrupted,
               flush=True)
@@ -184,9 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the VAE (sv.tl.vae) on the raw counts of IN and write IN with the\n"
                                    "latent space (obsm['X_<key>']) and the model (uns['<key>']) to OUT.",
                        formatter_class=_Formatter)
-    t.add_argument("input", help="h5ad file with raw counts")
-    t.add_argument("output", help="h5ad file to write")
+    t.add_argument("input", help="h5ad file (or .zarr store) with raw counts")
+    t.add_argument("output", help="h5ad file (or .zarr store) to write; written to a temporary file and renamed "
+                                  "over OUT when complete, so a failed write leaves OUT as it was")
     t.add_argument("--layer", default=None, help="layer with raw counts; adata.X when not given")
+    t.add_argument("--use-raw", action="store_true",
+                   help="train on the raw counts in adata.raw (X normalised, as in CELLxGENE files)")
     t.add_argument("--batch-key", default=None, help="column of obs with batch labels; no batch when not given")
     t.add_argument("--n-latent", type=int, default=DEFAULTS["n_latent"], help="dimension of the latent space")
     t.add_argument("--likelihood", default=DEFAULTS["likelihood"], choices=list(LIKELIHOODS), help="count likelihood")
@@ -219,7 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``sc-vi-ext`` and ``python -m sc_vi_ext``."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except CommandError as e:
+        print(f"sc-vi-ext {args.command}: error: {e}", file=sys.stderr, flush=True)
+        return e.status
+    except KeyboardInterrupt as e:  # before the first epoch (nothing to keep), or while reading
+        from .distributed import last_signal_name
+
+        print(f"sc-vi-ext {args.command}: interrupted ({last_signal_name()}): "
+              f"{e or 'nothing was written'}", file=sys.stderr, flush=True)
+        return 130 if last_signal_name() == "Ctrl-C" else 143
 
 
 if __name__ == "__main__":

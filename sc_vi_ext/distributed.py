@@ -12,12 +12,15 @@ every rank and no rank can leave the loop while another waits in a collective.
 
 Ctrl-C: ``torchrun`` forwards SIGINT to every worker (each in its own session) and SIGKILLs
 those still alive after ``--shutdown-timeout`` seconds (default 30, or the environment
-variable ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``). While a multi-process training runs, SIGINT
-only sets a flag; every ``INTERRUPT_POLL_STEPS`` optimiser steps (and at the start of each
-epoch) the ranks all-reduce their flags, and once any rank has one they all stop at the
-same step, as a single process does on Ctrl-C: best weights so far, partial history,
-``interrupted=True``. The ``sc-vi-ext train`` command keeps SIGINT deferred until the
-result is written, so rank 0 writes and the other ranks exit (status 0).
+variable ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``); a scheduler's SIGTERM (SLURM, Kubernetes, at
+the end of a time limit) is forwarded the same way and treated as Ctrl-C. While a
+multi-process training runs, SIGINT and SIGTERM only set a flag; every
+``INTERRUPT_POLL_STEPS`` optimiser steps (and at the start of each epoch) the ranks
+all-reduce their flags, and once any rank has one they all stop at the same step, as a
+single process does on Ctrl-C: best weights so far, partial history, ``interrupted=True``.
+The ``sc-vi-ext train`` command keeps both signals deferred until the result is written,
+so rank 0 writes and the other ranks exit (status 0); in a single process it makes SIGTERM
+stop training as Ctrl-C does (:func:`sigterm_as_ctrl_c`).
 Only rank 0 writes results.
 """
 
@@ -100,34 +103,73 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
         dist.broadcast(b, src=0)
 
 
-# --- Ctrl-C under torchrun ---------------------------------------------------------------
+# --- Ctrl-C and SIGTERM --------------------------------------------------------------------
 
 INTERRUPT_POLL_STEPS = 16  # optimiser steps between the all-reduces of the interrupt flags
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # both stop training and keep the best epoch so far
 _sigint_received = False
+_last_signal: int | None = None  # the last stop signal that arrived (SIGINT when it is Python's own Ctrl-C)
 
 
 def _on_sigint(signum, frame) -> None:
-    global _sigint_received
-    _sigint_received = True
+    global _sigint_received, _last_signal
+    _sigint_received, _last_signal = True, signum
 
 
-def defer_sigint() -> Callable[[], None]:
-    """In a multi-process run (``WORLD_SIZE`` > 1), make SIGINT set a flag instead of raising KeyboardInterrupt.
+def _raise_interrupt(signum, frame) -> None:
+    """SIGTERM handled as Python handles SIGINT: a KeyboardInterrupt in the main thread."""
+    global _last_signal
+    _last_signal = signum
+    raise KeyboardInterrupt
 
-    Returns the function that restores the previous handler.
+
+def last_signal_name() -> str:
+    """How the last interrupt arrived, for messages: ``"SIGTERM"`` or ``"Ctrl-C"``."""
+    return "SIGTERM" if _last_signal == signal.SIGTERM else "Ctrl-C"
+
+
+def _install(handler, signals=STOP_SIGNALS) -> Callable[[], None]:
+    """Install ``handler`` for ``signals`` (main thread only); return the function that restores the previous ones."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {s: signal.signal(s, handler) for s in signals}
+
+    def restore() -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    return restore
+
+
+def defer_sigint(*, always: bool = False) -> Callable[[], None]:
+    """In a multi-process run (``WORLD_SIZE`` > 1), make SIGINT and SIGTERM set a flag instead of stopping.
+
+    Returns the function that restores the previous handlers.
 
     A KeyboardInterrupt on one rank would leave the others blocked in a collective; with the
     flag, :func:`interrupt_requested` lets all ranks stop at the same step. Outside a
-    multi-process run, or off the main thread, nothing changes.
+    multi-process run (unless ``always``: e.g. while a result is written), or off the main
+    thread, nothing changes.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or threading.current_thread() is not threading.main_thread():
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not always:
         return lambda: None
-    previous = signal.signal(signal.SIGINT, _on_sigint)
-    return lambda: signal.signal(signal.SIGINT, previous)
+    return _install(_on_sigint)
+
+
+def sigterm_as_ctrl_c() -> Callable[[], None]:
+    """In a single process, make SIGTERM raise KeyboardInterrupt as Ctrl-C does; return the restoring function.
+
+    Training then keeps the best epoch so far on a scheduler's SIGTERM as on Ctrl-C. Under
+    torchrun (``WORLD_SIZE`` > 1) :func:`defer_sigint` handles both signals; there, and off the
+    main thread, nothing changes.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return lambda: None
+    return _install(_raise_interrupt, (signal.SIGTERM,))
 
 
 def interrupt_requested(device: str | torch.device = "cpu") -> bool:
-    """Whether SIGINT reached any rank (a collective: every rank must call it at the same point)."""
+    """Whether SIGINT or SIGTERM reached any rank (a collective: every rank must call it at the same point)."""
     if rank_and_world()[1] <= 1:
         return _sigint_received
     flag = torch.tensor([int(_sigint_received)], device=device)
@@ -162,7 +204,7 @@ def interruptible(loader):
     """Return (loader, restore).
 
     Under a multi-process run, ``loader`` wrapped in :class:`Interruptible`
-    with SIGINT deferred until ``restore()``; else ``loader`` unchanged and a no-op.
+    with SIGINT and SIGTERM deferred until ``restore()``; else ``loader`` unchanged and a no-op.
     """
     if rank_and_world()[1] <= 1:
         return loader, lambda: None

@@ -13,8 +13,31 @@ import torch
 from anndata import AnnData
 
 from .dataloader import Minibatches
-from .inputs import batch_codes_as, counts_label, covariate_design, get_counts, inspect_counts, log_library
+from .inputs import (
+    batch_codes_as,
+    counts_label,
+    covariate_design,
+    get_counts,
+    inspect_counts,
+    log_library,
+    raw_hint,
+    require_unique,
+)
 from .module.vae import HPARAMS, VAE
+
+
+def stored_names(values) -> np.ndarray:
+    """Names kept in ``uns`` (genes, held-out cells, categories) as an object array of ``str``.
+
+    Whatever the file format gave back: h5ad returns object arrays, zarr numpy ``StringDType``
+    arrays (which ``astype(str)`` cannot cast), an empty list may come back as a float array.
+    """
+    return np.array([str(v) for v in np.asarray(values, dtype=object).ravel()], dtype=object)
+
+
+def stored_categories(categories: Mapping | None) -> dict | None:
+    """Return the stored categories of each categorical covariate as lists of ``str`` (None when there are none)."""
+    return {k: list(stored_names(v)) for k, v in categories.items()} if categories else None
 
 
 def state_to_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -43,11 +66,13 @@ def _build(uns: Mapping, key: str) -> VAE:
     """
     p = uns["params"]
     hparams = {k: p[k] for k in HPARAMS if k in p}
-    hparams.update(n_genes=int(p["n_genes"]), n_cov=int(p.get("n_cov", 0)), n_batch=len(uns["batch_categories"]))
-    module = VAE(**hparams)
-    stored, expected = uns["model"], module.state_dict()
+    hparams.update(n_genes=p["n_genes"], n_cov=p.get("n_cov", 0), n_batch=len(uns["batch_categories"]))
+    stored = uns["model"]
     if not isinstance(stored, Mapping):
         raise _damaged(key, f"a {type(stored).__name__} instead of a mapping of weight arrays")
+    _check_sizes(hparams, stored, key)
+    with torch.device("meta"):  # the architecture's shapes, without allocating or initialising anything
+        expected = VAE(**hparams).state_dict()
     missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
     if missing or unexpected:
         raise _damaged(key, f"missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -61,11 +86,32 @@ def _build(uns: Mapping, key: str) -> VAE:
         if not np.all(np.isfinite(arr)):
             raise _damaged(key, f"{name!r} has NaN or infinite values")
         state[name] = torch.as_tensor(arr).to(expected[name].dtype)
-    module.load_state_dict(state)
     names = uns.get("var_names")
-    if names is not None and len(names) != module.n_genes:
-        raise _damaged(key, f"{len(names)} gene names for {module.n_genes} genes")
+    if names is not None and len(names) != hparams["n_genes"]:
+        raise _damaged(key, f"{len(names)} gene names for {hparams['n_genes']} genes")
+    module = VAE(**hparams)  # the settings agree with the stored weights: as large as they are
+    module.load_state_dict(state)
     return module
+
+
+_SIZES = {"n_genes": 1, "n_hidden": 1, "n_latent": 1, "n_layers": 1, "n_cov": 0}  # each setting's smallest value
+
+
+def _check_sizes(hparams: dict, stored: Mapping, key: str) -> None:
+    """Refuse size settings that are not integers, or more layers than there are stored arrays.
+
+    Runs before anything is built, so that a file whose settings were altered (``n_layers``
+    of 10^4) fails at once instead of building a huge model first; the other sizes are then
+    compared with the stored shapes on a model that allocates nothing.
+    """
+    for name, low in _SIZES.items():
+        value = hparams.get(name, low)
+        if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer) or value < low:
+            raise _damaged(key, f"params[{name!r}] is {value!r}, not an integer >= {low}")
+        hparams[name] = int(value)
+    if hparams.get("n_layers", 1) > len(stored):  # every layer stores several arrays
+        raise _damaged(key, f"params['n_layers'] is {hparams['n_layers']} but only {len(stored)} weight arrays "
+                            "are stored")
 
 
 def get_model(adata: AnnData, key: str = "vae", *, device: str = "cpu") -> VAE:
@@ -124,8 +170,8 @@ def gene_alignment(adata: AnnData, key: str) -> tuple[np.ndarray, np.ndarray | N
         gene_index = np.asarray(gene_index)
         names = np.asarray(adata.var_names, dtype=object)[np.maximum(gene_index, 0)]
         return np.where(gene_index >= 0, names, ""), gene_index
-    names = np.asarray(names).astype(str)
-    if adata.n_vars == len(names) and np.array_equal(names, np.asarray(adata.var_names).astype(str)):
+    names = stored_names(names)
+    if adata.n_vars == len(names) and np.array_equal(names, stored_names(adata.var_names)):
         return names, None
     if not adata.var_names.is_unique:
         raise ValueError("adata.var_names are not unique, so genes cannot be matched to the model's by name; "
@@ -145,8 +191,9 @@ def gene_alignment(adata: AnnData, key: str) -> tuple[np.ndarray, np.ndarray | N
 def held_out_mask(adata: AnnData, key: str) -> np.ndarray:
     """Which cells of ``adata`` were held out from training the model under ``key`` (by obs name)."""
     uns = _stored(adata, key)
+    require_unique(adata, "obs")  # a duplicate name would count a cell as held out that was not
     if "validation_obs_names" in uns:
-        return np.asarray(adata.obs_names.isin(list(np.asarray(uns["validation_obs_names"]).astype(str))))
+        return np.asarray(adata.obs_names.isin(list(stored_names(uns["validation_obs_names"]))))
     pos = np.asarray(uns.get("validation_indices", []), dtype=int)  # older versions stored positions
     if len(pos) and pos.max() >= adata.n_obs:
         raise ValueError(f"The model under {key!r} stores its held-out cells as positions (older sc_vi_ext), "
@@ -164,16 +211,18 @@ def stored_loader(adata: AnnData, key: str, indices=None, *, batch_size: int = 2
     subset of a large (backed) AnnData stay cheap.
     """
     p = _stored(adata, key)["params"]
-    X = get_counts(adata, p["layer"])
+    use_raw = bool(p.get("use_raw", False))  # not stored by older versions
+    X = get_counts(adata, p["layer"], use_raw=use_raw)
     _, gene_index = gene_alignment(adata, key)
-    codes, unknown = batch_codes_as(adata, p["batch_key"], list(adata.uns[key]["batch_categories"]))
+    codes, unknown = batch_codes_as(adata, p["batch_key"], list(stored_names(adata.uns[key]["batch_categories"])))
     if unknown:
         raise ValueError(f"Batches {sorted(unknown)} were not seen in training under {key!r}.")
-    what = counts_label(p["layer"])
+    what = counts_label(p["layer"], use_raw=use_raw)
     indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
-    counts = inspect_counts(X, what, gene_index, rows=None if len(indices) == adata.n_obs else indices)
+    counts = inspect_counts(X, what, gene_index, rows=None if len(indices) == adata.n_obs else indices,
+                            hint=lambda: raw_hint(adata, p["layer"], use_raw=use_raw))
     log_lib = log_library(adata, counts.totals, p.get("size_factor_key"))
     cov, _ = covariate_design(adata, p.get("categorical_covariate_keys"), p.get("continuous_covariate_keys"),
-                              adata.uns[key].get("covariate_categories") or None)
+                              stored_categories(adata.uns[key].get("covariate_categories")))
     return Minibatches(X, indices, log_library=log_lib, batch=codes, cov=cov, batch_size=batch_size,
-                       device=device, gene_index=gene_index, round_counts=counts.n_rounded > 0)
+                       device=device, gene_index=gene_index, **counts.read_options)

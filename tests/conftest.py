@@ -59,3 +59,29 @@ def _one_thread_and_close_figures():
     torch.set_num_threads(1)
     yield
     plt.close("all")
+
+
+@pytest.fixture
+def unchanged():
+    """``check = unchanged(adata)`` records the slots of ``adata``; ``check()`` asserts none changed since."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    def state(adata):
+        X = adata.X
+        X = X.toarray() if sp.issparse(X) else np.array(X, copy=True)
+        return {"shape": adata.shape, "X": X, **{a: sorted(getattr(adata, a).keys())
+                                                  for a in ("obs", "var", "obsm", "obsp", "uns", "layers", "varm")},
+                **{f"uns[{k}]": sorted(v) for k, v in adata.uns.items() if isinstance(v, dict)}}
+
+    def record(adata):
+        before = state(adata)
+
+        def check():
+            now = state(adata)
+            np.testing.assert_array_equal(now.pop("X"), before["X"])
+            assert now == {k: v for k, v in before.items() if k != "X"}
+
+        return check
+
+    return record

@@ -136,11 +136,14 @@ def test_warnings_point_at_the_callers_line(sim_session, monkeypatch):
     with pytest.warns(UserWarning, match="torch.compile is not available") as rec:
         sv.tl.vae(sim_session, copy=True, compile=True, max_epochs=1, n_hidden=16, progress=False)
     assert [w.filename for w in rec if "torch.compile" in str(w.message)] == [__file__]
-    dup = sim_session[:120].copy()
-    dup.obs_names = ["same"] * 60 + [f"c{i}" for i in range(60)]
-    with pytest.warns(UserWarning, match="not unique") as rec:
-        sv.tl.vae(dup, max_epochs=1, n_hidden=16, progress=False)
-    assert [w.filename for w in rec if "not unique" in str(w.message)] == [__file__]
+    from sc_vi_ext.tl._utils import split_indices
+
+    lone = sim_session[:120].copy()
+    _, val = split_indices(120, 0.9, np.random.default_rng(0))  # a batch of held-out cells only
+    lone.obs["batch"] = np.where(np.isin(np.arange(120), val[:2]), "held_out_only", "b")
+    with pytest.warns(UserWarning, match="no training cells") as rec:
+        sv.tl.vae(lone, batch_key="batch", max_epochs=1, n_hidden=16, progress=False)
+    assert [w.filename for w in rec if "no training cells" in str(w.message)] == [__file__]
 
 
 def test_thread_count_follows_other_processes_load(monkeypatch):

@@ -20,7 +20,8 @@ class GapTracker:
     """
 
     def __init__(self, X, train_idx, val_idx, *, every: int, seed: int, log_library, batch, device, cov=None,
-                 round_counts: bool = False, n_cells: int = 64, n_samples: int = 100, max_steps: int = 100):
+                 round_counts: bool = False, sum_duplicates: bool = False, n_cells: int = 64, n_samples: int = 100,
+                 max_steps: int = 100):
         rng = np.random.default_rng(seed + 1)
         self.every, self.seed = every, seed
         self.kw = {"n_samples": n_samples, "max_steps": max_steps}
@@ -29,7 +30,8 @@ class GapTracker:
             if len(idx):
                 sub = np.sort(rng.choice(idx, min(n_cells, len(idx)), replace=False))
                 self.loaders[split] = Minibatches(X, sub, log_library=log_library, batch=batch, cov=cov,
-                                                  batch_size=len(sub), device=device, round_counts=round_counts)
+                                                  batch_size=len(sub), device=device, round_counts=round_counts,
+                                                  sum_duplicates=sum_duplicates)
 
     def __call__(self, epoch: int, module) -> dict[str, float]:
         if epoch % self.every:

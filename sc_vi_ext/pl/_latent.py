@@ -49,11 +49,11 @@ def latent(
         raise KeyError(f"adata.obsm[{rep!r}] not found; run sv.tl.vae(adata, key_added={key!r}) first.")
     neighbors = adata.uns.get("neighbors", {})
     if f"X_{basis}" not in adata.obsm:
+        if basis != "umap":  # only UMAP is computed here; checked before anything is written
+            raise KeyError(f"adata.obsm['X_{basis}'] not found; compute that embedding first.")
         if neighbors.get("params", {}).get("use_rep") != rep:
             logg.info(f"computing neighbors on {rep!r} (not present), writing adata.uns['neighbors']")
             sc.pp.neighbors(adata, use_rep=rep)
-        if basis != "umap":
-            raise KeyError(f"adata.obsm['X_{basis}'] not found; compute that embedding first.")
         logg.info("computing UMAP of the latent space (not present)")
         sc.tl.umap(adata)
     elif basis == "umap" and neighbors.get("params", {}).get("use_rep") != rep:

@@ -15,6 +15,7 @@ from .._progress import tqdm
 from ..model_store import gene_alignment, stored_loader
 from ..module import VAE
 from ..threads import cpu_threads
+from ._derived import check_free
 from ._expression import all_batches, decode_scale, sample_latent
 from ._utils import stored_model
 
@@ -265,6 +266,7 @@ def differential_expression(
     labels, chosen = _groups_of(adata, groupby, groups, reference)
     module, dev = stored_model(adata, key, device)
     model_genes, _ = gene_alignment(adata, key)  # the draws are in the model's gene order
+    check_free(adata, key, "uns", key_added)  # e.g. a model stored under "vae_de"
     adata = adata.copy() if copy else adata
     codes = all_batches(module)
     rng = np.random.default_rng(random_state)

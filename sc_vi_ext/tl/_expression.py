@@ -12,10 +12,11 @@ from scanpy import logging as logg
 
 from .._docs import doc_params
 from .._progress import tqdm
-from ..model_store import gene_alignment, stored_loader
+from ..model_store import gene_alignment, stored_loader, stored_names
 from ..module import VAE
 from ..module.distributions import reparameterize
 from ..threads import cpu_threads
+from ._derived import check_free
 from ._utils import stored_model
 
 _WARN_BYTES = 2 * 1024**3  # warn before materialising a result larger than this
@@ -31,7 +32,7 @@ def batch_targets(adata: AnnData, key: str, module: VAE, transform_batch) -> lis
     names = [transform_batch] if isinstance(transform_batch, str) else list(transform_batch)
     if not module.n_batch:
         raise ValueError(f"The model under {key!r} has no batch covariate; transform_batch must be None.")
-    cats = [str(c) for c in adata.uns[key]["batch_categories"]]
+    cats = list(stored_names(adata.uns[key]["batch_categories"]))
     unknown = [str(n) for n in names if str(n) not in cats]
     if unknown or not names:
         raise ValueError(f"transform_batch {unknown or names} not among the model's batches {cats}.")
@@ -170,8 +171,9 @@ def normalized_expression(
     genes = layer_columns(adata, key, model_genes, gene_index) if gene_subset is None else \
         gene_positions(model_genes, gene_subset)
     params = {"key": key, "transform_batch": None if transform_batch is None else
-              [str(adata.uns[key]["batch_categories"][c]) for c in codes], "library_size": float(library_size),
+              [stored_names(adata.uns[key]["batch_categories"])[c] for c in codes], "library_size": float(library_size),
               "n_samples": int(n_samples), "random_state": random_state}
+    check_free(adata, key, "layers" if gene_subset is None else "obsm", layer_added)
     adata = adata.copy() if copy else adata
     n_out = module.n_genes if genes is None else len(genes)
     size = adata.n_obs * n_out * 4

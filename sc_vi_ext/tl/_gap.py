@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from anndata import AnnData
@@ -128,6 +130,11 @@ def amortization_gap(
         "params": params,
         **{s: summarize({k: v[m] for k, v in per_cell.items()}) for s, m in masks.items() if m.sum() > 0},
     }
+    lone = [s for s, m in masks.items() if m.sum() == 1]
+    if lone:
+        warnings.warn(f"amortization_gap: one evaluated cell only among the {' and '.join(map(repr, lone))} cells, "
+                      "so the standard errors there cannot be estimated and are NaN; evaluate more cells "
+                      "(n_cells=None: all).", UserWarning, stacklevel=3)  # the line of the user's call
     text = gap_summary(adata.uns[key]["amortization_gap"])
     bar.set_postfix_str(text, refresh=True)  # the bar's last line holds the result
     bar.close()

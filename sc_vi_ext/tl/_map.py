@@ -10,12 +10,12 @@ from scanpy import logging as logg
 from .._docs import doc_params
 from ..dataloader import Minibatches
 from ..inputs import batch_codes_as, get_counts, inspect_counts, log_library
-from ..model_store import get_model, state_to_numpy
+from ..model_store import get_model, state_to_numpy, stored_categories, stored_names
 from ..module import VAE
 from ..module.nn import FCLayers
 from ..threads import cpu_threads
 from ..train import EVAL_BATCH_SIZE, train
-from ._derived import remove_derived
+from ._derived import check_free, remove_derived
 from ._utils import latent_means, resolve_device, set_library_prior, split_indices
 
 
@@ -127,16 +127,18 @@ def vae_map(
     if ref_uns is None or "model" not in ref_uns:
         raise KeyError(f"reference.uns[{key!r}] holds no trained model; run sv.tl.vae(reference, key_added={key!r}).")
     p = dict(ref_uns["params"], precision="float32")  # the reference's settings; the query's fine-tuning is float32
+    check_free(adata, key, "obsm", f"X_{key}")  # the query's slots of another key stay
+    check_free(adata, key, "uns", key)
     ref_module = get_model(reference, key)
     # the model's own genes (older models stored none: then the reference's var_names)
-    ref_genes = np.asarray(ref_uns.get("var_names", reference.var_names)).astype(str)
+    ref_genes = stored_names(ref_uns.get("var_names", reference.var_names))
     gene_index = _gene_index(adata, ref_genes)
     n_missing = int((gene_index < 0).sum())
-    X = get_counts(adata, p["layer"])
+    X = get_counts(adata, p["layer"], use_raw=bool(p.get("use_raw", False)))  # where the reference read its counts
     counts = inspect_counts(X, "the query counts (in the reference's genes)", gene_index)
     if p.get("n_cov"):
         raise NotImplementedError("Mapping a model with extra covariates is not supported yet.")
-    ref_cats = list(ref_uns["batch_categories"])
+    ref_cats = list(stored_names(ref_uns["batch_categories"]))
     codes, new = batch_codes_as(adata, p["batch_key"], ref_cats)
     adata = adata.copy() if copy else adata
     start = logg.info(f"mapping {adata.n_obs} query cells onto {key!r}")
@@ -145,7 +147,7 @@ def vae_map(
                      "they are treated as zero counts.")
     dev = resolve_device(device)
     common = {"log_library": log_library(adata, counts.totals, p.get("size_factor_key")), "batch": codes,
-              "device": dev, "gene_index": gene_index, "round_counts": counts.n_rounded > 0}
+              "device": dev, "gene_index": gene_index, **counts.read_options}
     history, trained = {}, []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(random_state)
@@ -175,8 +177,8 @@ def _record(adata: AnnData, ref_uns, params: dict, ref_genes, gene_index, counts
         "params": params,
         "history": dict(ref_uns["history"]),
         "validation_obs_names": np.asarray(adata.obs_names[va_idx], dtype=object),
-        "batch_categories": list(ref_uns["batch_categories"]) + mapping["new_batches"],
-        "covariate_categories": ref_uns.get("covariate_categories", {}),
+        "batch_categories": list(stored_names(ref_uns["batch_categories"])) + mapping["new_batches"],
+        "covariate_categories": stored_categories(ref_uns.get("covariate_categories")) or {},
         "model": state_to_numpy(module),
         "best_epoch": ref_uns["best_epoch"],
         "stopped_early": ref_uns["stopped_early"],

@@ -67,6 +67,20 @@ def summarize_ppc(obs: dict, pred: dict, pred_sd: dict) -> dict:
     return out
 
 
+def _warn_unestimable(summary: dict, n_samples: int) -> None:
+    """Warn where the summary holds a number that cannot be estimated (called by the tool, under its wrapper)."""
+    empty = [s for s, v in summary.items() if v["n_genes"] == 0]
+    if empty:
+        n_genes = max(v["n_genes"] for v in summary.values())
+        warnings.warn(f"posterior_predictive: mean_abs_log_ratio of {empty} is NaN: none of the model's genes has "
+                      f"both an observed and a predicted value above 0 (the other statistics use {n_genes} gene(s)).",
+                      UserWarning, stacklevel=4)  # the line of the user's call
+    if n_samples == 1:
+        warnings.warn("posterior_predictive: with n_samples=1 the replicates' spread cannot be estimated (pred_sd "
+                      "is 0), so frac_outside_3sd counts every difference; use n_samples >= 2.",
+                      UserWarning, stacklevel=4)
+
+
 @doc_params()
 @cpu_threads
 def posterior_predictive(
@@ -157,6 +171,7 @@ def posterior_predictive(
             adata.var[f"{key}_ppc_{s}_{suffix}"] = values
             cols.append(f"{key}_ppc_{s}_{suffix}")
     summary = summarize_ppc(obs, pred, pred_sd)
+    _warn_unestimable(summary, n_samples)
     adata.uns[key]["posterior_predictive"] = {
         "params": {"n_samples": int(n_samples), "random_state": random_state}, "summary": summary,
     }

@@ -12,6 +12,7 @@ from .._progress import tqdm
 from ..diagnostics import elbo_paired, optimize_q
 from ..model_store import stored_loader
 from ..threads import cpu_threads
+from ._derived import check_free
 from ._utils import stored_model
 
 
@@ -63,6 +64,7 @@ def refine(
     """
     params = {k: v for k, v in locals().items() if k not in ("adata", "copy")}
     module, dev = stored_model(adata, key, device)
+    check_free(adata, key, "obsm", f"X_{key}_refined")  # the latent of a model stored under key + "_refined"
     adata = adata.copy() if copy else adata
     start = logg.info(f"refining the latent space of {key!r} on {adata.n_obs} cells")
     gen = torch.Generator(device=dev).manual_seed(random_state)

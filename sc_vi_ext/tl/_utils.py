@@ -33,21 +33,28 @@ def split_indices(n_obs: int, train_size: float, rng: np.random.Generator) -> tu
 
 @torch.no_grad()
 def set_library_prior(module: VAE, log_totals: np.ndarray, codes: np.ndarray | None, *,
-                      init_encoder: bool = True) -> None:
+                      init_encoder: bool = True, pool_empty: bool = False) -> list[int]:
     """Per-batch mean and variance of log total counts: the prior of a latent library.
 
-    Batches without cells keep their prior; ``init_encoder`` also starts q(l | x) at the data's scale.
+    Batches without cells keep their prior, or with ``pool_empty`` get the prior of all the cells
+    given; returns the batches without cells. ``init_encoder`` also starts q(l | x) at the data's scale.
     """
     n = module.library_prior_mean.shape[0]
     codes = np.zeros(len(log_totals), dtype=int) if codes is None or n == 1 else codes
+    empty = []
     for b in range(n):
         v = log_totals[codes == b]
-        if len(v):
-            module.library_prior_mean[b] = float(v.mean())
-            module.library_prior_log_var[b] = float(np.log(max(v.var(), 1e-4)))
+        if not len(v):
+            empty.append(b)
+            if not pool_empty:
+                continue
+            v = log_totals
+        module.library_prior_mean[b] = float(v.mean())
+        module.library_prior_log_var[b] = float(np.log(max(v.var(), 1e-4)))
     if init_encoder and module.library_encoder is not None:
         # start q(l | x) at the data's scale rather than at log l = 0 (e^0 = one count per cell)
         module.library_encoder.mean.bias.fill_(float(log_totals.mean()))
+    return empty
 
 
 @torch.no_grad()

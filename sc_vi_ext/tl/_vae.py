@@ -18,7 +18,7 @@ from ..model_store import state_to_numpy
 from ..module.vae import DEFAULTS, HPARAMS, VAE, Dispersion, LatentDistribution, Library, Likelihood, check_options
 from ..threads import threads
 from ..train import EVAL_BATCH_SIZE, TRAINING_DEFAULTS, TrainingDivergedError, TrainResult, default_max_epochs, train
-from ._derived import remove_derived
+from ._derived import check_free, remove_derived
 from ._utils import latent_means, resolve_device, set_library_prior, split_indices
 
 
@@ -27,6 +27,7 @@ def vae(
     adata: AnnData,
     *,
     layer: str | None = None,
+    use_raw: bool = False,
     batch_key: str | None = None,
     n_latent: int = DEFAULTS["n_latent"],
     n_hidden: int = DEFAULTS["n_hidden"],
@@ -73,6 +74,10 @@ def vae(
         Layer with raw counts; ``adata.X`` when None. Dense, CSR or CSC, int or float;
         floats within {count_rtol} (relative) of an integer, as CSV files often hold, are used
         rounded (the AnnData is not modified).
+    use_raw
+        Train on the counts in ``adata.raw`` (as CELLxGENE files hold them, with ``adata.X``
+        normalised): those of the genes of ``adata.var_names``, which may be fewer than
+        raw's. The tools that apply the model read them there too. Not with ``layer``.
     batch_key
         Column of ``adata.obs`` with batch labels, injected into the decoder (and the
         encoder when ``encode_covariates``).
@@ -196,7 +201,9 @@ def vae(
     check_options(likelihood=likelihood, dispersion=dispersion, library=library,
                   latent_distribution=latent_distribution)
     check_precision(precision)
-    data = read_training_data(adata, layer=layer, batch_key=batch_key, size_factor_key=size_factor_key,
+    check_free(adata, key_added, "obsm", f"X_{key_added}")  # another key's result is never overwritten
+    check_free(adata, key_added, "uns", key_added)
+    data = read_training_data(adata, layer=layer, use_raw=use_raw, batch_key=batch_key, size_factor_key=size_factor_key,
                               categorical_keys=categorical_covariate_keys, continuous_keys=continuous_covariate_keys)
     adata = adata.copy() if copy else adata
 
@@ -210,7 +217,7 @@ def vae(
     rng = np.random.default_rng(random_state)
     train_idx, val_idx = split_indices(adata.n_obs, train_size, rng)
     common = {"log_library": data.log_lib, "batch": data.codes, "cov": data.cov, "device": dev,
-              "round_counts": data.counts.n_rounded > 0}
+              **data.counts.read_options}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(random_state)
         module = _build_module(params, data, train_idx).to(dev)
@@ -234,8 +241,15 @@ def vae(
 def _build_module(params: dict, data: TrainingData, train_idx: np.ndarray) -> VAE:
     """Build the VAE of this call's settings; its latent-library prior from the training cells (global torch RNG)."""
     module = VAE(n_batch=len(data.categories), **{k: params[k] for k in HPARAMS if k in params})
-    set_library_prior(module, np.log(data.counts.totals[train_idx]),
-                      None if data.codes is None else data.codes[train_idx])
+    empty = set_library_prior(module, np.log(data.counts.totals[train_idx]),
+                              None if data.codes is None else data.codes[train_idx], pool_empty=True)
+    if empty and data.codes is not None:
+        names = [data.categories[b] for b in empty]
+        warnings.warn(
+            f"Batch(es) {names} of adata.obs[{params['batch_key']!r}] have no training cells (all their cells are "
+            "held out): the model learns nothing of them, and their latent-library prior is that of all training "
+            "cells. Hold out fewer cells (a larger train_size, or train_size=1.0) to train on them.",
+            UserWarning, stacklevel=3)  # the line of the sv.tl.vae call
     return module
 
 

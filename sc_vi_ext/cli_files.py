@@ -1,0 +1,115 @@
+"""The files of the command line: paths checked before anything runs, outputs written atomically.
+
+An output is written to a temporary file beside it (same folder, so the same file system)
+and renamed over it only once complete: a failed write (a full disk, a file-size limit, a
+signal) leaves the old file, or the input when OUT is IN, as it was. zarr stores (folders
+ending in ``.zarr``) are read and written like h5ad files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+class CommandError(Exception):
+    """A problem the user can fix: ``sc-vi-ext`` prints it on one line and exits with ``status``."""
+
+    def __init__(self, message: str, status: int = 2):
+        super().__init__(message)
+        self.status = status
+
+
+def _is_zarr(path: Path) -> bool:
+    return path.suffix == ".zarr" or (path / ".zgroup").exists() or (path / "zarr.json").exists()
+
+
+def check_input(path: str, *, backed: bool) -> str:
+    """Return the input's format (``"h5ad"`` or ``"zarr"``), or raise :class:`CommandError` saying what is wrong."""
+    import h5py
+
+    p = Path(path)
+    if not p.exists():
+        raise CommandError(f"input {path} does not exist")
+    if p.is_dir():
+        if not _is_zarr(p):
+            raise CommandError(f"input {path} is a folder, not an h5ad file (nor a zarr store)")
+        if backed:
+            raise CommandError(f"--backed reads h5ad files; {path} is a zarr store (leave out --backed)")
+        return "zarr"
+    if not h5py.is_hdf5(p):
+        raise CommandError(f"input {path} is not an h5ad file (not HDF5: wrong file, or damaged)")
+    return "h5ad"
+
+
+def check_output(path: str) -> str:
+    """Check that ``path`` can be written, before any work; return its format (``"h5ad"`` or ``"zarr"``)."""
+    p = Path(path)
+    fmt = "zarr" if p.suffix == ".zarr" else "h5ad"
+    if p.is_dir() and fmt == "h5ad":
+        raise CommandError(f"output {path} is a folder; name the h5ad file to write (e.g. {p / 'out.h5ad'})")
+    folder = p.parent
+    if not folder.is_dir():
+        raise CommandError(f"the folder of output {path} does not exist; create it first (mkdir -p {folder})")
+    try:  # the real test: a file can be created there (os.access says yes to root on a read-only mount)
+        fd, probe = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CommandError(f"cannot write output {path}: {e.strerror or e} in {folder}") from None
+    if p.is_file() and not os.access(p, os.W_OK):
+        raise CommandError(f"output {path} exists and is read-only")
+    return fmt
+
+
+def read_input(path: str, fmt: str, *, backed: bool):
+    """Read the AnnData at ``path`` (checked by :func:`check_input`)."""
+    import anndata as ad
+
+    if fmt == "zarr":
+        return ad.read_zarr(path)
+    return ad.read_h5ad(path, backed="r" if backed else None)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def write_atomic(write: Callable[[Path], object], path: str | Path) -> None:
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it over ``path``.
+
+    The temporary name keeps the suffix (writers choose the format by it). On any failure,
+    Ctrl-C included, the temporary file is removed and ``path`` is left as it was; the error
+    propagates. A zarr store (a folder) replaces the old one by two renames, the old store
+    removed only after the new one is in place.
+    """
+    p = Path(path)
+    tmp = p.with_name(f".{p.stem}.tmp-{os.getpid()}{p.suffix}")
+    try:
+        _remove(tmp)
+        write(tmp)
+        if tmp.is_dir() and p.exists():
+            old = p.with_name(f".{p.stem}.old-{os.getpid()}{p.suffix}")
+            os.replace(p, old)
+            os.replace(tmp, p)
+            _remove(old)
+        else:
+            os.replace(tmp, p)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def write_adata(adata, path: str | Path, fmt: str) -> None:
+    """Write ``adata`` as h5ad or zarr, atomically (:func:`write_atomic`); a failure becomes a :class:`CommandError`."""
+    try:
+        write_atomic(adata.write_zarr if fmt == "zarr" else adata.write_h5ad, path)
+    except Exception as e:  # a full disk, a file-size limit, an HDF5 error: one line, the old file kept
+        raise CommandError(f"could not write {path} ({type(e).__name__}: {e}); {path} was left as it was",
+                           status=1) from e
