@@ -19,6 +19,11 @@ from .dataloader import is_on_disk
 _CHECK_ROWS = 10_000  # rows read per chunk when checking a matrix
 
 
+def layer_names(adata: AnnData) -> list[str]:
+    """Return the named layers (anndata >= 0.13 also lists ``X`` as the layer ``None``)."""
+    return [k for k in adata.layers.keys() if k is not None]
+
+
 def get_counts(adata: AnnData, layer: str | None, *, use_raw: bool = False):
     """Return the count matrix of ``adata`` (``X``, ``layers[layer]`` or ``raw``), row-sliceable.
 
@@ -36,7 +41,7 @@ def get_counts(adata: AnnData, layer: str | None, *, use_raw: bool = False):
     else:
         if layer not in adata.layers:
             raise KeyError(
-                f"Layer {layer!r} not found in adata.layers (available: {list(adata.layers.keys())}); "
+                f"Layer {layer!r} not found in adata.layers (available: {layer_names(adata)}); "
                 "pass the name of the layer with raw counts, or layer=None to use adata.X."
             )
         X = adata.layers[layer]

@@ -30,7 +30,7 @@ def _snapshot(adata):
         "shape": adata.shape,
         "obsm": sorted(adata.obsm),
         "uns": sorted(adata.uns),
-        "layers": sorted(adata.layers),
+        "layers": sorted(k for k in adata.layers if k is not None),
         "obs": list(adata.obs.columns),
         "var": list(adata.var.columns),
         "uns_vae": sorted(adata.uns["vae"]) if "vae" in adata.uns else None,

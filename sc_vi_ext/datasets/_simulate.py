@@ -65,7 +65,7 @@ def simulate_blocks(
 
     Stacking the blocks gives ``simulate(...).X`` exactly (with the default ``block_rows``;
     other block sizes draw the same model in another order); writing them one at a time puts
-    a large simulation on disk without holding its counts in memory (``benchmarks/scale.py``).
+    a large simulation on disk without holding its counts in memory (``python -m benchmarks scale``).
     """
     rng = np.random.default_rng(random_state)
     base = rng.normal(0, 1.0, n_genes) - 1.0

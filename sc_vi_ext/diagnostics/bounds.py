@@ -19,7 +19,7 @@ from ..module import VAE, log_normal
 from ..module.distributions import reparameterize
 from ..module.scoring import LogPxGivenZ
 
-_ELEMENT_BUDGET = 1 << 20  # samples x cells x genes per chunk: cache-sized chunks (benchmarks/iwae_chunk.py: 1.9x)
+_ELEMENT_BUDGET = 1 << 20  # samples x cells x genes per chunk: cache-sized chunks (1.9x faster than 2^24 when measured)
 
 
 def sample_chunk(n_samples: int, n_cells: int, n_genes: int) -> int:

@@ -51,7 +51,7 @@ def decompose(
     overshoot log p(x) (our quadrature test caught 0.37 nats above the exact value). The
     widened component covers the posterior's tails that q* misses: with 128 samples it gave
     log p(x) closer to a 6,000-sample reference than 500 samples from q and q* alone
-    (``benchmarks/gap_proposal.py``).
+    (``python -m benchmarks gap`` measures the bias against such a reference).
     """
     # eval mode throughout (the training loop's callback hands over a module in train mode:
     # BatchNorm would use, and update, statistics of these samples, and dropout would be on)

@@ -17,8 +17,7 @@ live here, vectorised over cells, each cell with its own stopping rule:
     its own draws, so callers re-estimate L[q*] with fresh noise: the bound stays honest.
 ``"adam"``: the earlier stochastic optimiser (fresh noise every step, Adam, windows of
     ``window`` steps averaged, a cell stops after ``patience`` windows without improvement
-    and keeps its best window). About 4x slower; kept as the reference the benchmark
-    (``benchmarks/gap_speed.py``) compares against.
+    and keeps its best window). About 4x slower when measured on PBMC; kept as a reference.
 """
 
 from __future__ import annotations
@@ -76,7 +75,7 @@ def saa_noise(n_samples: int, n_cells: int, d: int, *, generator: torch.Generato
     quadratic in z exactly (with n_samples = 2d this is the spherical cubature rule of
     degree 3, randomly rotated per cell); with fewer, each dimension is standardised.
     On PBMC, 2d whitened draws gave a better q* in fewer steps than 16 or 32 merely
-    standardised ones (benchmarks/gap_speed.py).
+    standardised ones.
     """
     k = max(1, n_samples // 2)
     half = torch.randn((k, n_cells, d), generator=generator, device=device)

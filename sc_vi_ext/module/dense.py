@@ -4,7 +4,7 @@ The eager path of :func:`sc_vi_ext.module.fused.dense_terms`: the same value as 
 formulas there (``dense_nb``, ``dense_zinb``, which stay the reference and what
 ``torch.compile`` fuses), in fewer passes over memory and with far fewer in the backward
 pass, which autograd would otherwise build from ~30 element-wise nodes (``logaddexp``'s
-backward alone was 38 % of a q* step, ``benchmarks/likelihood_kernels.py``).
+backward alone was 38 % of a q* step when measured).
 
 Per entry, with u = mu / theta, s = log(1 + u) = log(theta + mu) - log(theta), the NB zero
 mass nb0 = -theta s and a = 1[x = 0] sigmoid(logit + theta s) (the share of a zero that the
