@@ -28,8 +28,6 @@ calibration cells the coverage is close to uniform, so a threshold ``alpha`` fla
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
@@ -41,19 +39,6 @@ from .trust import compare_to_reference
 COMPONENTS = ("model_miss", "programme", "latent_novelty", "encoder_miss")
 TAIL = 0.1  # share of calibration cells whose exceedances fit the exponential tail
 MIN_SCALE = 1.0  # floor of a gene's residual scale: a deviance residual of a well-fitted gene has sd ~ 1
-
-
-@dataclass
-class CellEvidence:
-    """Per-cell statistics of one pass over cells (see the module's docstring)."""
-
-    model_miss: np.ndarray
-    encoder_miss: np.ndarray
-    log_library: np.ndarray
-    residuals: np.ndarray | None = None  # (cells, genes) signed deviance residuals, when kept
-    programme: np.ndarray | None = None
-    top_genes: np.ndarray | None = None  # (cells, n_top) gene indices, largest z first
-    top_scores: np.ndarray | None = None
 
 
 def _refine_point(module: VAE, score: LogPxGivenZ, batch, mean, log_var, *, max_steps: int):
@@ -91,51 +76,81 @@ def deviance_residuals(module: VAE, x: torch.Tensor, params: dict) -> tuple[torc
     return d, torch.sign(x - m) * torch.sqrt(d)
 
 
-def cell_evidence(module: VAE, loader, *, max_steps: int = 20, keep_residuals: bool = False,
-                  gene_center: np.ndarray | None = None, gene_scale: np.ndarray | None = None,
-                  n_top: int = 10, progress=None) -> CellEvidence:
-    """One pass over ``loader``: refine each cell's latent point, then score its counts at z*.
+def refine_cells(module: VAE, loader, n_obs: int, *, max_steps: int = 20, progress=None) -> dict[str, np.ndarray]:
+    """One pass over ``loader``: each cell's z*, and the statistics of the cell at z*.
 
-    With ``gene_center`` and ``gene_scale`` (per-gene location and scale of reference residuals),
-    also the programme score and each cell's ``n_top`` driving genes; with ``keep_residuals``,
-    the residuals themselves (for the reference's per-gene statistics).
+    Returns ``z`` (``n_obs`` rows by AnnData position, NaN for cells not in the loader) and, in
+    the loader's order, ``model_miss``, ``encoder_miss`` and ``log_library``.
     """
-    module.eval()
-    flags = [p.requires_grad for p in module.parameters()]
-    for p in module.parameters():
-        p.requires_grad_(False)
-    out = {k: [] for k in ("model_miss", "encoder_miss", "log_library", "residuals", "programme", "top_genes",
-                           "top_scores")}
-    if gene_center is not None:
-        center = torch.as_tensor(gene_center, dtype=torch.float32)
-        scale = torch.as_tensor(gene_scale, dtype=torch.float32)
-    try:
+    out = {k: [] for k in ("model_miss", "encoder_miss", "log_library")}
+    z_all = np.full((n_obs, module.latent_dim), np.nan, dtype=np.float32)
+    with _frozen(module):
         for mb in loader:
             with torch.no_grad():
                 mean, log_var = module.inference(mb.x, mb.batch, mb.cov)
             score = LogPxGivenZ(module, mb.x, mb.batch, mb.log_library, mb.cov)
             z, gain = _refine_point(module, score, mb.batch, mean, log_var, max_steps=max_steps)
             with torch.no_grad():
-                d, r = deviance_residuals(module, mb.x, module.generative(z, mb.batch, mb.log_library, mb.cov))
-                totals = mb.x.sum(1).clamp_min(1)
-                out["model_miss"].append((d.sum(1) / totals).double().cpu().numpy())
-                out["encoder_miss"].append(gain.double().cpu().numpy())
-                out["log_library"].append(mb.log_library.double().cpu().numpy())
-                if keep_residuals:
-                    out["residuals"].append(r.cpu().numpy())
-                if gene_center is not None:
-                    zg = (r.cpu() - center) / scale
-                    k = min(n_top, zg.shape[1])
-                    top = torch.topk(zg, k, dim=1)
-                    out["programme"].append(top.values.mean(1).double().numpy())
-                    out["top_genes"].append(top.indices.numpy())
-                    out["top_scores"].append(top.values.numpy())
+                d, _ = deviance_residuals(module, mb.x, module.generative(z, mb.batch, mb.log_library, mb.cov))
+                out["model_miss"].append((d.sum(1) / mb.x.sum(1).clamp_min(1)).double().cpu().numpy())
+            out["encoder_miss"].append(gain.double().cpu().numpy())
+            out["log_library"].append(mb.log_library.double().cpu().numpy())
+            z_all[mb.idx] = z.cpu().numpy()
             if progress is not None:
                 progress.update()
-    finally:
-        for p, f in zip(module.parameters(), flags, strict=True):
+    return {"z": z_all, **{k: np.concatenate(v) for k, v in out.items()}}
+
+
+class _frozen:
+    """Eval mode and no weight gradients inside the block; restored afterwards."""
+
+    def __init__(self, module: VAE):
+        self.module = module
+
+    def __enter__(self):
+        self.flags = [p.requires_grad for p in self.module.parameters()]
+        self.was_training = self.module.training
+        self.module.eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p, f in zip(self.module.parameters(), self.flags, strict=True):
             p.requires_grad_(f)
-    return CellEvidence(**{k: np.concatenate(v) if v else None for k, v in out.items()})
+        self.module.train(self.was_training)
+
+
+@torch.no_grad()
+def residual_blocks(module: VAE, loader, z: np.ndarray):
+    """Yield (minibatch, signed deviance residuals (cells, genes)) at the cells' z* (rows of ``z`` by position)."""
+    with _frozen(module):
+        for mb in loader:
+            zc = torch.as_tensor(z[mb.idx], device=mb.x.device)
+            _, r = deviance_residuals(module, mb.x, module.generative(zc, mb.batch, mb.log_library, mb.cov))
+            yield mb, r.cpu()
+
+
+def programme_scores(module: VAE, loader, z: np.ndarray, center: np.ndarray, scale: np.ndarray, *,
+                     n_top: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Programme score, driving genes and their z-scores of the loader's cells, in its order.
+
+    ``center`` is (batch codes, genes): each cell's residuals are centred by its batch's row
+    (one row: the same for all), then divided by the per-gene ``scale``.
+    """
+    center, scale = torch.as_tensor(center), torch.as_tensor(scale)
+    prog, genes, scores = [], [], []
+    for mb, r in residual_blocks(module, loader, z):
+        c = center[0] if len(center) == 1 else center[mb.batch.cpu().long()]
+        top = torch.topk((r - c) / scale, min(n_top, r.shape[1]), dim=1)
+        prog.append(top.values.mean(1).double().numpy())
+        genes.append(top.indices.numpy())
+        scores.append(top.values.numpy())
+    return np.concatenate(prog), np.concatenate(genes), np.concatenate(scores)
+
+
+def residual_rows(module: VAE, loader, z: np.ndarray) -> np.ndarray:
+    """Return the signed deviance residuals of the loader's cells, (cells, genes) float32."""
+    return np.concatenate([r.numpy() for _, r in residual_blocks(module, loader, z)])
 
 
 def gene_statistics(residuals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -185,9 +200,14 @@ def tail_pvalue(reference: np.ndarray, values: np.ndarray, *, tail: float = TAIL
 
 
 def combine(calibration: dict[str, np.ndarray], cells: dict[str, np.ndarray], log_lib_cal: np.ndarray,
-            log_lib: np.ndarray, *, n_neighbors: int = 100) -> tuple[np.ndarray, dict, dict]:
+            log_lib: np.ndarray, *, shift_groups: np.ndarray | None = None, n_neighbors: int = 100,
+            ) -> tuple[np.ndarray, dict, dict]:
     """Coverage of ``cells`` from their component statistics, calibrated on the ``calibration`` cells.
 
+    ``shift_groups``: per cell, a group (a batch the reference never saw) whose batch-wide offset
+    is removed, or -1: where a group's lower quartile of a depth-adjusted statistic lies above the
+    calibration cells', the difference is subtracted from the group (the lower quartile stays put
+    while the cells the reference does not cover are under three quarters of the group).
     Returns the coverage of the cells, their per-component p-values and the calibration cells'
     coverage (in-sample: close to uniform).
     """
@@ -198,7 +218,12 @@ def combine(calibration: dict[str, np.ndarray], cells: dict[str, np.ndarray], lo
     for name in calibration:
         stat = np.concatenate([calibration[name], cells[name]])
         _, z = compare_to_reference(stat, lib, ref, n_neighbors=min(n_neighbors, n_cal))
-        p_cal[name], p_cells[name] = tail_pvalue(z[:n_cal], z[:n_cal]), tail_pvalue(z[:n_cal], z[n_cal:])
+        z_cal, z_cells = z[:n_cal], z[n_cal:]
+        if shift_groups is not None:
+            for g in np.unique(shift_groups[shift_groups >= 0]):
+                m = shift_groups == g
+                z_cells[m] -= max(0.0, float(np.quantile(z_cells[m], 0.25) - np.quantile(z_cal, 0.25)))
+        p_cal[name], p_cells[name] = tail_pvalue(z_cal, z_cal), tail_pvalue(z_cal, z_cells)
     fisher_cal = -2 * sum(np.log(p) for p in p_cal.values())
     fisher = -2 * sum(np.log(p) for p in p_cells.values())
     return tail_pvalue(fisher_cal, fisher), p_cells, tail_pvalue(fisher_cal, fisher_cal)

@@ -10,6 +10,7 @@ from scanpy import logging as logg
 from .._docs import doc_params
 from .._progress import tqdm
 from ..diagnostics import coverage as cov
+from ..inputs import batch_codes_as
 from ..model_store import held_out_mask, stored_loader
 from ..threads import cpu_threads
 from ._utils import stored_model
@@ -47,7 +48,7 @@ def _self_rows(adata: AnnData, reference: AnnData, key: str, train: np.ndarray) 
     return same
 
 
-def _summaries(adata, key, coverage, flag, groups, genes, ev, n_report):
+def _summaries(coverage, flag, groups, genes, top_genes, top_scores, n_report):
     """Per group: cells, median coverage, share uncovered and the genes driving its uncovered cells."""
     out = {}
     for g in pd.unique(groups):
@@ -57,7 +58,7 @@ def _summaries(adata, key, coverage, flag, groups, genes, ev, n_report):
         u = m & flag
         if u.any():
             score = np.zeros(len(genes))
-            np.add.at(score, ev.top_genes[u].ravel(), np.maximum(ev.top_scores[u], 0).ravel())
+            np.add.at(score, top_genes[u].ravel(), np.maximum(top_scores[u], 0).ravel())
             best = np.argsort(-score)[:n_report]
             rec["top_genes"] = [str(genes[i]) for i in best if score[i] > 0]
         out[str(g)] = rec
@@ -166,25 +167,30 @@ def reference_coverage(
                stored_loader(reference, key, np.flatnonzero(val), batch_size=batch_size, device=dev),
                stored_loader(adata, key, batch_size=batch_size, device=dev)]  # genes and batches checked here
     self_rows = _self_rows(adata, reference, key, train)
+    n_ref_batches = len(reference.uns[key]["batch_categories"])
     batch_key = reference.uns[key]["params"].get("batch_key")
     groupby = groupby or (batch_key if batch_key in adata.obs else None)
     groups = np.asarray(adata.obs[groupby].astype(str)) if groupby else np.full(adata.n_obs, "all")
     adata = adata.copy() if copy else adata
     start = logg.info(f"scoring the reference coverage of {adata.n_obs} cells under {key!r}")
     bar = tqdm(total=sum(len(lo) for lo in loaders), desc="reference coverage", unit="batch", disable=not progress)
-    opts = {"max_steps": max_steps, "n_top": n_top_genes, "progress": bar}
-    scale_ev = cov.cell_evidence(r_module, loaders[0], keep_residuals=True, **opts)
-    center, spread = cov.gene_statistics(scale_ev.residuals)
-    del scale_ev
-    cal = cov.cell_evidence(r_module, loaders[1], gene_center=center, gene_scale=spread, **opts)
-    ev = cov.cell_evidence(q_module, loaders[2], gene_center=center, gene_scale=spread, **opts)
+    scale_ev = cov.refine_cells(r_module, loaders[0], reference.n_obs, max_steps=max_steps, progress=bar)
+    ref_center, spread = cov.gene_statistics(cov.residual_rows(r_module, loaders[0], scale_ev["z"]))
+    cal = cov.refine_cells(r_module, loaders[1], reference.n_obs, max_steps=max_steps, progress=bar)
+    cal["programme"], _, _ = cov.programme_scores(r_module, loaders[1], cal["z"], ref_center[None], spread,
+                                                  n_top=n_top_genes)
+    ev = cov.refine_cells(q_module, loaders[2], adata.n_obs, max_steps=max_steps, progress=bar)
+    center, new_batch = _batch_centers(adata, key, q_module, ev["z"], ref_center, n_ref_batches, n_scale_cells,
+                                       rng, dev)
+    ev["programme"], top_genes, top_scores = cov.programme_scores(q_module, loaders[2], ev["z"], center, spread,
+                                                                  n_top=n_top_genes)
     ref_lat = np.asarray(reference.obsm[f"X_{key}"])
-    cal.latent_novelty = cov.latent_distance(ref_lat[train], ref_lat[val], n_neighbors=n_neighbors)
-    ev.latent_novelty = cov.latent_distance(ref_lat[train], np.asarray(adata.obsm[f"X_{key}"]),
-                                            n_neighbors=n_neighbors, skip_self=self_rows)
-    stats = {c: getattr(ev, c) for c in cov.COMPONENTS}
-    coverage, pvals, cal_cov = cov.combine({c: getattr(cal, c) for c in cov.COMPONENTS}, stats,
-                                           cal.log_library, ev.log_library)
+    cal["latent_novelty"] = cov.latent_distance(ref_lat[train], ref_lat[val], n_neighbors=n_neighbors)
+    ev["latent_novelty"] = cov.latent_distance(ref_lat[train], np.asarray(adata.obsm[f"X_{key}"]),
+                                               n_neighbors=n_neighbors, skip_self=self_rows)
+    stats = {c: ev[c] for c in cov.COMPONENTS}
+    coverage, pvals, cal_cov = cov.combine({c: cal[c] for c in cov.COMPONENTS}, stats,
+                                           cal["log_library"], ev["log_library"], shift_groups=new_batch)
     flag = coverage < alpha
     genes = np.asarray(reference.uns[key]["var_names"]).astype(str)
     adata.obs[f"{key}_coverage"] = coverage
@@ -192,15 +198,15 @@ def reference_coverage(
     for c in cov.COMPONENTS:
         adata.obs[f"{key}_{c}"] = stats[c]
         adata.obs[f"{key}_{c}_p"] = pvals[c]
-    adata.obs[f"{key}_coverage_genes"] = np.where(flag, [",".join(genes[i]) for i in ev.top_genes], "")
-    top = pd.DataFrame(genes[ev.top_genes[flag]], index=adata.obs_names[flag],
-                       columns=[f"gene_{i + 1}" for i in range(ev.top_genes.shape[1])])
+    adata.obs[f"{key}_coverage_genes"] = np.where(flag, [",".join(genes[i]) for i in top_genes], "")
+    top = pd.DataFrame(genes[top_genes[flag]], index=adata.obs_names[flag],
+                       columns=[f"gene_{i + 1}" for i in range(top_genes.shape[1])])
     adata.uns[key]["coverage"] = {
         "params": params, "threshold": float(alpha), "groupby": groupby or "",
         "calibration": {"n_cells": int(val.sum()), "cells": "held-out cells of the reference",
                         "frac_flagged": float((cal_cov < alpha).mean()), "n_scale_cells": len(scale_idx)},
         "frac_uncovered": float(flag.mean()),
-        "groups": _summaries(adata, key, coverage, flag, groups, genes, ev, n_top_genes),
+        "groups": _summaries(coverage, flag, groups, genes, top_genes, top_scores, n_top_genes),
         "top_genes": top,
     }
     merged = merge_into_trust(adata, key)
@@ -212,6 +218,28 @@ def reference_coverage(
               f"and their p-values (adata.obs)\n    'coverage' (adata.uns['{key}'])"
               + (f"\n    updated '{key}_trust', '{key}_untrusted' with the coverage" if merged else ""))
     return adata if copy else None
+
+
+def _batch_centers(adata, key, module, z, ref_center, n_ref_batches, n_cells, rng, dev):
+    """Per-gene residual location per batch code: the reference's, re-estimated for batches it never saw.
+
+    A new batch's centre is the median residual of up to ``n_cells`` of its own cells: a gene the
+    mapping fits worse across the whole batch is a batch effect, not a new programme (the median
+    stays put while a novel population is under half of the batch). Returns the centres (batch codes,
+    genes) and, per cell, its batch code where the reference never saw the batch, else -1 (None: no new batch).
+    """
+    p = adata.uns[key]["params"]
+    codes, _ = batch_codes_as(adata, p["batch_key"], list(adata.uns[key]["batch_categories"]))
+    if codes is None or codes.max() < n_ref_batches:
+        return ref_center[None], None
+    center = np.tile(ref_center, (int(codes.max()) + 1, 1))
+    for b in range(n_ref_batches, int(codes.max()) + 1):
+        pool = np.flatnonzero(codes == b)
+        if len(pool):
+            idx = np.sort(rng.choice(pool, min(n_cells, len(pool)), replace=False))
+            rows = cov.residual_rows(module, stored_loader(adata, key, idx, device=dev), z)
+            center[b] = np.median(rows, axis=0)
+    return center, np.where(codes >= n_ref_batches, codes, -1)
 
 
 def merge_into_trust(adata: AnnData, key: str) -> bool:
