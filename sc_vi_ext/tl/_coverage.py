@@ -15,7 +15,8 @@ from ..model_store import held_out_mask, stored_loader
 from ..threads import cpu_threads
 from ._utils import stored_model
 
-MIN_CALIBRATION_CELLS = 20
+MIN_CALIBRATION_CELLS = 10
+FEW_CALIBRATION_CELLS = 100  # below this, the coverage's tail is coarse: said in the log
 
 
 def _checked_inputs(adata: AnnData, reference: AnnData, key: str, groupby: str | None):
@@ -173,6 +174,9 @@ def reference_coverage(
     groups = np.asarray(adata.obs[groupby].astype(str)) if groupby else np.full(adata.n_obs, "all")
     adata = adata.copy() if copy else adata
     start = logg.info(f"scoring the reference coverage of {adata.n_obs} cells under {key!r}")
+    if val.sum() < FEW_CALIBRATION_CELLS:
+        logg.warning(f"only {int(val.sum())} held-out reference cells to calibrate on: coverage values below "
+                     f"about 1/{int(val.sum())} rest on a fitted tail")
     bar = tqdm(total=sum(len(lo) for lo in loaders), desc="reference coverage", unit="batch", disable=not progress)
     scale_ev = cov.refine_cells(r_module, loaders[0], reference.n_obs, max_steps=max_steps, progress=bar)
     ref_center, spread = cov.gene_statistics(cov.residual_rows(r_module, loaders[0], scale_ev["z"]))
