@@ -10,7 +10,9 @@ Cases (each: reference trained with ``sv.tl.vae`` defaults, query mapped with ``
   type with probability 0.08, log-fold +-0.45, no marker genes); type 7 left out.
 - ``pbmc``: ``sv.datasets.pbmc68k`` (no batches); CD19+ B cells left out; the other cells split
   at random, 2/3 to the reference (``train_size=0.8``, for enough held-out cells to calibrate on)
-  and 1/3 to the query, which also gets every B cell.
+  and 1/3 to the query, which also gets every B cell. ``pbmc:<label>`` leaves out another
+  ``bulk_labels`` type instead (the default run adds the CD14+ monocytes, the dendritic cells
+  and the NK cells).
 
 Scores, novel type vs known types among the query cells: ``sv.tl.reference_coverage`` (its
 coverage, and its flag at the default alpha), and three baselines in the latent space: kNN
@@ -71,15 +73,15 @@ def simulate_weak_de(n_cells, n_genes, *, n_types=8, n_batches=3, de_prob=0.08, 
 def make_case(name: str, quick: bool):
     """Return (reference, query, label column, novel labels, tl.vae settings)."""
     n, g = (4000, 1000) if quick else (12000, 2000)
-    if name == "sim_two_types":
+    if name.startswith("sim_two_types"):
         ad = sv.datasets.simulate(n, g, n_batches=3, n_types=8, random_state=0)
         novel = ["type_6", "type_7"]
-    elif name == "sim_weak_de":
+    elif name.startswith("sim_weak_de"):
         ad = simulate_weak_de(n, g, random_state=1)
         novel = ["type_7"]
-    else:
+    else:  # "pbmc" (B cells left out) or "pbmc:<bulk label>"
         ad = sv.datasets.pbmc68k()
-        novel = ["CD19+ B"]
+        novel = [name.split(":", 1)[1] if ":" in name else "CD19+ B"]
         rng = np.random.default_rng(0)
         known = np.flatnonzero(~ad.obs["bulk_labels"].isin(novel).to_numpy())
         to_ref = np.zeros(ad.n_obs, bool)
@@ -174,7 +176,8 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller data, for iterating")
-    ap.add_argument("--cases", default="sim_two_types,sim_weak_de,pbmc")
+    ap.add_argument("--cases", default="sim_two_types,sim_weak_de,pbmc,pbmc:CD14+ Monocyte,pbmc:Dendritic,"
+                                       "pbmc:CD56+ NK")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     sc.settings.verbosity = 0
