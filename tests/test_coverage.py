@@ -53,7 +53,7 @@ def test_novel_type_gets_low_coverage(scored):
 
 def test_summaries_and_driving_genes(scored):
     res = scored.uns["vae"]["coverage"]
-    assert res["threshold"] == 0.01 and res["groupby"] == "batch"
+    assert res["threshold"] == 0.05 and res["groupby"] == "batch"
     assert res["calibration"]["cells"] == "held-out cells of the reference"
     assert res["calibration"]["frac_flagged"] <= 0.1
     assert set(res["groups"]) == {"batch_1"}

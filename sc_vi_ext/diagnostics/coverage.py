@@ -20,7 +20,8 @@ Each statistic is made depth-free (a robust z-score against the calibration cell
 log library size, :func:`~sc_vi_ext.diagnostics.trust.compare_to_reference`) and turned into an
 upper-tail p-value against the calibration cells (the reference's held-out cells): empirical in
 the bulk, an exponential tail fitted to the top ``TAIL`` of the calibration cells beyond it,
-so that p-values stay resolved past the most extreme calibration cell. The p-values are
+so that p-values stay resolved past the most extreme calibration cell (batches the reference
+never saw first lose their batch-wide offset, see :func:`combine`). The p-values are
 combined by Fisher's method and the combination is calibrated the same way: on the
 calibration cells the coverage is close to uniform, so a threshold ``alpha`` flags about
 ``alpha`` of typical reference cells.
@@ -205,9 +206,11 @@ def combine(calibration: dict[str, np.ndarray], cells: dict[str, np.ndarray], lo
     """Coverage of ``cells`` from their component statistics, calibrated on the ``calibration`` cells.
 
     ``shift_groups``: per cell, a group (a batch the reference never saw) whose batch-wide offset
-    is removed, or -1: where a group's lower quartile of a depth-adjusted statistic lies above the
-    calibration cells', the difference is subtracted from the group (the lower quartile stays put
-    while the cells the reference does not cover are under three quarters of the group).
+    and widening are removed, or -1: a group's depth-adjusted statistic is moved so that its lower
+    quartile is the calibration cells' and, where its spread between the 5% and 25% quantiles is
+    wider than theirs, shrunk to theirs (those quantiles stay put while the cells the reference
+    does not cover are under three quarters of the group). A group that sits below the
+    calibration cells and is no wider is left alone.
     Returns the coverage of the cells, their per-component p-values and the calibration cells'
     coverage (in-sample: close to uniform).
     """
@@ -222,7 +225,10 @@ def combine(calibration: dict[str, np.ndarray], cells: dict[str, np.ndarray], lo
         if shift_groups is not None:
             for g in np.unique(shift_groups[shift_groups >= 0]):
                 m = shift_groups == g
-                z_cells[m] -= max(0.0, float(np.quantile(z_cells[m], 0.25) - np.quantile(z_cal, 0.25)))
+                q05, q25 = np.quantile(z_cells[m], [0.05, 0.25])
+                c05, c25 = np.quantile(z_cal, [0.05, 0.25])
+                spread = max(1.0, (q25 - q05) / max(c25 - c05, 1e-9))
+                z_cells[m] = c25 + (z_cells[m] - q25) / spread if q25 > c25 or spread > 1 else z_cells[m]
         p_cal[name], p_cells[name] = tail_pvalue(z_cal, z_cal), tail_pvalue(z_cal, z_cells)
     fisher_cal = -2 * sum(np.log(p) for p in p_cal.values())
     fisher = -2 * sum(np.log(p) for p in p_cells.values())

@@ -73,7 +73,7 @@ def reference_coverage(
     *,
     reference: AnnData,
     key: str = "vae",
-    alpha: float = 0.01,
+    alpha: float = 0.05,
     groupby: str | None = None,
     n_top_genes: int = 10,
     n_neighbors: int = 15,
@@ -116,7 +116,9 @@ def reference_coverage(
         ``obsm["X_" + key]`` and its held-out cells (``tl.vae(train_size < 1)``).
     {key}
     alpha
-        Flag threshold on the coverage (at most 0.05 keeps the reference's false flags at 5%).
+        Flag threshold on the coverage: about this share of typical reference cells is flagged
+        (0.05 at most keeps the false flags at 5%; lower it for fewer false flags and fewer
+        novel cells caught).
     groupby
         Column of ``adata.obs`` for the group summaries and their driving genes; None: the
         reference's ``batch_key`` when it has one, else all cells together.
