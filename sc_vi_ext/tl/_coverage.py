@@ -105,7 +105,11 @@ def reference_coverage(
     Each is compared with the reference's held-out cells of similar depth and turned into an
     upper-tail p-value; Fisher's combination of the four is calibrated on the same held-out
     cells, so ``coverage`` is close to uniform on typical reference cells and
-    ``coverage < alpha`` flags about ``alpha`` of them.
+    ``coverage < alpha`` flags about ``alpha`` of them. For a batch the reference never saw,
+    the leftover batch effect of the mapping is not counted as novelty: each gene's residual
+    location is taken from the batch's own cells, and each component loses the batch-wide
+    offset and widening of its lower quantiles (this assumes that most of a new batch is
+    covered). See the documentation page "Reference coverage" for what each part signals.
 
     Parameters
     ----------
@@ -138,7 +142,8 @@ def reference_coverage(
 
     ``adata.obs[key + "_coverage"]``
         In (0, 1]; low: the reference does not explain the cell. The share of the reference's
-        held-out cells whose combined evidence is at least this cell's.
+        held-out cells whose combined evidence is at least this cell's (beyond their top 10%,
+        an exponential tail fitted to them).
     ``adata.obs[key + "_uncovered"]``
         Boolean flag, ``coverage < alpha``.
     ``adata.obs[key + "_" + name]`` and ``[key + "_" + name + "_p"]``
