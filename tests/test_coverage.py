@@ -14,7 +14,7 @@ import scanpy as sc
 from sklearn.metrics import roc_auc_score
 
 import sc_vi_ext as sv
-from sc_vi_ext.diagnostics.coverage import tail_pvalue
+from sc_vi_ext.diagnostics.coverage import combine, tail_pvalue
 from sc_vi_ext.model_store import held_out_mask
 
 FAST_COV = {"n_scale_cells": 200, "max_steps": 10, "progress": False}
@@ -136,3 +136,24 @@ def test_plot(scored):
     _, ax = plt.subplots()
     assert sv.pl.reference_coverage(q, groupby="cell_type", ax=ax) is ax
     plt.close("all")
+
+
+def test_new_batch_offset_and_widening_are_not_novelty():
+    rng = np.random.default_rng(1)
+    n_cal, n = 600, 3000
+    cal = {c: rng.normal(size=n_cal) for c in ("a", "b")}
+    cells = {c: 2 + 2 * rng.normal(size=n) for c in ("a", "b")}  # the whole new batch shifted and wider
+    novel = np.zeros(n, bool)
+    novel[:300] = True
+    for c in cells:
+        cells[c][novel] += 14  # a tenth of it far beyond anything typical
+    lib_cal, lib = np.full(n_cal, 7.0), np.full(n, 7.0)
+    raw, _, cal_cov = combine(cal, cells, lib_cal, lib)
+    assert (raw[~novel] < 0.05).mean() > 0.3  # uncorrected, the batch effect reads as novelty
+    cov, _, _ = combine(cal, cells, lib_cal, lib, shift_groups=np.zeros(n, int))
+    assert (cov[~novel] < 0.05).mean() < 0.08
+    assert (cov[novel] < 0.05).mean() > 0.9
+    assert abs((cal_cov < 0.05).mean() - 0.05) < 0.02
+    lower = {c: v - 3 for c, v in cal.items()}  # a batch that sits lower is not moved up
+    low, _, _ = combine(cal, lower, lib_cal, lib_cal, shift_groups=np.zeros(n_cal, int))
+    assert (low < 0.05).mean() < 0.01

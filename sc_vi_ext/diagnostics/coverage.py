@@ -206,11 +206,11 @@ def combine(calibration: dict[str, np.ndarray], cells: dict[str, np.ndarray], lo
     """Coverage of ``cells`` from their component statistics, calibrated on the ``calibration`` cells.
 
     ``shift_groups``: per cell, a group (a batch the reference never saw) whose batch-wide offset
-    and widening are removed, or -1: a group's depth-adjusted statistic is moved so that its lower
-    quartile is the calibration cells' and, where its spread between the 5% and 25% quantiles is
-    wider than theirs, shrunk to theirs (those quantiles stay put while the cells the reference
-    does not cover are under three quarters of the group). A group that sits below the
-    calibration cells and is no wider is left alone.
+    and widening are removed, or -1: where a group's lower quartile of a depth-adjusted statistic
+    lies above the calibration cells', the group is moved down onto theirs, and where its spread
+    between the 5% and 25% quantiles is wider than theirs, it is shrunk to theirs around that
+    quartile (those quantiles stay put while the cells the reference does not cover are under
+    three quarters of the group). A lower quartile is never moved up.
     Returns the coverage of the cells, their per-component p-values and the calibration cells'
     coverage (in-sample: close to uniform).
     """
@@ -228,7 +228,7 @@ def combine(calibration: dict[str, np.ndarray], cells: dict[str, np.ndarray], lo
                 q05, q25 = np.quantile(z_cells[m], [0.05, 0.25])
                 c05, c25 = np.quantile(z_cal, [0.05, 0.25])
                 spread = max(1.0, (q25 - q05) / max(c25 - c05, 1e-9))
-                z_cells[m] = c25 + (z_cells[m] - q25) / spread if q25 > c25 or spread > 1 else z_cells[m]
+                z_cells[m] = min(q25, c25) + (z_cells[m] - q25) / spread  # its lower quartile never moves up
         p_cal[name], p_cells[name] = tail_pvalue(z_cal, z_cal), tail_pvalue(z_cal, z_cells)
     fisher_cal = -2 * sum(np.log(p) for p in p_cal.values())
     fisher = -2 * sum(np.log(p) for p in p_cells.values())
