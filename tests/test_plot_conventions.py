@@ -24,6 +24,7 @@ CALLS = {
     "gap_history": ({}, {}),
     "latent": ({"color": "cell_type"}, {"color": "cell_type"}),
     "posterior_predictive": ({}, {"stats": "mean"}),
+    "reference_coverage": ({"groupby": "cell_type"}, {"groupby": "cell_type"}),
 }
 PL = [getattr(sv.pl, name) for name in sv.pl.__all__]
 
@@ -39,6 +40,7 @@ def diagnosed():
     sv.tl.vae(adata, n_hidden=16, max_epochs=6, gap_every=3, progress=False)
     sv.tl.amortization_gap(adata, n_cells=40, max_steps=20, n_samples=30, progress=False)
     sv.tl.posterior_predictive(adata, n_samples=3, progress=False)
+    sv.tl.reference_coverage(adata, reference=adata, n_scale_cells=50, max_steps=5, progress=False)
     sc.pp.neighbors(adata, use_rep="X_vae")
     sc.tl.umap(adata)
     # pl.latent draws with sc.pl.embedding, which (as every scanpy plot) turns string columns of

@@ -1,5 +1,6 @@
 """Tools: train the VAE and diagnose its inference; results go to ``obsm``, ``obs`` and ``uns``."""
 
+from ._coverage import reference_coverage
 from ._de import differential_expression
 from ._expression import normalized_expression
 from ._gap import amortization_gap
@@ -12,5 +13,5 @@ from ._vae import vae
 
 __all__ = [
     "amortization_gap", "differential_expression", "log_likelihood", "normalized_expression",
-    "posterior_predictive", "refine", "trust_score", "vae", "vae_map",
+    "posterior_predictive", "reference_coverage", "refine", "trust_score", "vae", "vae_map",
 ]

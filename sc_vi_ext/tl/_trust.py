@@ -13,6 +13,7 @@ from ..diagnostics import optimize_q
 from ..diagnostics.trust import compare_to_reference
 from ..model_store import held_out_mask, stored_loader
 from ..threads import cpu_threads
+from ._coverage import merge_into_trust
 from ._utils import stored_model
 
 # the obs columns "<key>_<name>" this tool writes
@@ -34,6 +35,12 @@ def trust_score(
     copy: bool = False,
 ) -> AnnData | None:
     """Score every cell by how well the encoder serves it, against training cells of similar depth.
+
+    This measures encoder quality only: a cell of a type the model never saw can be encoded
+    as well as any other and still be explained badly by the model. Whether the model covers
+    a cell at all is :func:`reference_coverage`; when its result is in ``obs`` (run before or
+    after this tool), trust is capped by the coverage and an uncovered cell is untrusted, so
+    ``trust`` never calls an uncovered cell trustworthy.
 
     For each cell, a short per-cell optimisation of q from the encoder's output (the
     L-BFGS optimiser of :func:`amortization_gap`, capped at ``max_steps`` decoder passes,
@@ -75,12 +82,16 @@ def trust_score(
     ``adata.obs[key + "_trust"]``
         Fraction of comparable training cells whose gap is at least this cell's, in (0, 1]:
         high is trustworthy, near 0 is worse than nearly every comparable training cell.
+        With ``obs[key + "_coverage"]`` present: the smaller of that and the coverage.
     ``adata.obs[key + "_untrusted"]``
         Boolean flag: gap above the comparable training cells' median by more than ``n_mads``
-        robust standard deviations.
+        robust standard deviations; with the coverage present, also every uncovered cell.
+    ``adata.obs[key + "_trust_encoder"]``, ``[key + "_untrusted_encoder"]``
+        Only with the coverage present: the encoder-only trust and flag.
     ``adata.uns[key]["trust"]``
-        ``params``, and for ``"train"``, ``"validation"`` and ``"all"`` cells: ``n_cells``,
-        ``gap_estimate_median``, ``trust_median`` and ``frac_untrusted``.
+        ``params``, ``uses_coverage`` (whether trust was capped by the coverage), and for
+        ``"train"``, ``"validation"`` and ``"all"`` cells: ``n_cells``,
+        ``gap_estimate_median``, ``trust_median`` and ``frac_untrusted`` (encoder only).
     """
     params = {k: v for k, v in locals().items() if k not in ("adata", "copy")}
     module, dev = stored_model(adata, key, device)
@@ -101,17 +112,24 @@ def trust_score(
     flag = z > n_mads
     for name, values in zip(OBS_COLUMNS, (gap, trust, flag), strict=True):
         adata.obs[f"{key}_{name}"] = values
+    # stale encoder-only columns of an earlier run
+    adata.obs.drop(columns=[f"{key}_trust_encoder", f"{key}_untrusted_encoder"], errors="ignore", inplace=True)
     summary = {"params": params}
     for split, m in (("train", ~val), ("validation", val), ("all", np.ones_like(val))):
         if m.any():
             summary[split] = {"n_cells": int(m.sum()), "gap_estimate_median": float(np.median(gap[m])),
                               "trust_median": float(np.median(trust[m])), "frac_untrusted": float(flag[m].mean())}
+    summary["uses_coverage"] = merge_into_trust(adata, key)
     adata.uns[key]["trust"] = summary
     text = ", ".join(f"{lab} {100 * summary[s]['frac_untrusted']:.1f}% (median trust {summary[s]['trust_median']:.2f})"
                      for s, lab in (("train", "training"), ("validation", "held-out")) if s in summary)
     bar.set_postfix_str(f"flagged: {text}", refresh=True)
     bar.close()
     logg.info(f"    flagged as untrusted: {text}")
+    if summary["uses_coverage"]:
+        logg.info(f"    trust capped by '{key}_coverage'; the encoder-only values are in '{key}_trust_encoder'")
+    else:
+        logg.info("    trust measures the encoder only; sv.tl.reference_coverage tells if the model covers a cell")
     logg.info("    finished", time=start, deep=f"added\n    '{key}_gap_estimate', '{key}_trust', '{key}_untrusted' "
               f"(adata.obs)\n    'trust' (adata.uns['{key}'])")
     return adata if copy else None

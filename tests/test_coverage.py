@@ -1,0 +1,159 @@
+"""Reference coverage: a cell type the reference lacks is flagged, typical reference cells are not.
+
+A small easy simulation (4 types with strong markers, 2 batches): the reference holds batch 0
+without type_3, the query is batch 1 with every type, mapped with ``tl.vae_map`` (a new batch).
+"""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+from sklearn.metrics import roc_auc_score
+
+import sc_vi_ext as sv
+from sc_vi_ext.diagnostics.coverage import combine, tail_pvalue
+from sc_vi_ext.model_store import held_out_mask
+
+FAST_COV = {"n_scale_cells": 200, "max_steps": 10, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def mapped():
+    adata = sv.datasets.simulate(1200, 120, n_batches=2, n_types=4, n_markers=10, random_state=2)
+    ref = adata[(adata.obs["batch"] == "batch_0") & (adata.obs["cell_type"] != "type_3")].copy()
+    query = adata[adata.obs["batch"] == "batch_1"].copy()
+    sv.tl.vae(ref, batch_key="batch", train_size=0.75, max_epochs=60, n_hidden=64, progress=False)
+    sv.tl.vae_map(query, reference=ref, max_epochs=20, progress=False)
+    return ref, query
+
+
+@pytest.fixture(scope="module")
+def scored(mapped):
+    ref, query = mapped
+    return sv.tl.reference_coverage(query, reference=ref, copy=True, **FAST_COV)
+
+
+def test_novel_type_gets_low_coverage(scored):
+    obs = scored.obs
+    novel = (obs["cell_type"] == "type_3").to_numpy()
+    cov = obs["vae_coverage"].to_numpy()
+    assert roc_auc_score(novel, -cov) > 0.9
+    assert np.median(cov[novel]) < np.median(cov[~novel])
+    flag = obs["vae_uncovered"].to_numpy()
+    assert flag.dtype == bool
+    assert flag[novel].mean() > 0.5 and flag[~novel].mean() < 0.1
+    for col in ("vae_coverage", "vae_programme", "vae_model_miss", "vae_latent_novelty", "vae_encoder_miss",
+                "vae_programme_p", "vae_latent_novelty_p"):
+        assert np.isfinite(obs[col].to_numpy()).all(), col
+    assert ((cov > 0) & (cov <= 1)).all()
+
+
+def test_summaries_and_driving_genes(scored):
+    res = scored.uns["vae"]["coverage"]
+    assert res["threshold"] == 0.05 and res["groupby"] == "batch"
+    assert res["calibration"]["cells"] == "held-out cells of the reference"
+    assert res["calibration"]["frac_flagged"] <= 0.1
+    assert set(res["groups"]) == {"batch_1"}
+    flag = scored.obs["vae_uncovered"].to_numpy()
+    top = res["top_genes"]
+    assert isinstance(top, pd.DataFrame) and list(top.index) == list(scored.obs_names[flag])
+    # the type the reference lacks is named by its own marker genes
+    markers = set(scored.var_names[scored.var["marker_of"] == "type_3"])
+    novel_flagged = top.index[scored.obs.loc[top.index, "cell_type"] == "type_3"]
+    hits = np.isin(top.loc[novel_flagged].to_numpy(), list(markers)).mean()
+    assert hits > 0.5
+    assert len(set(res["groups"]["batch_1"]["top_genes"][:5]) & markers) >= 3
+    genes = scored.obs["vae_coverage_genes"]
+    assert (genes[~flag] == "").all() and (genes[flag] != "").all()
+
+
+def test_on_the_reference_itself(mapped):
+    ref, _ = mapped
+    out = sv.tl.reference_coverage(ref, reference=ref, copy=True, **FAST_COV)
+    val = held_out_mask(out, "vae")
+    assert out.obs["vae_uncovered"].to_numpy()[val].mean() <= 0.1
+    assert out.obs["vae_uncovered"].mean() <= 0.1
+    assert np.isfinite(out.obs["vae_coverage"]).all()
+    assert "vae_coverage" not in ref.obs  # copy=True leaves the input alone
+
+
+def test_bad_inputs_raise_before_writing(mapped, trained):
+    ref, query = mapped
+    q = query.copy()
+    with pytest.raises(KeyError, match="No trained model"):
+        sv.tl.reference_coverage(sv.datasets.simulate(50, 20), reference=ref, progress=False)
+    q_missing = q[:, q.var_names[3:]].copy()
+    with pytest.raises(ValueError, match="not in adata.var_names"):
+        sv.tl.reference_coverage(q_missing, reference=ref, progress=False)
+    assert "vae_coverage" not in q_missing.obs and "coverage" not in q_missing.uns["vae"]
+    no_val = ref.copy()
+    no_val.uns["vae"]["validation_obs_names"] = np.array([], dtype=object)
+    with pytest.raises(ValueError, match="held-out cells"):
+        sv.tl.reference_coverage(q, reference=no_val, progress=False)
+    with pytest.raises(ValueError, match="not the reference"):
+        sv.tl.reference_coverage(trained, reference=ref, progress=False)
+    with pytest.raises(KeyError, match="groupby"):
+        sv.tl.reference_coverage(q, reference=ref, groupby="nope", progress=False)
+    with pytest.raises(ValueError, match="alpha"):
+        sv.tl.reference_coverage(q, reference=ref, alpha=1.5, progress=False)
+    assert "vae_coverage" not in q.obs and "coverage" not in q.uns["vae"]
+
+
+def test_trust_no_longer_trusts_uncovered_cells(scored):
+    q = scored.copy()
+    sv.tl.trust_score(q, progress=False)
+    flag = q.obs["vae_uncovered"].to_numpy()
+    assert q.obs["vae_untrusted"].to_numpy()[flag].all()
+    assert (q.obs["vae_trust"] <= q.obs["vae_coverage"] + 1e-12).all()
+    assert "vae_trust_encoder" in q.obs and "vae_untrusted_encoder" in q.obs
+    assert q.uns["vae"]["trust"]["uses_coverage"]
+
+
+def test_tail_pvalue_is_calibrated_and_resolved():
+    rng = np.random.default_rng(0)
+    ref, new = rng.normal(size=2000), rng.normal(size=20000)
+    p = tail_pvalue(ref, new)
+    for a in (0.01, 0.05, 0.2):
+        assert abs((p < a).mean() - a) < 0.5 * a + 0.005
+    far = tail_pvalue(ref, np.array([ref.max() + 1, ref.max() + 3]))
+    assert 0 < far[1] < far[0] < 1 / 2001  # beyond the last reference value, still ordered
+
+
+def test_plot(scored):
+    q = scored.copy()
+    sc.pp.neighbors(q, use_rep="X_vae")
+    sc.tl.umap(q)
+    axes = sv.pl.reference_coverage(q, show=False)
+    assert len(axes) == 2
+    title = axes[1].get_title(loc="left")
+    assert title.startswith("The reference does not cover") or title.startswith("The reference covers")
+    fig = sv.pl.reference_coverage(q, groupby="cell_type", return_fig=True)
+    labels = [t.get_text() for t in fig.axes[1].get_yticklabels()]
+    assert labels[-1] == "type_3"  # the most uncovered group on top
+    _, ax = plt.subplots()
+    assert sv.pl.reference_coverage(q, groupby="cell_type", ax=ax) is ax
+    plt.close("all")
+
+
+def test_new_batch_offset_and_widening_are_not_novelty():
+    rng = np.random.default_rng(1)
+    n_cal, n = 600, 3000
+    cal = {c: rng.normal(size=n_cal) for c in ("a", "b")}
+    cells = {c: 2 + 2 * rng.normal(size=n) for c in ("a", "b")}  # the whole new batch shifted and wider
+    novel = np.zeros(n, bool)
+    novel[:300] = True
+    for c in cells:
+        cells[c][novel] += 14  # a tenth of it far beyond anything typical
+    lib_cal, lib = np.full(n_cal, 7.0), np.full(n, 7.0)
+    raw, _, cal_cov = combine(cal, cells, lib_cal, lib)
+    assert (raw[~novel] < 0.05).mean() > 0.3  # uncorrected, the batch effect reads as novelty
+    cov, _, _ = combine(cal, cells, lib_cal, lib, shift_groups=np.zeros(n, int))
+    assert (cov[~novel] < 0.05).mean() < 0.08
+    assert (cov[novel] < 0.05).mean() > 0.9
+    assert abs((cal_cov < 0.05).mean() - 0.05) < 0.02
+    lower = {c: v - 3 for c, v in cal.items()}  # a batch that sits lower is not moved up
+    low, _, _ = combine(cal, lower, lib_cal, lib_cal, shift_groups=np.zeros(n_cal, int))
+    assert (low < 0.05).mean() < 0.01
