@@ -100,9 +100,13 @@ def peer_versions(python: str) -> str:
     return out.stdout.strip() or f"no scvi-tools in {python}"
 
 
-def run_worker(module: str, python: str, args: list[str], out: Path, *, env: dict | None = None) -> dict | None:
-    """Run ``python -m benchmarks.<module> --_worker ...`` in its own process; return its JSON (None on failure)."""
-    cmd = [python, "-m", f"benchmarks.{module}", *args, "--_out", str(out)]
+def run_worker(module: str, python: str, args: list[str], out: Path, *, env: dict | None = None,
+               prefix: tuple[str, ...] = ()) -> dict | None:
+    """Run ``python -m benchmarks.<module> --_worker ...`` in its own process; return its JSON (None on failure).
+
+    ``prefix``: a command the worker runs under (e.g. ``("taskset", "-c", "0")``).
+    """
+    cmd = [*prefix, python, "-m", f"benchmarks.{module}", *args, "--_out", str(out)]
     print(f"# {' '.join(args[:2])} ({Path(python).parent.parent.name}) ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})},

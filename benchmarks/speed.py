@@ -74,7 +74,8 @@ def _ours(adata, cfg: dict) -> dict:
     finally:
         _vae.train = orig
     return {"wall_s": time.perf_counter() - t0, "epoch_s": list(np.diff(stamps)),
-            "epochs": len(adata.uns["vae"]["history"]["epoch"]), "max_epochs": adata.uns["vae"]["params"]["max_epochs"]}
+            "epochs": len(adata.uns["vae"]["history"]["epoch"]), "max_epochs": adata.uns["vae"]["params"]["max_epochs"],
+            "precision": adata.uns["vae"]["params"]["precision"]}
 
 
 def _scvi(adata, cfg: dict) -> dict:
@@ -222,7 +223,8 @@ def _e2e_table(res: dict, names: dict) -> dict:
             est += float(np.mean(later)) * (r["max_epochs"] - r["epochs"])
         r["wall_to_defaults_s"] = est
         ratio = f"{est / ours['wall_to_defaults_s']:.1f}×" if ours and t != "ours" else "1.0×"
-        rows.append([names[t], f"{r['epochs']} of {r['max_epochs']}", fmt(r["wall_s"], ".1f"), fmt(est, ".0f"), ratio])
+        name = names[t] + (f" ({r['precision']})" if "precision" in r else "")
+        rows.append([name, f"{r['epochs']} of {r['max_epochs']}", fmt(r["wall_s"], ".1f"), fmt(est, ".0f"), ratio])
     return table("b. End to end with each tool's defaults (call -> latent)",
                  ["tool", "epochs run (of default)", "measured s", "s to its defaults", "its time / sc_vi_ext's"],
                  rows, ["sc_vi_ext stops early by its default rule; scvi-tools' time to its default epochs is "

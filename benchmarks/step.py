@@ -161,11 +161,12 @@ def tool_worker(args) -> None:
 def under_load(quick: bool, tmp: Path) -> dict:
     cfg = json.dumps({"epochs": 20 if quick else 100, "cells": 60 if quick else 200})
     res = {}
-    for state in ("quiet", "loaded", "quiet again"):
+    for state in ("quiet", "loaded", "quiet again", "one core"):
         spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if state == "loaded" else None
+        prefix = ("taskset", "-c", "0") if state == "one core" else ()
         try:
             res[state] = run_worker("step", sys.executable, ["--_worker", "tools", "--_cfg", cfg],
-                                    tmp / f"tools-{state}.json")
+                                    tmp / f"tools-{state.replace(' ', '-')}.json", prefix=prefix)
         finally:
             if spinner is not None:
                 spinner.kill()
@@ -213,10 +214,15 @@ def main(argv: list[str] | None = None) -> None:
         for name in TOOLS:
             q = [res[s][name] for s in ("quiet", "quiet again") if res.get(s)]
             lo = res["loaded"][name] if res.get("loaded") else float("nan")
-            rows.append([f"tl.{name}", f"{min(q):.2f}", f"{lo:.2f}", f"{lo / min(q):.2f}×"])
+            one = res["one core"][name] if res.get("one core") else float("nan")
+            rows.append([f"tl.{name}", f"{min(q):.2f}", f"{lo:.2f}", f"{lo / min(q):.2f}×", f"{one:.2f}",
+                         f"{lo / one:.2f}×"])
         tables.append(table("d. Each tool at its defaults on PBMC (700 cells), quiet and with one busy process",
-                            ["tool", "quiet s (best of 2)", "loaded s", "loaded / quiet"], rows,
-                            ["tl.vae and tl.vae_map: 100 epochs (20 with --quick); tl.amortization_gap: 200 cells."]))
+                            ["tool", "quiet s (best of 2)", "loaded s", "loaded / quiet", "quiet on one core s",
+                             "loaded / one core"], rows,
+                            ["tl.vae and tl.vae_map: 100 epochs (20 with --quick); tl.amortization_gap: 200 cells. "
+                             "Loaded: a spinning process on one of the two cores. One core: the tool pinned to one "
+                             "core (taskset) on the quiet machine: what the loaded run can at best get."]))
     save("step", argv=argv if argv is not None else sys.argv[2:], quick=args.quick, tables=tables, started=started,
          data=f"simulate({n_cells}, 2000, n_batches=3, n_types=8); sv.datasets.pbmc68k()")
 

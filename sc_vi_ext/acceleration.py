@@ -47,7 +47,7 @@ def use_compiled(setting: bool | str, n_steps: int, *, kernel: bool = False) -> 
     return bool(setting)
 
 
-Precision = Literal["float32", "bfloat16"]
+Precision = Literal["auto", "float32", "bfloat16"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 
 
@@ -57,9 +57,25 @@ def check_precision(precision: str) -> None:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}.")
 
 
+def resolve_precision(precision: str, device: str) -> str:
+    """Return the precision a training runs at, ``"float32"`` or ``"bfloat16"``.
+
+    ``"auto"`` is bfloat16 where the hardware multiplies bfloat16 natively (a CPU with AVX-512
+    BF16 or AMX, a CUDA GPU with bfloat16 support), else float32: there bfloat16 matrix
+    products are 2-5x faster and the models' quality is the same (``benchmarks/RESULTS.md``,
+    ``quality``); elsewhere they would be emulated and slower.
+    """
+    check_precision(precision)
+    if precision != "auto":
+        return precision
+    dev = torch.device(device).type
+    native = bf16_fast_on_cpu() if dev == "cpu" else dev == "cuda" and torch.cuda.is_bf16_supported()
+    return "bfloat16" if native else "float32"
+
+
 def matmul_precision(precision: str, device: str) -> torch.autocast:
     """Return the autocast context of a training step: bfloat16 matrix products, or disabled."""
-    check_precision(precision)
+    precision = resolve_precision(precision, device)
     dev_type = torch.device(device).type
     if precision == "bfloat16" and dev_type == "cpu" and not bf16_fast_on_cpu():
         logg.warning("precision='bfloat16': this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX); "

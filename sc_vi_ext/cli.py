@@ -220,9 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="fuse the likelihood with torch.compile; auto: for runs of at least "
                         f"{COMPILE_MIN_STEPS:,} optimiser steps")
-    t.add_argument("--precision", choices=list(PRECISIONS), default="float32",
+    t.add_argument("--precision", choices=list(PRECISIONS), default="auto",
                    help="bfloat16: matrix products of the training steps in bfloat16 (CPUs with AVX-512 BF16 "
-                        "or AMX, GPUs)")
+                        "or AMX, GPUs); auto: bfloat16 where the hardware has it, else float32")
     t.add_argument("--device", default="auto", help='torch device; "auto" picks CUDA when available, else CPU')
     t.add_argument("--key-added", default="vae", help="name of the result (obsm['X_<key>'], uns['<key>'])")
     t.add_argument("--backed", action="store_true", help="read the input with backed='r' (out of core)")

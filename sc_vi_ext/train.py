@@ -25,7 +25,7 @@ HISTORY_KEYS = (
 
 # The training defaults of tl.vae and the CLI (the architecture's are the VAE's own). Batch 256
 # with the learning rate scaled from scvi-tools' 1e-3 at 128 (linear scaling): the same quality
-# on PBMC and on a 20k simulation in fewer, cheaper steps (benchmarks/RESULTS.md, round 3).
+# on PBMC and on a 20k simulation in fewer, cheaper steps (measured against batch 128).
 EVAL_BATCH_SIZE = 1024  # cells per minibatch where nothing is trained (validation, the latent of all cells)
 TRAINING_DEFAULTS = {"batch_size": 256, "lr": 2e-3, "weight_decay": 1e-6, "train_size": 0.9,
                      "early_stopping_patience": 20}
@@ -121,7 +121,7 @@ def train(
     callback=None,
     freeze_batchnorm: bool = False,
     compile_likelihood: bool | str = False,
-    precision: str = "float32",
+    precision: str = "auto",
 ) -> TrainResult:
     """Train ``module`` in place and load the weights of the best validation epoch.
 
@@ -138,7 +138,8 @@ def train(
     kernel does not apply and the run has enough steps to repay the compile time, see
     :func:`sc_vi_ext.acceleration.use_compiled`). ``precision``
     ``"bfloat16"`` runs the training steps' matrix products in bfloat16 (autocast); the
-    likelihood, the optimiser, the weights and the validation stay float32.
+    likelihood, the optimiser, the weights and the validation stay float32; ``"auto"``: bfloat16
+    where the hardware has it (:func:`~sc_vi_ext.acceleration.resolve_precision`).
     """
     rank, _ = rank_and_world()
     keep_freed_memory()  # the steps' tensors are reused from the heap, not page-faulted in anew

@@ -70,7 +70,7 @@ def unchanged():
     def state(adata):
         X = adata.X
         X = X.toarray() if sp.issparse(X) else np.array(X, copy=True)
-        return {"shape": adata.shape, "X": X, **{a: sorted(getattr(adata, a).keys())
+        return {"shape": adata.shape, "X": X, **{a: sorted(k for k in getattr(adata, a).keys() if k is not None)
                                                   for a in ("obs", "var", "obsm", "obsp", "uns", "layers", "varm")},
                 **{f"uns[{k}]": sorted(v) for k, v in adata.uns.items() if isinstance(v, dict)}}
 

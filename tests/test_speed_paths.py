@@ -108,7 +108,7 @@ def test_bfloat16_training_learns_as_float32(sim_session):
     """precision="bfloat16": the matrix products in bfloat16, all else float32; the model learns
     as much as in float32 (same seed, validation ELBO within 0.5 %)."""
     kw = {"max_epochs": 8, "n_hidden": 32, "progress": False, "n_threads": 1}
-    f32 = sv.tl.vae(sim_session, copy=True, **kw)
+    f32 = sv.tl.vae(sim_session, copy=True, precision="float32", **kw)
     bf16 = sv.tl.vae(sim_session, copy=True, precision="bfloat16", **kw)
     h32, h16 = f32.uns["vae"]["history"], bf16.uns["vae"]["history"]
     assert h16["elbo_validation"][-1] > h16["elbo_validation"][0] + 5  # it learns
@@ -121,6 +121,20 @@ def test_bfloat16_training_learns_as_float32(sim_session):
         mean, log_var = model.inference(x)
         params = model.generative(mean, None, torch.log(x.sum(1)))
     assert mean.dtype == log_var.dtype == params["mu"].dtype == params["zi_logits"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["bf16-hardware", "no-bf16-hardware"])
+def test_auto_precision_follows_the_hardware(sim_session, monkeypatch, native):
+    """precision="auto" (the default) trains in bfloat16 exactly where the CPU multiplies it natively,
+    records what ran, and an explicit precision wins."""
+    from sc_vi_ext import acceleration
+
+    monkeypatch.setattr(acceleration, "bf16_fast_on_cpu", lambda: native)
+    assert acceleration.resolve_precision("auto", "cpu") == ("bfloat16" if native else "float32")
+    assert acceleration.resolve_precision("float32", "cpu") == "float32"
+    a = sv.tl.vae(sim_session, copy=True, max_epochs=1, n_hidden=16, progress=False, n_threads=1)
+    assert a.uns["vae"]["params"]["precision"] == ("bfloat16" if native else "float32")
+    assert np.isfinite(a.obsm["X_vae"]).all()
 
 
 def test_unknown_precision_is_refused_before_writing(sim_session):

@@ -12,7 +12,7 @@ live here, vectorised over cells, each cell with its own stopping rule:
     ``history``) with a per-cell Armijo backtracking line search maximises it, preconditioned
     by a diagonal inverse Hessian (the start's variance for a mean, 2 for a log-variance:
     the first step is that diagonal Newton step: 6.4 instead of 7.7 evaluations per cell,
-    and a better q*; ``benchmarks/RESULTS.md`` round 4); a cell stops
+    and a better q*; as measured on PBMC); a cell stops
     when ``patience`` accepted steps in a row gain less than ``tol`` nats. q* is tuned to
     its own draws, so callers re-estimate L[q*] with fresh noise: the bound stays honest.
 ``"adam"``: the earlier stochastic optimiser (fresh noise every step, Adam, windows of

@@ -1,6 +1,6 @@
 """Fast kernels behind the count likelihoods: gamma terms by table, dense terms fused.
 
-Two observations make the NB/ZINB log-likelihood cheap (issue 9 of the project):
+Two observations make the NB/ZINB log-likelihood cheap:
 
 1. **Gamma terms by table.** For an integer count x and dispersion theta,
    lgamma(x + theta) - lgamma(theta) = sum_{k<x} log(theta + k), and its derivative in theta

@@ -84,11 +84,8 @@ def remove_derived(adata: AnnData, key: str) -> None:
         return
     for attr, names in found.items():
         store = getattr(adata, attr)
-        if attr in ("obs", "var"):
-            store.drop(columns=names, inplace=True)
-        else:
-            for name in names:
-                del store[name]
+        for name in names:  # a column of obs/var or an entry of obsm/uns/...: both deleted in place
+            del store[name]
     logg.warning(
         f"replacing the model under {key!r}: removed the results derived from the old one: "
         + "; ".join(f"adata.{attr}: {', '.join(map(repr, names))}" for attr, names in found.items() if names)

@@ -113,7 +113,9 @@ def trust_score(
     for name, values in zip(OBS_COLUMNS, (gap, trust, flag), strict=True):
         adata.obs[f"{key}_{name}"] = values
     # stale encoder-only columns of an earlier run
-    adata.obs.drop(columns=[f"{key}_trust_encoder", f"{key}_untrusted_encoder"], errors="ignore", inplace=True)
+    for stale in (f"{key}_trust_encoder", f"{key}_untrusted_encoder"):
+        if stale in adata.obs:
+            del adata.obs[stale]
     summary = {"params": params}
     for split, m in (("train", ~val), ("validation", val), ("all", np.ones_like(val))):
         if m.any():

@@ -10,7 +10,7 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from .._docs import doc_params
-from ..acceleration import COMPILE_MIN_STEPS, Precision, check_precision
+from ..acceleration import COMPILE_MIN_STEPS, Precision, check_precision, resolve_precision
 from ..dataloader import Minibatches
 from ..distributed import device_for_rank, rank_and_world
 from ..inputs import COUNT_RTOL, TrainingData, read_training_data
@@ -55,7 +55,7 @@ def vae(
     device: str = "auto",
     n_threads: int | None = None,
     compile: bool | str = "auto",  # noqa: A002 - torch's word for it
-    precision: Precision = "float32",
+    precision: Precision = "auto",
     progress: bool = True,
     copy: bool = False,
 ) -> AnnData | None:
@@ -155,7 +155,9 @@ def vae(
         outputs are rounded to bfloat16, everything after them is float32), for CPUs with
         bfloat16 instructions (AVX-512 BF16, AMX) and GPUs. The weights, the optimiser, the
         validation ELBO and every tool after training stay float32; ``elbo_train`` in the
-        history comes from the bfloat16 steps. Speed and quality are measured in
+        history comes from the bfloat16 steps. ``"auto"``: bfloat16 where the hardware
+        multiplies bfloat16 natively (those CPUs, a CUDA GPU with bfloat16), else float32;
+        ``params["precision"]`` records which ran. Speed and quality are measured in
         ``benchmarks/RESULTS.md``.
     {progress}
     {copy}
@@ -212,6 +214,7 @@ def vae(
     max_epochs = default_max_epochs(adata.n_obs) if max_epochs is None else int(max_epochs)
     warmup = max(1, max_epochs // 4) if n_epochs_kl_warmup is None else int(n_epochs_kl_warmup)
     params.update(n_genes=adata.n_vars, max_epochs=max_epochs, n_epochs_kl_warmup=warmup, device=dev,
+                  precision=resolve_precision(precision, dev),
                   world_size=rank_and_world()[1], n_cov=0 if data.cov is None else data.cov.shape[1])
 
     rng = np.random.default_rng(random_state)
