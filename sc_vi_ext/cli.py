@@ -218,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for torch during training; when not given, torch's default reduced to the "
                         "cores that are idle at the start")
     t.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="fuse the likelihood with torch.compile; auto: for runs of at least "
-                        f"{COMPILE_MIN_STEPS:,} optimiser steps")
+                   help="fuse the likelihood with torch.compile instead of the fused kernel; auto: only where "
+                        f"the kernel does not apply, for runs of at least {COMPILE_MIN_STEPS:,} optimiser steps")
     t.add_argument("--precision", choices=list(PRECISIONS), default="auto",
                    help="bfloat16: matrix products of the training steps in bfloat16 (CPUs with AVX-512 BF16 "
                         "or AMX, GPUs); auto: bfloat16 where the hardware has it, else float32")
