@@ -55,7 +55,8 @@ def worker(args) -> None:
     if args._worker == "ours":
         import sc_vi_ext as sv
 
-        sv.tl.vae(adata, batch_key=batch_key, progress=False, precision=cfg.get("precision", "float32"))
+        sv.tl.vae(adata, batch_key=batch_key, progress=False, precision=cfg.get("precision", "float32"),
+                  **({"max_epochs": 20} if cfg["quick"] else {}))
         latent, ll = adata.obsm["X_vae"], ours_iwae(adata, va)
         epochs = len(adata.uns["vae"]["history"]["epoch"])
     else:
