@@ -210,7 +210,9 @@ def write_results() -> Path:
     """Regenerate RESULTS.md from the full results, in the suite's order."""
     docs = {p.stem: json.loads(p.read_text()) for p in RESULTS.glob("*.json")}
     names = [n for n in ORDER if n in docs] + sorted(set(docs) - set(ORDER))
-    text = HEADER + "\n" + "\n".join(render(docs[n]) for n in names)
+    verdict = RESULTS / "verdict.md"  # the targets against these tables, written by whoever reran them
+    text = HEADER + "\n" + (verdict.read_text() + "\n" if verdict.exists() else "") + "\n".join(
+        render(docs[n]) for n in names)
     out = HERE / "RESULTS.md"
     out.write_text(text.rstrip() + "\n")
     return out
