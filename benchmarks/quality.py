@@ -1,7 +1,7 @@
 """Quality of the latent, scored as the field scores integration: sc_vi_ext, scvi-tools and PCA.
 
-    python -m benchmarks quality --scvi-python /work/venv-scvi/bin/python
-    python -m benchmarks quality --quick --scvi-python /work/venv-scvi/bin/python
+    python -m benchmarks quality --scvi-python .venv-bench/bin/python
+    python -m benchmarks quality --quick --scvi-python .venv-bench/bin/python
 
 Each tool runs with its defaults (sc_vi_ext also with ``precision="bfloat16"`` where the CPU
 has bfloat16 instructions; scvi-tools to its full default epochs) on the same data with the

@@ -1,6 +1,6 @@
 """Training speed against scvi-tools: per epoch at identical settings, and end to end with defaults.
 
-    python -m benchmarks speed --scvi-python /work/venv-scvi/bin/python            # the tables
+    python -m benchmarks speed --scvi-python .venv-bench/bin/python            # the tables
     python -m benchmarks speed --quick                                              # seconds
 
 Data: ``sv.datasets.simulate(n_cells, n_genes, n_batches=3, n_types=8)``, written once to a

@@ -233,6 +233,27 @@ def test_train_size_one(sim, fast):
     assert np.isfinite(sim.obsm["X_vae"]).all()
 
 
+def test_dropout_by_data_size(sim, fast, monkeypatch):
+    """dropout=None: the small-data rate below SMALL_DATA_CELLS cells, scvi-tools' 0.1 from there; recorded and used."""
+    fast.pop("dropout", None)
+    sv.tl.vae(sim, **fast)
+    assert sim.uns["vae"]["params"]["dropout"] == sc_vi_ext.train.SMALL_DATA_DROPOUT == 0.4
+    assert sv.get_model(sim).encoder.net.layers[0][2].p == 0.4  # the module trained and stored with it
+    monkeypatch.setattr(sc_vi_ext.train, "SMALL_DATA_CELLS", sim.n_obs)  # the data counts as large
+    sv.tl.vae(sim, **fast)
+    assert sim.uns["vae"]["params"]["dropout"] == 0.1
+    sv.tl.vae(sim, dropout=0.25, **fast)
+    assert sim.uns["vae"]["params"]["dropout"] == 0.25
+
+
+@pytest.mark.parametrize("dropout", [-0.1, 1.0, 1.5])
+def test_dropout_out_of_range_is_refused_before_writing(sim, fast, dropout):
+    fast.pop("dropout", None)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        sv.tl.vae(sim, dropout=dropout, **fast)
+    assert "vae" not in sim.uns and "X_vae" not in sim.obsm
+
+
 # --- model variants --------------------------------------------------------------------------------
 
 
