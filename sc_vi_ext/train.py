@@ -50,7 +50,7 @@ SMALL_DATA_DROPOUT, DROPOUT = 0.4, 0.1
 
 
 def default_dropout(n_cells: int) -> float:
-    """Encoder dropout from the data size: 0.4 below ``SMALL_DATA_CELLS`` cells, else 0.1 (scvi-tools')."""
+    """Return the encoder dropout for ``n_cells`` cells: 0.4 below ``SMALL_DATA_CELLS``, else 0.1 (scvi-tools')."""
     return SMALL_DATA_DROPOUT if n_cells < SMALL_DATA_CELLS else DROPOUT
 
 
