@@ -18,7 +18,8 @@ from ..model_store import state_to_numpy
 from ..module.vae import DEFAULTS, HPARAMS, VAE, Dispersion, LatentDistribution, Library, Likelihood, check_options
 from ..threads import threads
 from ..train import EVAL_BATCH_SIZE, TRAINING_DEFAULTS, TrainingDivergedError, TrainResult, default_max_epochs, train
-from ._derived import check_free, remove_derived
+from ._derived import remove_derived
+from ._shared import check_free
 from ._utils import latent_means, resolve_device, set_library_prior, split_indices
 
 
