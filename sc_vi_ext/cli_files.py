@@ -8,7 +8,9 @@ ending in ``.zarr``) are read and written like h5ad files.
 
 from __future__ import annotations
 
+import errno
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -159,24 +161,58 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def _beside(p: Path, kind: str) -> Path:
+    """Return a name beside ``p`` that no other run picks: process id and a random part (containers share pids)."""
+    return p.with_name(f".{p.stem}.{kind}-{os.getpid()}-{secrets.token_hex(4)}{p.suffix}")
+
+
+def _swap_in(tmp: Path, p: Path) -> None:
+    """Move the store ``tmp`` (a folder) to ``p``; an old store there is removed only once the new one is in place.
+
+    Another run may put its store at ``p`` between the two renames: it is moved aside in turn
+    (the last run to finish wins). When the new store cannot be moved in, the old one is put back.
+    """
+    aside: list[Path] = []
+    try:
+        while True:
+            old = _beside(p, "old")
+            try:
+                os.rename(p, old)
+                aside.append(old)
+            except FileNotFoundError:
+                pass
+            try:
+                os.rename(tmp, p)
+                break
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not p.exists():
+                    raise
+    except BaseException:
+        if aside and not p.exists():
+            os.rename(aside.pop(0), p)  # the old store back, whole
+        for a in aside:
+            _remove(a)
+        raise
+    for a in aside:
+        _remove(a)
+
+
 def write_atomic(write: Callable[[Path], object], path: str | Path) -> None:
     """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it over ``path``.
 
-    The temporary name keeps the suffix (writers choose the format by it). On any failure,
-    Ctrl-C included, the temporary file is removed and ``path`` is left as it was; the error
-    propagates. A zarr store (a folder) replaces the old one by two renames, the old store
-    removed only after the new one is in place.
+    The temporary name keeps the suffix (writers choose the format by it) and is unique to the
+    run, so runs writing the same ``path`` at once each write their own file and the last rename
+    wins: ``path`` is always a complete result of one of them. On any failure, Ctrl-C included,
+    the temporary file is removed and ``path`` is left as it was; the error propagates. A zarr
+    store (a folder) replaces the old one by two renames (:func:`_swap_in`), the old store
+    removed only after the new one is in place, and put back if the new one cannot be.
     """
     p = Path(path)
-    tmp = p.with_name(f".{p.stem}.tmp-{os.getpid()}{p.suffix}")
+    tmp = _beside(p, "tmp")
     try:
-        _remove(tmp)
         write(tmp)
-        if tmp.is_dir() and p.exists():
-            old = p.with_name(f".{p.stem}.old-{os.getpid()}{p.suffix}")
-            os.replace(p, old)
-            os.replace(tmp, p)
-            _remove(old)
+        if tmp.is_dir():
+            _swap_in(tmp, p)
         else:
             os.replace(tmp, p)
     except BaseException:

@@ -7,6 +7,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import anndata as ad
 import h5py
@@ -16,6 +19,9 @@ import pytest
 import sc_vi_ext as sv
 import sc_vi_ext.tl._vae as tl_vae
 from sc_vi_ext import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMEOUT = 120  # seconds for any one subprocess
 
 
 @pytest.fixture
@@ -121,3 +127,74 @@ def test_a_backed_read_error_names_the_file(sim, tmp_path):
     with pytest.raises(OSError, match=rf"could not read the backed AnnData's file {re.escape(str(path))} "
                                       r"\(OSError: .*Input/output error"):
         read_disk(Failing(), slice(0, 10))
+
+
+# each run as process 1 of its own container (pid namespaces on a shared file system); its write
+# of OUT waits until the other run has written too, so the two writes surely overlap
+CONTAINED_RUN = """
+import os, sys, time, pathlib
+os.getpid = lambda: 1
+import anndata
+tag, barrier = sys.argv[1], pathlib.Path(sys.argv[2])
+for name in ("write_h5ad", "write_zarr"):
+    def overlapping(self, *args, _real=getattr(anndata.AnnData, name), **kwargs):
+        _real(self, *args, **kwargs)
+        (barrier / tag).touch()
+        t0 = time.monotonic()
+        while len(list(barrier.iterdir())) < 2 and time.monotonic() - t0 < 60:
+            time.sleep(0.05)
+    setattr(anndata.AnnData, name, overlapping)
+from sc_vi_ext.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.parametrize("suffix", [".h5ad", ".zarr"])
+def test_two_runs_writing_one_out_at_once(suffix, sim, tmp_path):
+    """Both end with status 0, OUT is the complete result of one of them, no temporary file is left."""
+    sim.write_h5ad(tmp_path / "in.h5ad")
+    out, barrier = tmp_path / f"out{suffix}", tmp_path / "barrier"
+    barrier.mkdir()
+    if suffix == ".zarr":  # an old store to replace
+        sim.write_zarr(out)
+    procs = [subprocess.Popen([sys.executable, "-c", CONTAINED_RUN, str(seed), str(barrier), "train",
+                               str(tmp_path / "in.h5ad"), str(out), "--max-epochs", "1", "--n-threads", "1",
+                               "--random-state", str(seed), "--quiet"], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=_env()) for seed in (1, 2)]
+    logs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert sorted(p.name for p in barrier.iterdir()) == ["1", "2"]  # the writes overlapped
+    res = (ad.read_zarr if suffix == ".zarr" else ad.read_h5ad)(out)
+    assert res.uns["vae"]["params"]["random_state"] in (1, 2) and res.obsm["X_vae"].shape == (sim.n_obs, 10)
+    assert np.isfinite(res.obsm["X_vae"]).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["barrier", "in.h5ad", f"out{suffix}"]
+
+
+def test_a_failed_swap_keeps_the_old_zarr_store_whole(sim, tmp_path, monkeypatch, capsys):
+    """The new store is written, the old one moved aside, and moving the new one in fails (a file
+    system error): the old store is put back, whole, and nothing else is left beside it."""
+    from sc_vi_ext import cli_files
+
+    sim.write_h5ad(tmp_path / "in.h5ad")
+    out = tmp_path / "out.zarr"
+    sim.write_zarr(out)
+    before = {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()}
+    for name in ("rename", "replace"):  # the new store's move into place fails, whichever call makes it
+        real = getattr(os, name)
+
+        def failing(src, dst, _real=real):
+            if ".tmp-" in str(src):
+                raise OSError(5, "Input/output error")
+            return _real(src, dst)
+
+        monkeypatch.setattr(cli_files.os, name, failing)
+    rc = cli.main(["train", str(tmp_path / "in.h5ad"), str(out), "--max-epochs", "1", "--n-threads", "1", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and re.search(r"could not write .*out\.zarr .*left as it was$", err), err
+    assert {str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "out.zarr"]
