@@ -246,6 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as e:
         print(f"sc-vi-ext {args.command}: error: {e}", file=sys.stderr, flush=True)
         return e.status
+    except RuntimeError as e:  # under torchrun: another rank died, this one's collective failed or timed out
+        from .distributed import rank_and_world
+
+        rank, world = rank_and_world()
+        if world <= 1:
+            raise
+        first = " ".join(str(e).split())[:200]
+        print(f"sc-vi-ext {args.command}: error: rank {rank} lost the other ranks ({type(e).__name__}: {first}): "
+              "a worker died (torchrun's summary names it); OUT was not written", file=sys.stderr, flush=True)
+        return 1
     except OSError as e:  # a backed input that became unreadable during the run
         from .dataloader import DamagedFileError
 
