@@ -133,7 +133,14 @@ def _train(args) -> int:
     restore_sigterm()
     if rank == 0:  # every rank holds the same model; one writes
         if args.backed:
-            adata = adata.to_memory()
+            from .dataloader import check_length
+
+            try:
+                backed, adata = adata, adata.to_memory()
+                check_length(backed.X)  # HDF5 reads the lost end of a truncated file as zeros
+            except (OSError, KeyError, RuntimeError) as e:  # the file was damaged during training
+                raise CommandError(f"input {args.input} is damaged: could not read it back ({type(e).__name__}: "
+                                   f"{' '.join(str(e).split())}); nothing was written") from None
         restore_writing = defer_sigint(always=True)  # a signal now waits for the write (the grace period)
         try:
             write_adata(adata, args.output, out_format)
@@ -239,6 +246,23 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as e:
         print(f"sc-vi-ext {args.command}: error: {e}", file=sys.stderr, flush=True)
         return e.status
+    except RuntimeError as e:  # under torchrun: another rank died, this one's collective failed or timed out
+        from .distributed import rank_and_world
+
+        rank, world = rank_and_world()
+        if world <= 1:
+            raise
+        first = " ".join(str(e).split())[:200]
+        print(f"sc-vi-ext {args.command}: error: rank {rank} lost the other ranks ({type(e).__name__}: {first}): "
+              "a worker died (torchrun's summary names it); OUT was not written", file=sys.stderr, flush=True)
+        return 1
+    except OSError as e:  # a backed input that became unreadable during the run
+        from .dataloader import DamagedFileError
+
+        if not isinstance(e, DamagedFileError):
+            raise
+        print(f"sc-vi-ext {args.command}: error: {e} (nothing was written)", file=sys.stderr, flush=True)
+        return 2
     except KeyboardInterrupt as e:  # before the first epoch (nothing to keep), or while reading
         from .distributed import last_signal_name
 

@@ -14,7 +14,7 @@ from anndata import AnnData
 from anndata.abc import CSCDataset
 from scanpy import logging as logg
 
-from .dataloader import is_on_disk
+from .dataloader import is_on_disk, read_disk
 
 _CHECK_ROWS = 10_000  # rows read per chunk when checking a matrix
 
@@ -109,12 +109,12 @@ def row_blocks(X, rows=None, chunk: int = _CHECK_ROWS):
     if rows is None:
         for i in range(0, X.shape[0], chunk):
             stop = min(X.shape[0], i + chunk)
-            yield np.arange(i, stop), X[i:stop]
+            yield np.arange(i, stop), read_disk(X, slice(i, stop)) if is_on_disk(X) else X[i:stop]
         return
     rows = np.unique(np.asarray(rows, dtype=np.int64))
     for i in range(0, len(rows), chunk):
         pos = rows[i:i + chunk]
-        yield pos, X[pos]
+        yield pos, read_disk(X, pos) if is_on_disk(X) else X[pos]
 
 
 def row_totals(X, gene_index=None, rows=None) -> np.ndarray:

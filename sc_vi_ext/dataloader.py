@@ -9,6 +9,7 @@ Checking the counts and reading library sizes and covariates from the AnnData is
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -29,6 +30,43 @@ def is_on_disk(X) -> bool:
     return isinstance(X, ON_DISK)
 
 
+class DamagedFileError(OSError):
+    """The file of a backed AnnData can no longer be read: truncated, replaced in place or failing."""
+
+
+def _file_name(X) -> str:
+    node = getattr(X, "group", X)  # a backed CSR matrix keeps its HDF5 (or zarr) group
+    f = getattr(node, "file", None)
+    return str(f.filename) if f is not None else str(getattr(node, "store", "the backed file"))
+
+
+def check_length(X) -> None:
+    """Raise :class:`DamagedFileError` when the open HDF5 file is now shorter than HDF5 knows it to be.
+
+    HDF5 reads the missing bytes of a truncated file as zeros, which would silently become cells
+    without counts: the file's length (through the open descriptor) is compared before each read.
+    """
+    f = getattr(getattr(X, "group", X), "file", None)
+    try:
+        expected, now = f.id.get_filesize(), os.fstat(f.id.get_vfd_handle()).st_size
+    except (AttributeError, TypeError, ValueError, OSError):  # another driver, or not HDF5: nothing to compare
+        return
+    if now < expected:
+        raise DamagedFileError(f"the backed AnnData's file {f.filename} was truncated while in use ({now:,} of its "
+                               f"{expected:,} bytes are left): restore the file and run again")
+
+
+def read_disk(X, key):
+    """``X[key]`` of a backed matrix; a file that cannot be read any more raises :class:`DamagedFileError` naming it."""
+    check_length(X)
+    try:
+        return X[key]
+    except (OSError, KeyError, RuntimeError) as e:  # h5py's words for an unreadable file
+        raise DamagedFileError(f"could not read the backed AnnData's file {_file_name(X)} ({type(e).__name__}: "
+                               f"{' '.join(str(e).split())}): it was changed or damaged while in use; restore "
+                               "it and run again") from e
+
+
 def rows_dense(X, idx: np.ndarray, *, round_counts: bool = False, sum_duplicates: bool = False) -> np.ndarray:
     """Rows ``idx`` of ``X`` as a dense float32 array (the only place minibatches are cut).
 
@@ -39,7 +77,7 @@ def rows_dense(X, idx: np.ndarray, *, round_counts: bool = False, sum_duplicates
         out = np.asarray(X[idx], dtype=np.float32)  # fancy indexing: already a copy
     elif is_on_disk(X):  # h5py wants increasing indices: read sorted, then reorder
         order = np.argsort(idx, kind="stable")
-        sub = X[idx[order]]
+        sub = read_disk(X, idx[order])
         out = np.empty((len(idx), X.shape[1]), dtype=np.float32)
         out[order] = sub.toarray() if sp.issparse(sub) else sub
     else:
@@ -204,8 +242,8 @@ class Minibatches:
         for rows in windows:
             lo, hi = int(rows[0]), int(rows[-1]) + 1
             if len(rows) >= 0.25 * (hi - lo):
-                block, local = sp.csr_matrix(self.X[lo:hi]), rows - lo
+                block, local = sp.csr_matrix(read_disk(self.X, slice(lo, hi))), rows - lo
             else:
-                block, local = sp.csr_matrix(self.X[rows]), np.arange(len(rows))
+                block, local = sp.csr_matrix(read_disk(self.X, rows)), np.arange(len(rows))
             perm = self.rng.permutation(len(rows)) if self.shuffle else np.arange(len(rows))
             yield from self._emit(block, rows[perm], local[perm])

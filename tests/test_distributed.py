@@ -165,3 +165,75 @@ def test_ctrl_c_under_torchrun(sig, said, tmp_path):
     assert uns["interrupted"] and not uns["stopped_early"]
     assert len(uns["history"]["epoch"]) >= 3 and uns["params"]["world_size"] == 2
     assert np.isfinite(res.obsm["X_vae"]).all()
+
+
+def _rank_pid(marker: str, rank: int) -> int | None:
+    """Pid of the worker of ``rank`` among the processes whose command line contains ``marker``."""
+    for pid in _alive(marker):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and b"TORCHELASTIC_RUN_ID" in b" ".join(env):
+            return pid
+    return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals and /proc")
+def test_a_killed_worker_ends_the_job(tmp_path):
+    """SIGKILL to rank 1 mid-training (the out-of-memory killer): rank 0 does not hang in its
+    collective, the job ends with a non-zero status within seconds, the output names the dead rank
+    and says OUT was not written, and an existing OUT is left as it was."""
+    sv.datasets.simulate(300, 40, n_batches=2, n_types=3, random_state=0).write_h5ad(tmp_path / "in.h5ad")
+    out = tmp_path / "out.h5ad"
+    out.write_bytes(b"the old result")
+    cmd = _torchrun("-m", "sc_vi_ext", "train", str(tmp_path / "in.h5ad"), str(out), "--max-epochs", "100000")
+    log = open(tmp_path / "log.txt", "w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while max(map(int, re.findall(r"(\d+)/100000", (tmp_path / "log.txt").read_text())), default=0) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
+            time.sleep(0.2)
+        pid = _rank_pid(str(out), 1)
+        assert pid is not None
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        rc = proc.wait(timeout=TIMEOUT)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    text = (tmp_path / "log.txt").read_text()
+    assert rc != 0 and took < 20, (took, text[-3000:])
+    assert re.search(r"rank\s*:\s*1 .*\n.*exitcode\s*:\s*-9", text), text[-3000:]  # torchrun's summary
+    assert re.search(r"sc-vi-ext train: error: rank 0 lost the other ranks .*OUT was not written", text), text[-3000:]
+    assert not _alive(str(out)), "a worker is still running"
+    assert out.read_bytes() == b"the old result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "log.txt", "out.h5ad"]
+
+
+def test_the_process_group_waits_a_minute_not_half_an_hour(monkeypatch):
+    """A lost node closes no connection: the survivors wait in their collective until the process
+    group's timeout, which the project sets (60 s, or SC_VI_EXT_DIST_TIMEOUT) instead of torch's 30 minutes."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from sc_vi_ext import distributed
+
+    seen = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("SC_VI_EXT_DIST_TIMEOUT", raising=False)
+    assert distributed.init_from_env()
+    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(seconds=60)}
+    monkeypatch.setenv("SC_VI_EXT_DIST_TIMEOUT", "5")
+    distributed.init_from_env()
+    assert seen["timeout"] == datetime.timedelta(seconds=5)
+    monkeypatch.setenv("SC_VI_EXT_DIST_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="SC_VI_EXT_DIST_TIMEOUT must be a number of seconds"):
+        distributed.init_from_env()

@@ -11,7 +11,8 @@ import torch
 
 import sc_vi_ext as sv
 from sc_vi_ext.tl._de import posterior_fdr
-from sc_vi_ext.tl._ppc import STATS, sample_counts
+from sc_vi_ext.tl._ppc import sample_counts
+from sc_vi_ext.tl._shared import STATS
 
 # a larger step size and smaller minibatches than the defaults: a usable fit in 30 quick epochs
 TRAIN = {"n_hidden": 32, "max_epochs": 30, "batch_size": 64, "lr": 1e-2, "progress": False, "random_state": 0}

@@ -103,3 +103,50 @@ def test_tl_pl_in_all():
     for mod in (sv.tl, sv.pl):
         public = {n for n, v in vars(mod).items() if inspect.isfunction(v) and not n.startswith("_")}
         assert public <= set(mod.__all__), public - set(mod.__all__)
+
+
+def _internal_imports(pkg_dir) -> dict[str, set[str]]:
+    """Module name -> the package's modules it imports (at the top or inside functions)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(pkg_dir).parent
+    modules = {".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in Path(pkg_dir).rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        seen = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+                target = f"{base}.{node.module}" if node.module else base
+                seen |= {f"{target}.{a.name}" if f"{target}.{a.name}" in modules else target for a in node.names}
+            elif isinstance(node, ast.ImportFrom | ast.Import):
+                names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                seen |= {n for n in names if n in modules}
+        graph[name] = seen & set(modules) - {name}
+    return graph
+
+
+def test_the_tools_do_not_import_each_other_in_a_circle():
+    """The modules of ``sc_vi_ext.tl`` form no import cycle (imports inside functions included):
+    each shared name has one home below the tools that use it."""
+    from pathlib import Path
+
+    graph = {m: {t for t in deps if t.startswith("sc_vi_ext.tl.")}
+             for m, deps in _internal_imports(Path(sv.__file__).parent).items() if m.startswith("sc_vi_ext.tl.")}
+    assert "sc_vi_ext.tl._shared" in graph and graph["sc_vi_ext.tl._ppc"]
+    state: dict[str, int] = {}
+
+    def visit(m, path):
+        state[m] = 1
+        for t in sorted(graph.get(m, ())):
+            assert state.get(t) != 1, "import cycle: " + " -> ".join([*path, m, t])
+            if t not in state:
+                visit(t, [*path, m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])

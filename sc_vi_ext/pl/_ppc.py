@@ -10,7 +10,7 @@ from anndata import AnnData
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from .._docs import doc_params
-from ..tl._ppc import STATS
+from ..tl._shared import STATS
 from ._utils import finish, get_uns
 
 _LABELS = {"mean": "mean count", "var": "variance", "cv": "coefficient of variation", "frac_zero": "fraction of zeros"}

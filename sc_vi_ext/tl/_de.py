@@ -15,8 +15,8 @@ from .._progress import tqdm
 from ..model_store import gene_alignment, stored_loader
 from ..module import VAE
 from ..threads import cpu_threads
-from ._derived import check_free
-from ._expression import all_batches, decode_scale, sample_latent
+from ._expression import all_batches, decode_scale
+from ._shared import check_free, sample_latent
 from ._utils import stored_model
 
 MODES = ("change", "vanilla")

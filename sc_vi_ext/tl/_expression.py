@@ -14,9 +14,8 @@ from .._docs import doc_params
 from .._progress import tqdm
 from ..model_store import gene_alignment, stored_loader, stored_names
 from ..module import VAE
-from ..module.distributions import reparameterize
 from ..threads import cpu_threads
-from ._derived import check_free
+from ._shared import check_free, sample_latent
 from ._utils import stored_model
 
 _WARN_BYTES = 2 * 1024**3  # warn before materialising a result larger than this
@@ -42,12 +41,6 @@ def batch_targets(adata: AnnData, key: str, module: VAE, transform_batch) -> lis
 def all_batches(module: VAE) -> list[int] | None:
     """Every batch code of the model (batch-corrected averaging), or None without batches."""
     return list(range(module.n_batch)) if module.n_batch else None
-
-
-def sample_latent(mean: torch.Tensor, log_var: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-    """``n`` reparameterised draws from q(z | x): (n, cells, latent_dim)."""
-    eps = torch.randn((n, *mean.shape), generator=gen, device=mean.device, dtype=mean.dtype)
-    return reparameterize(mean, log_var, eps)
 
 
 def decode_scale(module: VAE, z: torch.Tensor, codes: list[int] | None, batch: torch.Tensor | None,

@@ -11,16 +11,14 @@ from scanpy import logging as logg
 
 from .._docs import OPTIMISER_DOC, doc_params
 from .._progress import tqdm
-from ..diagnostics import COLUMNS, decompose, summarize
+from ..diagnostics import decompose, summarize
 from ..diagnostics.bounds import WIDE_SCALE
 from ..diagnostics.gaps import N_SAMPLES, N_SAMPLES_ELBO
 from ..model_store import stored_loader
 from ..threads import cpu_threads
 from ._cells import cell_subset, split_masks, write_obs_columns
+from ._shared import GAP_COLUMNS
 from ._utils import stored_model
-
-# the obs columns "<key>_<name>" this tool writes
-OBS_COLUMNS = (*COLUMNS, "amortization_gap_se", "approximation_gap_se", "library_size")
 
 
 def gap_summary(res: dict) -> str:
@@ -125,7 +123,7 @@ def amortization_gap(
                                n_samples_elbo=n_samples_elbo, generator=gen, **opt))
         bar.update()
     per_cell = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    written = write_obs_columns(adata, key, idx, {c: per_cell[c] for c in OBS_COLUMNS})
+    written = write_obs_columns(adata, key, idx, {c: per_cell[c] for c in GAP_COLUMNS})
     adata.uns[key]["amortization_gap"] = {
         "params": params,
         **{s: summarize({k: v[m] for k, v in per_cell.items()}) for s, m in masks.items() if m.sum() > 0},

@@ -15,7 +15,8 @@ from ..module import VAE
 from ..module.nn import FCLayers
 from ..threads import cpu_threads
 from ..train import EVAL_BATCH_SIZE, train
-from ._derived import check_free, remove_derived
+from ._derived import remove_derived
+from ._shared import check_free
 from ._utils import latent_means, resolve_device, set_library_prior, split_indices
 
 

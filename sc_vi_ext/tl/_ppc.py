@@ -15,10 +15,8 @@ from ..model_store import gene_alignment, stored_loader
 from ..module import VAE
 from ..module.distributions import count_distribution
 from ..threads import cpu_threads
-from ._expression import sample_latent
+from ._shared import STATS, sample_latent
 from ._utils import stored_model
-
-STATS = ("mean", "var", "cv", "frac_zero")
 
 
 def sample_counts(module: VAE, params: dict) -> torch.Tensor:

@@ -12,7 +12,7 @@ from .._progress import tqdm
 from ..diagnostics import elbo_paired, optimize_q
 from ..model_store import stored_loader
 from ..threads import cpu_threads
-from ._derived import check_free
+from ._shared import check_free
 from ._utils import stored_model
 
 

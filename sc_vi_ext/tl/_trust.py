@@ -14,10 +14,9 @@ from ..diagnostics.trust import compare_to_reference
 from ..model_store import held_out_mask, stored_loader
 from ..threads import cpu_threads
 from ._coverage import merge_into_trust
+from ._shared import TRUST_COLUMNS
 from ._utils import stored_model
 
-# the obs columns "<key>_<name>" this tool writes
-OBS_COLUMNS = ("gap_estimate", "trust", "untrusted")
 
 @doc_params()
 @cpu_threads
@@ -110,7 +109,7 @@ def trust_score(
     gap, log_lib = np.concatenate(gaps), np.concatenate(log_lib)
     trust, z = compare_to_reference(gap, log_lib, ~val, n_neighbors=n_neighbors)
     flag = z > n_mads
-    for name, values in zip(OBS_COLUMNS, (gap, trust, flag), strict=True):
+    for name, values in zip(TRUST_COLUMNS, (gap, trust, flag), strict=True):
         adata.obs[f"{key}_{name}"] = values
     # stale encoder-only columns of an earlier run
     for stale in (f"{key}_trust_encoder", f"{key}_untrusted_encoder"):

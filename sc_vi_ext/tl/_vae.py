@@ -26,7 +26,8 @@ from ..train import (
     default_max_epochs,
     train,
 )
-from ._derived import check_free, remove_derived
+from ._derived import remove_derived
+from ._shared import check_free
 from ._utils import latent_means, resolve_device, set_library_prior, split_indices
 
 
