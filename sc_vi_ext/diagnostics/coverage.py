@@ -37,8 +37,9 @@ from ..module.scoring import LogPxGivenZ
 from .optimize import _lbfgs
 from .trust import compare_to_reference
 
-COMPONENTS = ("model_miss", "programme", "latent_novelty", "encoder_miss", "latent_density", "neighbourhood")
-OPTIONAL = ("label_uncertainty",)  # with reference labels only
+COMPONENTS = ("model_miss", "programme", "latent_novelty", "encoder_miss")  # the default coverage's evidence
+EXTRA = ("latent_density", "neighbourhood")  # reported; in the coverage only on request
+OPTIONAL = ("label_uncertainty",)  # with reference labels only; like EXTRA
 TAIL = 0.1  # share of calibration cells whose exceedances fit the exponential tail
 MIN_SCALE = 1.0  # floor of a gene's residual scale: a deviance residual of a well-fitted gene has sd ~ 1
 
@@ -210,7 +211,7 @@ def tail_pvalue(reference: np.ndarray, values: np.ndarray, *, tail: float = TAIL
 
 def combine(calibration: dict[str, np.ndarray], cells: dict[str, np.ndarray], log_lib_cal: np.ndarray,
             log_lib: np.ndarray, *, shift_groups: np.ndarray | None = None, n_neighbors: int = 100,
-            ) -> tuple[np.ndarray, dict, dict]:
+            combined: tuple[str, ...] | None = None) -> tuple[np.ndarray, dict, dict]:
     """Coverage of ``cells`` from their component statistics, calibrated on the ``calibration`` cells.
 
     ``shift_groups``: per cell, a group (a batch the reference never saw) whose batch-wide offset
@@ -219,6 +220,8 @@ def combine(calibration: dict[str, np.ndarray], cells: dict[str, np.ndarray], lo
     between the 5% and 25% quantiles is wider than theirs, it is shrunk to theirs around that
     quartile (those quantiles stay put while the cells the reference does not cover are under
     three quarters of the group). A lower quartile is never moved up.
+    ``combined``: the components whose p-values enter Fisher's combination (None: all of them);
+    every component gets its p-value.
     Returns the coverage of the cells, their per-component p-values and the calibration cells'
     coverage (in-sample: close to uniform).
     """
@@ -238,6 +241,7 @@ def combine(calibration: dict[str, np.ndarray], cells: dict[str, np.ndarray], lo
                 spread = max(1.0, (q25 - q05) / max(c25 - c05, 1e-9))
                 z_cells[m] = min(q25, c25) + (z_cells[m] - q25) / spread  # its lower quartile never moves up
         p_cal[name], p_cells[name] = tail_pvalue(z_cal, z_cal), tail_pvalue(z_cal, z_cells)
-    best_cal = -np.log(np.min(list(p_cal.values()), axis=0))  # the strongest evidence of each cell
-    best = -np.log(np.min(list(p_cells.values()), axis=0))
-    return tail_pvalue(best_cal, best), p_cells, tail_pvalue(best_cal, best_cal)
+    names = list(calibration) if combined is None else list(combined)
+    fisher_cal = -2 * sum(np.log(p_cal[n]) for n in names)
+    fisher = -2 * sum(np.log(p_cells[n]) for n in names)
+    return tail_pvalue(fisher_cal, fisher), p_cells, tail_pvalue(fisher_cal, fisher_cal)

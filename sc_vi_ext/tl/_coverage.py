@@ -32,6 +32,7 @@ def reference_coverage(
     n_group_genes: int = 20,
     n_neighbors: int = 15,
     n_local: int = 30,
+    extra_evidence: bool = False,
     n_scale_cells: int = 1000,
     max_steps: int = 20,
     batch_size: int = 256,
@@ -57,6 +58,21 @@ def reference_coverage(
     ``encoder_miss``
         log p(x, z*) - log p(x, mu): what refinement gains over the encoder (an encoder miss).
 
+    Three more are computed and reported, but enter the coverage only with ``extra_evidence=True``
+    (held-out reference neighbourhoods are wider than a query's, and the neighbourhood statistic is
+    not yet calibrated: in the coverage, it flags too many unaltered cells):
+
+    ``neighbourhood``
+        Standardised chi-square over genes of the mean residual excess of the cell's ``n_local``
+        nearest query cells at z* (each cell's residuals minus those of its ``n_local`` nearest
+        reference training cells): a shift shared by a region of cells.
+    ``latent_density``
+        Low density of the cell's encoder mean under the encoder distributions of the reference
+        training cells that set the residual scale: a cell in an empty part of the latent space.
+    ``label_uncertainty``
+        Only with ``labels_key``: disagreement of the reference labels among the cell's
+        ``n_neighbors`` nearest reference training cells.
+
     Each is compared with the reference's held-out cells of similar depth and turned into an
     upper-tail p-value; Fisher's combination of the four is calibrated on the same held-out
     cells, so ``coverage`` is close to uniform on typical reference cells and
@@ -81,10 +97,21 @@ def reference_coverage(
     groupby
         Column of ``adata.obs`` for the group summaries and their driving genes; None: the
         reference's ``batch_key`` when it has one, else all cells together.
+    labels_key
+        Column of ``reference.obs`` with cell labels; given, ``label_uncertainty`` is computed.
     n_top_genes
         Genes per cell in the programme score and listed as its drivers.
+    n_group_genes
+        Genes listed per group in ``groups[...]["top_genes"]``.
     n_neighbors
-        Reference training cells in the latent distance.
+        Reference training cells in the latent distance and the label uncertainty.
+    n_local
+        Cells per neighbourhood in the ``neighbourhood`` component (and reference training cells
+        its residual excess is taken against).
+    extra_evidence
+        If True, ``latent_density``, ``neighbourhood`` (and ``label_uncertainty`` with
+        ``labels_key``) also enter Fisher's combination; False (default): the coverage rests on
+        the four components above and the others are only reported.
     n_scale_cells
         Reference training cells (random) that set each gene's residual location and scale.
     max_steps
@@ -102,8 +129,12 @@ def reference_coverage(
     ``adata.obs[key + "_uncovered"]``
         Boolean flag, ``coverage < alpha``.
     ``adata.obs[key + "_" + name]`` and ``[key + "_" + name + "_p"]``
-        Each component (``model_miss``, ``programme``, ``latent_novelty``, ``encoder_miss``)
-        and its p-value against depth-matched reference held-out cells.
+        Each component (``model_miss``, ``programme``, ``latent_novelty``, ``encoder_miss``,
+        ``latent_density``, ``neighbourhood``, and ``label_uncertainty`` with ``labels_key``)
+        and its p-value against depth-matched reference held-out cells, whether or not it
+        enters the coverage.
+    ``adata.obs[key + "_neighbourhood_fdr"]``
+        Benjamini-Hochberg adjustment of the ``neighbourhood`` p-values over the query's cells.
     ``adata.obs[key + "_coverage_genes"]``
         For uncovered cells, their ``n_top_genes`` driving genes, comma-separated ("" otherwise).
     ``adata.obs[key + "_trust"]``, ``[key + "_untrusted"]``
@@ -112,10 +143,12 @@ def reference_coverage(
     ``adata.uns[key]["coverage"]``
         ``params``, ``threshold`` (alpha), ``calibration`` (what the coverage was calibrated
         on: ``n_cells`` held-out reference cells, ``frac_flagged`` of them, ``n_scale_cells``),
-        ``frac_uncovered``, ``groupby`` and ``groups``: per group ``n_cells``,
-        ``coverage_median``, ``frac_uncovered``, ``n_uncovered`` and ``top_genes`` (the genes
-        that drive its uncovered cells most), and ``top_genes``: a DataFrame of the uncovered
-        cells' driving genes, a row per cell, largest first.
+        ``components`` (those combined into the coverage), ``frac_uncovered``, ``groupby`` and
+        ``groups``: per group ``n_cells``, ``coverage_median``, ``frac_uncovered``,
+        ``n_uncovered`` and, where it has uncovered cells, ``top_genes`` (the ``n_group_genes``
+        genes whose mean residual excess over its uncovered cells is largest in size) and
+        ``top_genes_shift`` (their standardised shifts), and ``top_genes``: a DataFrame of the
+        uncovered cells' driving genes, a row per cell, largest first.
     """
     params = {k: v for k, v in locals().items() if k not in ("adata", "reference", "copy")}
     if not 0 < alpha < 1:
@@ -144,16 +177,17 @@ def reference_coverage(
                               n_top_genes=n_top_genes, n_neighbors=n_neighbors, n_local=n_local,
                               n_scale_cells=n_scale_cells, max_steps=max_steps, batch_size=batch_size, rng=rng,
                               bar=bar)
-    components = cov.COMPONENTS + (cov.OPTIONAL if labels_key is not None else ())
-    stats = {c: ev[c] for c in components}
-    coverage, pvals, cal_cov = cov.combine({c: cal[c] for c in components}, stats,
-                                           cal["log_library"], ev["log_library"], shift_groups=extra["new_batch"])
+    reported = cov.COMPONENTS + cov.EXTRA + (cov.OPTIONAL if labels_key is not None else ())
+    components = reported if extra_evidence else cov.COMPONENTS  # those in the coverage
+    stats = {c: ev[c] for c in reported}
+    coverage, pvals, cal_cov = cov.combine({c: cal[c] for c in reported}, stats, cal["log_library"],
+                                           ev["log_library"], shift_groups=extra["new_batch"], combined=components)
     top_genes, top_scores = extra["top_genes"], extra["top_scores"]
     flag = coverage < alpha
     genes = np.asarray(reference.uns[key]["var_names"]).astype(str)
     adata.obs[f"{key}_coverage"] = coverage
     adata.obs[f"{key}_uncovered"] = flag
-    for c in components:
+    for c in reported:
         adata.obs[f"{key}_{c}"] = stats[c]
         adata.obs[f"{key}_{c}_p"] = pvals[c]
     adata.obs[f"{key}_neighbourhood_fdr"] = bh_adjust(pvals["neighbourhood"])
