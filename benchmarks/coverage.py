@@ -30,61 +30,17 @@ import time
 
 import numpy as np
 import scanpy as sc
-import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 import sc_vi_ext as sv
+from sc_vi_ext.diagnostics.coverage import COMPONENTS, EXTRA, OPTIONAL
 from sc_vi_ext.model_store import get_model, held_out_mask, stored_loader
 
 from ._common import parser, save, table, uptime
-
-
-def simulate_weak_de(n_cells, n_genes, *, n_types=8, n_batches=3, de_prob=0.08, de_lfc=0.45, random_state=0):
-    """NB counts as ``sv.datasets.simulate`` draws them, but types differ by sparse, weak DE only."""
-    rng = np.random.default_rng(random_state)
-    base = rng.normal(0, 1.0, n_genes) - 1.0
-    de = rng.random((n_types, n_genes)) < de_prob
-    profiles = base + de * rng.choice([-de_lfc, de_lfc], (n_types, n_genes))
-    batch_fx = rng.normal(0, 0.5, (n_batches, n_genes))
-    cell_type, batch = rng.integers(n_types, size=n_cells), rng.integers(n_batches, size=n_cells)
-    logits = profiles[cell_type] + batch_fx[batch]
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    mu = p / p.sum(1, keepdims=True) * np.exp(rng.normal(np.log(1500), 0.4, n_cells))[:, None]
-    X = sp.csr_matrix(rng.poisson(rng.gamma(5.0, mu / 5.0)).astype(np.float32))
-    obs = {"cell_type": [f"type_{t}" for t in cell_type], "batch": [f"batch_{b}" for b in batch]}
-    ad = AnnData(X=X, obs=dict(obs))
-    ad.obs_names = [f"cell_{i}" for i in range(n_cells)]
-    ad.var_names = [f"gene_{g}" for g in range(n_genes)]
-    ad.obs = ad.obs.astype("category")
-    return ad
-
-
-def make_case(name: str, quick: bool):
-    """Return (reference, query, label column, novel labels, tl.vae settings)."""
-    n, g = (4000, 1000) if quick else (12000, 2000)
-    if name.startswith("sim_two_types"):
-        ad = sv.datasets.simulate(n, g, n_batches=3, n_types=8, random_state=0)
-        novel = ["type_6", "type_7"]
-    elif name.startswith("sim_weak_de"):
-        ad = simulate_weak_de(n, g, random_state=1)
-        novel = ["type_7"]
-    else:  # "pbmc" (B cells left out) or "pbmc:<bulk label>"
-        ad = sv.datasets.pbmc68k()
-        novel = [name.split(":", 1)[1] if ":" in name else "CD19+ B"]
-        rng = np.random.default_rng(0)
-        known = np.flatnonzero(~ad.obs["bulk_labels"].isin(novel).to_numpy())
-        to_ref = np.zeros(ad.n_obs, bool)
-        to_ref[rng.choice(known, int(round(len(known) * 2 / 3)), replace=False)] = True
-        return ad[to_ref].copy(), ad[~to_ref].copy(), "bulk_labels", novel, {"train_size": 0.8}
-    in_ref = ad.obs["batch"].isin(["batch_0", "batch_1"]) & ~ad.obs["cell_type"].isin(novel)
-    query = ad[ad.obs["batch"] == "batch_2"].copy()
-    settings = {"batch_key": "batch"}
-    if quick:
-        settings["max_epochs"] = 60
-    return ad[in_ref].copy(), query, "cell_type", novel, settings
+from .coverage_cases import make_case
 
 
 @torch.no_grad()
@@ -128,29 +84,32 @@ def baselines(ref: AnnData, query: AnnData, label: str, key="vae"):
 
 
 def run_case(name: str, quick: bool) -> list[dict]:
-    ref, query, label, novel, settings = make_case(name, quick)
+    case = make_case(name, quick)
+    ref, query, label, altered = case["reference"], case["query"], case["label"], case["altered"]
     t0 = time.perf_counter()
-    sv.tl.vae(ref, progress=False, **settings)
+    sv.tl.vae(ref, progress=False, **case["settings"])
     sv.tl.vae_map(query, reference=ref, progress=False)
     t_fit = time.perf_counter() - t0
     t0 = time.perf_counter()
-    sv.tl.reference_coverage(query, reference=ref, progress=False)
+    sv.tl.reference_coverage(query, reference=ref, labels_key=label, groupby=label, progress=False)
     t_cov = time.perf_counter() - t0
-    is_novel = query.obs[label].isin(novel).to_numpy()
     res = query.uns["vae"]["coverage"]
-    common = {"case": name, "n_query": int(query.n_obs), "n_novel": int(is_novel.sum()),
+    common = {"case": name, "n_query": int(query.n_obs), "n_altered": int(altered.sum()),
               "n_genes": int(query.n_vars), "n_calibration": res["calibration"]["n_cells"]}
     flag = query.obs["vae_uncovered"].to_numpy()
-    rows = [{**common, "score": "reference_coverage", "auroc": roc_auc_score(is_novel, -query.obs["vae_coverage"]),
-             "novel_flagged": float(flag[is_novel].mean()), "known_flagged": float(flag[~is_novel].mean()),
-             "calibration_flagged": res["calibration"]["frac_flagged"], "seconds": t_cov,
-             "seconds_per_1000": 1000 * t_cov / query.n_obs, "fit_seconds": t_fit}]
-    for c in ("model_miss", "programme", "latent_novelty", "encoder_miss"):
-        rows.append({**common, "score": f"  component: {c}", "auroc": roc_auc_score(is_novel, query.obs[f"vae_{c}"])})
+    top = {"auroc": roc_auc_score(altered, -query.obs["vae_coverage"]), "altered_flagged": float(flag[altered].mean()),
+           "unaltered_flagged": float(flag[~altered].mean()), "calibration_flagged": res["calibration"]["frac_flagged"],
+           "seconds": t_cov, "seconds_per_1000": 1000 * t_cov / query.n_obs, "fit_seconds": t_fit}
+    if "shifted" in case:  # the state's group: are its driving genes the shifted ones?
+        genes = res["groups"][case["group"]].get("top_genes", [])[:20]
+        top["driving_gene_precision"] = float(np.isin(genes, case["shifted"]).mean()) if genes else 0.0
+    rows = [{**common, "score": "reference_coverage", **top}]
+    for c in COMPONENTS + EXTRA + OPTIONAL:  # all reported; the default coverage combines COMPONENTS
+        rows.append({**common, "score": f"  component: {c}", "auroc": roc_auc_score(altered, query.obs[f"vae_{c}"])})
     for b, (s_q, s_val) in baselines(ref, query, label).items():
         f = s_q > np.quantile(s_val, 0.95)
-        rows.append({**common, "score": f"baseline: {b}", "auroc": roc_auc_score(is_novel, s_q),
-                     "novel_flagged": float(f[is_novel].mean()), "known_flagged": float(f[~is_novel].mean())})
+        rows.append({**common, "score": f"baseline: {b}", "auroc": roc_auc_score(altered, s_q),
+                     "altered_flagged": float(f[altered].mean()), "unaltered_flagged": float(f[~altered].mean())})
     return rows
 
 
@@ -160,19 +119,22 @@ def coverage_table(rows: list[dict]) -> dict:
         def pct(k, r=r):
             return f"{100 * r[k]:.1f}%" if k in r else ""
         sec = f"{r['seconds_per_1000']:.1f}" if "seconds_per_1000" in r else ""
-        out.append([f"{r['case']} ({r['n_query']:,} query, {r['n_novel']:,} novel)", r["score"].strip(),
-                    f"{r['auroc']:.3f}", pct("novel_flagged"), pct("known_flagged"), sec])
-    return table("Novel-type query cells against known ones: AUROC and flag rates",
-                 ["case", "score", "AUROC", "novel flagged", "known flagged", "s / 1,000 query cells"], out,
+        prec = f"{r['driving_gene_precision']:.2f}" if "driving_gene_precision" in r else ""
+        out.append([f"{r['case']} ({r['n_query']:,} query, {r['n_altered']:,} altered)", r["score"].strip(),
+                    f"{r['auroc']:.3f}", pct("altered_flagged"), pct("unaltered_flagged"), prec, sec])
+    return table("Altered query cells (a held-out type or a state change) against the others: AUROC and flag rates",
+                 ["case", "score", "AUROC", "altered flagged", "unaltered flagged", "driving genes: precision@20",
+                  "s / 1,000 query cells"], out,
                  ["Flags: reference_coverage at its default alpha (0.05); a baseline above the 95th percentile of "
                   "the reference's held-out cells (the same false-flag budget). Time: reference_coverage only "
-                  "(training and mapping excluded)."])
+                  "(training and mapping excluded). Driving genes: the share of the "
+                  "state's group's 20 top genes that are shifted genes."])
 
 
 def main(argv=None) -> None:
     ap = parser(__doc__)
-    ap.add_argument("--cases", default="sim_two_types,sim_weak_de,pbmc,pbmc:CD14+ Monocyte,pbmc:Dendritic,"
-                                       "pbmc:CD56+ NK")
+    ap.add_argument("--cases", default="sim_two_types,sim_weak_de,sim_state,pbmc,pbmc:CD14+ Monocyte,"
+                                       "pbmc:Dendritic,pbmc:CD56+ NK,pbmc_state")
     args = ap.parse_known_args(argv)[0]
     started = uptime()
     sc.settings.verbosity = 0

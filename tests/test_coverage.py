@@ -14,7 +14,8 @@ import scanpy as sc
 from sklearn.metrics import roc_auc_score
 
 import sc_vi_ext as sv
-from sc_vi_ext.diagnostics.coverage import combine, tail_pvalue
+from sc_vi_ext.diagnostics.coverage import COMPONENTS, EXTRA, combine, tail_pvalue
+from sc_vi_ext.diagnostics.coverage_local import bh_adjust, neighbourhood_statistic, neighbourhoods
 from sc_vi_ext.model_store import held_out_mask
 
 FAST_COV = {"n_scale_cells": 200, "max_steps": 10, "progress": False}
@@ -46,7 +47,8 @@ def test_novel_type_gets_low_coverage(scored):
     assert flag.dtype == bool
     assert flag[novel].mean() > 0.5 and flag[~novel].mean() < 0.1
     for col in ("vae_coverage", "vae_programme", "vae_model_miss", "vae_latent_novelty", "vae_encoder_miss",
-                "vae_programme_p", "vae_latent_novelty_p"):
+                "vae_latent_density", "vae_neighbourhood", "vae_neighbourhood_fdr", "vae_programme_p",
+                "vae_latent_novelty_p", "vae_neighbourhood_p"):
         assert np.isfinite(obs[col].to_numpy()).all(), col
     assert ((cov > 0) & (cov <= 1)).all()
 
@@ -66,6 +68,8 @@ def test_summaries_and_driving_genes(scored):
     hits = np.isin(top.loc[novel_flagged].to_numpy(), list(markers)).mean()
     assert hits > 0.5
     assert len(set(res["groups"]["batch_1"]["top_genes"][:5]) & markers) >= 3
+    assert len(res["groups"]["batch_1"]["top_genes"]) == 20 == len(res["groups"]["batch_1"]["top_genes_shift"])
+    assert res["components"] == list(COMPONENTS)
     genes = scored.obs["vae_coverage_genes"]
     assert (genes[~flag] == "").all() and (genes[flag] != "").all()
 
@@ -99,6 +103,10 @@ def test_bad_inputs_raise_before_writing(mapped, trained):
         sv.tl.reference_coverage(q, reference=ref, groupby="nope", progress=False)
     with pytest.raises(ValueError, match="alpha"):
         sv.tl.reference_coverage(q, reference=ref, alpha=1.5, progress=False)
+    with pytest.raises(KeyError, match="labels_key"):
+        sv.tl.reference_coverage(q, reference=ref, labels_key="nope", progress=False)
+    with pytest.raises(ValueError, match="n_local"):
+        sv.tl.reference_coverage(q, reference=ref, n_local=1, progress=False)
     assert "vae_coverage" not in q.obs and "coverage" not in q.uns["vae"]
 
 
@@ -157,3 +165,41 @@ def test_new_batch_offset_and_widening_are_not_novelty():
     lower = {c: v - 3 for c, v in cal.items()}  # a batch that sits lower is not moved up
     low, _, _ = combine(cal, lower, lib_cal, lib_cal, shift_groups=np.zeros(n_cal, int))
     assert (low < 0.05).mean() < 0.01
+
+
+def test_labels_add_the_label_uncertainty_component(mapped):
+    ref, query = mapped
+    out = sv.tl.reference_coverage(query, reference=ref, labels_key="cell_type", copy=True, **FAST_COV)
+    assert out.uns["vae"]["coverage"]["components"] == list(COMPONENTS)  # reported, not combined by default
+    u = out.obs["vae_label_uncertainty"].to_numpy()
+    assert ((u >= 0) & (u < 1)).all() and np.isfinite(out.obs["vae_label_uncertainty_p"]).all()
+
+
+def test_neighbourhood_statistic_is_standardised_and_sees_a_shared_shift():
+    rng = np.random.default_rng(0)
+    pos = rng.normal(size=(600, 2))
+    excess = rng.normal(size=(600, 200)).astype(np.float32)
+    shifted = pos[:, 0] > 1.0  # a region whose cells share a small shift in 20 genes
+    excess[np.ix_(shifted, np.arange(20))] += 0.4
+    stat = neighbourhood_statistic(excess, neighbourhoods(pos, 30), np.ones(200, np.float32))
+    assert abs(np.median(stat[pos[:, 0] < -0.5])) < 1.0  # about N(0, 1) where nothing is shifted
+    assert np.median(stat[pos[:, 0] > 1.5]) > 2
+    p = rng.uniform(size=1000)
+    q = bh_adjust(p)
+    assert (q >= p).all() and (q <= 1).all()
+    assert (np.diff(q[np.argsort(p)]) >= 0).all()  # the adjustment keeps the order of the p-values
+
+
+def test_extra_evidence_enters_the_coverage_only_on_request(mapped, scored):
+    ref, query = mapped
+    cal = {c: np.random.default_rng(i).normal(size=300) for i, c in enumerate(("a", "b"))}
+    cells = {"a": np.zeros(50), "b": np.full(50, 5.0)}
+    lib = np.zeros(300)
+    only_a, p, _ = combine(cal, cells, lib, np.zeros(50), combined=("a",))
+    both, _, _ = combine(cal, cells, lib, np.zeros(50))
+    assert set(p) == {"a", "b"} and (both < only_a).all()  # b reported either way, combined only when named
+    out = sv.tl.reference_coverage(query, reference=ref, extra_evidence=True, copy=True, **FAST_COV)
+    assert out.uns["vae"]["coverage"]["components"] == list(COMPONENTS + EXTRA)
+    for c in COMPONENTS + EXTRA:  # the components and their p-values do not depend on the option
+        np.testing.assert_allclose(out.obs[f"vae_{c}_p"], scored.obs[f"vae_{c}_p"])
+    assert not np.allclose(out.obs["vae_coverage"], scored.obs["vae_coverage"])

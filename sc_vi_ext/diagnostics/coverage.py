@@ -37,7 +37,9 @@ from ..module.scoring import LogPxGivenZ
 from .optimize import _lbfgs
 from .trust import compare_to_reference
 
-COMPONENTS = ("model_miss", "programme", "latent_novelty", "encoder_miss")
+COMPONENTS = ("model_miss", "programme", "latent_novelty", "encoder_miss")  # the default coverage's evidence
+EXTRA = ("latent_density", "neighbourhood")  # reported; in the coverage only on request
+OPTIONAL = ("label_uncertainty",)  # with reference labels only; like EXTRA
 TAIL = 0.1  # share of calibration cells whose exceedances fit the exponential tail
 MIN_SCALE = 1.0  # floor of a gene's residual scale: a deviance residual of a well-fitted gene has sd ~ 1
 
@@ -80,11 +82,12 @@ def deviance_residuals(module: VAE, x: torch.Tensor, params: dict) -> tuple[torc
 def refine_cells(module: VAE, loader, n_obs: int, *, max_steps: int = 20, progress=None) -> dict[str, np.ndarray]:
     """One pass over ``loader``: each cell's z*, and the statistics of the cell at z*.
 
-    Returns ``z`` (``n_obs`` rows by AnnData position, NaN for cells not in the loader) and, in
-    the loader's order, ``model_miss``, ``encoder_miss`` and ``log_library``.
+    Returns ``z``, the encoder's ``mean`` and ``log_var`` (each ``n_obs`` rows by AnnData
+    position, NaN for cells not in the loader) and, in the loader's order, ``model_miss``,
+    ``encoder_miss`` and ``log_library``.
     """
     out = {k: [] for k in ("model_miss", "encoder_miss", "log_library")}
-    z_all = np.full((n_obs, module.latent_dim), np.nan, dtype=np.float32)
+    rows = {k: np.full((n_obs, module.latent_dim), np.nan, dtype=np.float32) for k in ("z", "mean", "log_var")}
     with _frozen(module):
         for mb in loader:
             with torch.no_grad():
@@ -96,10 +99,11 @@ def refine_cells(module: VAE, loader, n_obs: int, *, max_steps: int = 20, progre
                 out["model_miss"].append((d.sum(1) / mb.x.sum(1).clamp_min(1)).double().cpu().numpy())
             out["encoder_miss"].append(gain.double().cpu().numpy())
             out["log_library"].append(mb.log_library.double().cpu().numpy())
-            z_all[mb.idx] = z.cpu().numpy()
+            for k, v in (("z", z), ("mean", mean), ("log_var", log_var)):
+                rows[k][mb.idx] = v.cpu().numpy()
             if progress is not None:
                 progress.update()
-    return {"z": z_all, **{k: np.concatenate(v) for k, v in out.items()}}
+    return {**rows, **{k: np.concatenate(v) for k, v in out.items()}}
 
 
 class _frozen:
@@ -131,17 +135,18 @@ def residual_blocks(module: VAE, loader, z: np.ndarray):
             yield mb, r.cpu()
 
 
-def programme_scores(module: VAE, loader, z: np.ndarray, center: np.ndarray, scale: np.ndarray, *,
+def programme_scores(residuals: np.ndarray, batch: np.ndarray | None, center: np.ndarray, scale: np.ndarray, *,
                      n_top: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Programme score, driving genes and their z-scores of the loader's cells, in its order.
+    """Programme score, driving genes and their z-scores of cells from their residuals (cells, genes).
 
     ``center`` is (batch codes, genes): each cell's residuals are centred by its batch's row
     (one row: the same for all), then divided by the per-gene ``scale``.
     """
     center, scale = torch.as_tensor(center), torch.as_tensor(scale)
     prog, genes, scores = [], [], []
-    for mb, r in residual_blocks(module, loader, z):
-        c = center[0] if len(center) == 1 else center[mb.batch.cpu().long()]
+    for lo in range(0, len(residuals), 4096):
+        r = torch.as_tensor(residuals[lo:lo + 4096])
+        c = center[0] if len(center) == 1 else center[torch.as_tensor(batch[lo:lo + 4096]).long()]
         top = torch.topk((r - c) / scale, min(n_top, r.shape[1]), dim=1)
         prog.append(top.values.mean(1).double().numpy())
         genes.append(top.indices.numpy())
@@ -149,9 +154,13 @@ def programme_scores(module: VAE, loader, z: np.ndarray, center: np.ndarray, sca
     return np.concatenate(prog), np.concatenate(genes), np.concatenate(scores)
 
 
-def residual_rows(module: VAE, loader, z: np.ndarray) -> np.ndarray:
-    """Return the signed deviance residuals of the loader's cells, (cells, genes) float32."""
-    return np.concatenate([r.numpy() for _, r in residual_blocks(module, loader, z)])
+def residual_rows(module: VAE, loader, z: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Return the signed deviance residuals of the loader's cells, (cells, genes) float32, and their batch codes."""
+    rows, codes = [], []
+    for mb, r in residual_blocks(module, loader, z):
+        rows.append(r.numpy())
+        codes.append(None if mb.batch is None else mb.batch.cpu().numpy())
+    return np.concatenate(rows), (None if codes[0] is None else np.concatenate(codes))
 
 
 def gene_statistics(residuals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -202,7 +211,7 @@ def tail_pvalue(reference: np.ndarray, values: np.ndarray, *, tail: float = TAIL
 
 def combine(calibration: dict[str, np.ndarray], cells: dict[str, np.ndarray], log_lib_cal: np.ndarray,
             log_lib: np.ndarray, *, shift_groups: np.ndarray | None = None, n_neighbors: int = 100,
-            ) -> tuple[np.ndarray, dict, dict]:
+            combined: tuple[str, ...] | None = None) -> tuple[np.ndarray, dict, dict]:
     """Coverage of ``cells`` from their component statistics, calibrated on the ``calibration`` cells.
 
     ``shift_groups``: per cell, a group (a batch the reference never saw) whose batch-wide offset
@@ -211,6 +220,8 @@ def combine(calibration: dict[str, np.ndarray], cells: dict[str, np.ndarray], lo
     between the 5% and 25% quantiles is wider than theirs, it is shrunk to theirs around that
     quartile (those quantiles stay put while the cells the reference does not cover are under
     three quarters of the group). A lower quartile is never moved up.
+    ``combined``: the components whose p-values enter Fisher's combination (None: all of them);
+    every component gets its p-value.
     Returns the coverage of the cells, their per-component p-values and the calibration cells'
     coverage (in-sample: close to uniform).
     """
@@ -230,6 +241,7 @@ def combine(calibration: dict[str, np.ndarray], cells: dict[str, np.ndarray], lo
                 spread = max(1.0, (q25 - q05) / max(c25 - c05, 1e-9))
                 z_cells[m] = min(q25, c25) + (z_cells[m] - q25) / spread  # its lower quartile never moves up
         p_cal[name], p_cells[name] = tail_pvalue(z_cal, z_cal), tail_pvalue(z_cal, z_cells)
-    fisher_cal = -2 * sum(np.log(p) for p in p_cal.values())
-    fisher = -2 * sum(np.log(p) for p in p_cells.values())
+    names = list(calibration) if combined is None else list(combined)
+    fisher_cal = -2 * sum(np.log(p_cal[n]) for n in names)
+    fisher = -2 * sum(np.log(p_cells[n]) for n in names)
     return tail_pvalue(fisher_cal, fisher), p_cells, tail_pvalue(fisher_cal, fisher_cal)

@@ -10,60 +10,12 @@ from scanpy import logging as logg
 from .._docs import doc_params
 from .._progress import tqdm
 from ..diagnostics import coverage as cov
-from ..inputs import batch_codes_as
-from ..model_store import held_out_mask, stored_loader
+from ..diagnostics.coverage_local import bh_adjust
 from ..threads import cpu_threads
+from ._coverage_parts import checked_inputs, evidence, merge_into_trust, summaries
 from ._utils import stored_model
 
-MIN_CALIBRATION_CELLS = 10
 FEW_CALIBRATION_CELLS = 100  # below this, the coverage's tail is coarse: said in the log
-
-
-def _checked_inputs(adata: AnnData, reference: AnnData, key: str, groupby: str | None):
-    """Every check before anything is computed or written; returns the reference's held-out mask."""
-    for name, ad in (("adata", adata), ("reference", reference)):
-        if f"X_{key}" not in ad.obsm:
-            what = "sv.tl.vae_map(adata, reference=reference" if name == "adata" else "sv.tl.vae(reference"
-            raise KeyError(f"{name}.obsm['X_{key}'] not found; run {what}, key_added={key!r}) first.")
-    genes = [np.asarray(ad.uns[key].get("var_names", [])).astype(str) for ad in (adata, reference)]
-    if not np.array_equal(*genes):
-        raise ValueError(f"The model under {key!r} in adata is not the reference's (other genes): map the query "
-                         f"with sv.tl.vae_map(adata, reference=reference, key={key!r}) first.")
-    val = held_out_mask(reference, key)
-    if val.sum() < MIN_CALIBRATION_CELLS:
-        raise ValueError(f"The reference holds {int(val.sum())} held-out cells under {key!r}, at least "
-                         f"{MIN_CALIBRATION_CELLS} are needed to calibrate the coverage; train the reference with "
-                         "sv.tl.vae(reference, train_size=0.9) (or lower) so that some cells are held out.")
-    if groupby is not None and groupby not in adata.obs:
-        raise KeyError(f"groupby {groupby!r} is not a column of adata.obs.")
-    return val
-
-
-def _self_rows(adata: AnnData, reference: AnnData, key: str, train: np.ndarray) -> np.ndarray:
-    """Query cells that are reference training cells themselves (same name and latent position)."""
-    pos = pd.Index(reference.obs_names[train]).get_indexer(adata.obs_names)
-    same = pos >= 0
-    if same.any():
-        ref_lat = reference.obsm[f"X_{key}"][np.flatnonzero(train)[pos[same]]]
-        same[same] = np.all(np.isclose(np.asarray(adata.obsm[f"X_{key}"])[same], ref_lat), axis=1)
-    return same
-
-
-def _summaries(coverage, flag, groups, genes, top_genes, top_scores, n_report):
-    """Per group: cells, median coverage, share uncovered and the genes driving its uncovered cells."""
-    out = {}
-    for g in pd.unique(groups):
-        m = np.asarray(groups == g)
-        rec = {"n_cells": int(m.sum()), "coverage_median": float(np.median(coverage[m])),
-               "frac_uncovered": float(flag[m].mean()), "n_uncovered": int(flag[m].sum())}
-        u = m & flag
-        if u.any():
-            score = np.zeros(len(genes))
-            np.add.at(score, top_genes[u].ravel(), np.maximum(top_scores[u], 0).ravel())
-            best = np.argsort(-score)[:n_report]
-            rec["top_genes"] = [str(genes[i]) for i in best if score[i] > 0]
-        out[str(g)] = rec
-    return out
 
 
 @doc_params()
@@ -75,8 +27,12 @@ def reference_coverage(
     key: str = "vae",
     alpha: float = 0.05,
     groupby: str | None = None,
+    labels_key: str | None = None,
     n_top_genes: int = 10,
+    n_group_genes: int = 20,
     n_neighbors: int = 15,
+    n_local: int = 30,
+    extra_evidence: bool = False,
     n_scale_cells: int = 1000,
     max_steps: int = 20,
     batch_size: int = 256,
@@ -102,6 +58,21 @@ def reference_coverage(
     ``encoder_miss``
         log p(x, z*) - log p(x, mu): what refinement gains over the encoder (an encoder miss).
 
+    Three more are computed and reported, but enter the coverage only with ``extra_evidence=True``
+    (held-out reference neighbourhoods are wider than a query's, and the neighbourhood statistic is
+    not yet calibrated: in the coverage, it flags too many unaltered cells):
+
+    ``neighbourhood``
+        Standardised chi-square over genes of the mean residual excess of the cell's ``n_local``
+        nearest query cells at z* (each cell's residuals minus those of its ``n_local`` nearest
+        reference training cells): a shift shared by a region of cells.
+    ``latent_density``
+        Low density of the cell's encoder mean under the encoder distributions of the reference
+        training cells that set the residual scale: a cell in an empty part of the latent space.
+    ``label_uncertainty``
+        Only with ``labels_key``: disagreement of the reference labels among the cell's
+        ``n_neighbors`` nearest reference training cells.
+
     Each is compared with the reference's held-out cells of similar depth and turned into an
     upper-tail p-value; Fisher's combination of the four is calibrated on the same held-out
     cells, so ``coverage`` is close to uniform on typical reference cells and
@@ -126,10 +97,21 @@ def reference_coverage(
     groupby
         Column of ``adata.obs`` for the group summaries and their driving genes; None: the
         reference's ``batch_key`` when it has one, else all cells together.
+    labels_key
+        Column of ``reference.obs`` with cell labels; given, ``label_uncertainty`` is computed.
     n_top_genes
         Genes per cell in the programme score and listed as its drivers.
+    n_group_genes
+        Genes listed per group in ``groups[...]["top_genes"]``.
     n_neighbors
-        Reference training cells in the latent distance.
+        Reference training cells in the latent distance and the label uncertainty.
+    n_local
+        Cells per neighbourhood in the ``neighbourhood`` component (and reference training cells
+        its residual excess is taken against).
+    extra_evidence
+        If True, ``latent_density``, ``neighbourhood`` (and ``label_uncertainty`` with
+        ``labels_key``) also enter Fisher's combination; False (default): the coverage rests on
+        the four components above and the others are only reported.
     n_scale_cells
         Reference training cells (random) that set each gene's residual location and scale.
     max_steps
@@ -147,8 +129,12 @@ def reference_coverage(
     ``adata.obs[key + "_uncovered"]``
         Boolean flag, ``coverage < alpha``.
     ``adata.obs[key + "_" + name]`` and ``[key + "_" + name + "_p"]``
-        Each component (``model_miss``, ``programme``, ``latent_novelty``, ``encoder_miss``)
-        and its p-value against depth-matched reference held-out cells.
+        Each component (``model_miss``, ``programme``, ``latent_novelty``, ``encoder_miss``,
+        ``latent_density``, ``neighbourhood``, and ``label_uncertainty`` with ``labels_key``)
+        and its p-value against depth-matched reference held-out cells, whether or not it
+        enters the coverage.
+    ``adata.obs[key + "_neighbourhood_fdr"]``
+        Benjamini-Hochberg adjustment of the ``neighbourhood`` p-values over the query's cells.
     ``adata.obs[key + "_coverage_genes"]``
         For uncovered cells, their ``n_top_genes`` driving genes, comma-separated ("" otherwise).
     ``adata.obs[key + "_trust"]``, ``[key + "_untrusted"]``
@@ -157,25 +143,25 @@ def reference_coverage(
     ``adata.uns[key]["coverage"]``
         ``params``, ``threshold`` (alpha), ``calibration`` (what the coverage was calibrated
         on: ``n_cells`` held-out reference cells, ``frac_flagged`` of them, ``n_scale_cells``),
-        ``frac_uncovered``, ``groupby`` and ``groups``: per group ``n_cells``,
-        ``coverage_median``, ``frac_uncovered``, ``n_uncovered`` and ``top_genes`` (the genes
-        that drive its uncovered cells most), and ``top_genes``: a DataFrame of the uncovered
-        cells' driving genes, a row per cell, largest first.
+        ``components`` (those combined into the coverage), ``frac_uncovered``, ``groupby`` and
+        ``groups``: per group ``n_cells``, ``coverage_median``, ``frac_uncovered``,
+        ``n_uncovered`` and, where it has uncovered cells, ``top_genes`` (the ``n_group_genes``
+        genes whose mean residual excess over its uncovered cells is largest in size) and
+        ``top_genes_shift`` (their standardised shifts), and ``top_genes``: a DataFrame of the
+        uncovered cells' driving genes, a row per cell, largest first.
     """
     params = {k: v for k, v in locals().items() if k not in ("adata", "reference", "copy")}
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), not {alpha!r}.")
+    for name, v in (("n_top_genes", n_top_genes), ("n_group_genes", n_group_genes), ("n_neighbors", n_neighbors),
+                    ("n_local", n_local), ("n_scale_cells", n_scale_cells), ("max_steps", max_steps)):
+        if int(v) != v or v < (2 if name in ("n_local", "n_scale_cells") else 1):
+            raise ValueError(f"{name} must be an integer of at least {2 if name in ('n_local', 'n_scale_cells') else 1}"
+                             f", not {v!r}.")
     q_module, dev = stored_model(adata, key, device)
     r_module, _ = stored_model(reference, key, device)
-    val = _checked_inputs(adata, reference, key, groupby)
-    train = ~val
+    val = checked_inputs(adata, reference, key, groupby, labels_key)
     rng = np.random.default_rng(random_state)
-    scale_idx = np.sort(rng.choice(np.flatnonzero(train), min(n_scale_cells, int(train.sum())), replace=False))
-    loaders = [stored_loader(reference, key, scale_idx, batch_size=batch_size, device=dev),
-               stored_loader(reference, key, np.flatnonzero(val), batch_size=batch_size, device=dev),
-               stored_loader(adata, key, batch_size=batch_size, device=dev)]  # genes and batches checked here
-    self_rows = _self_rows(adata, reference, key, train)
-    n_ref_batches = len(reference.uns[key]["batch_categories"])
     batch_key = reference.uns[key]["params"].get("batch_key")
     groupby = groupby or (batch_key if batch_key in adata.obs else None)
     groups = np.asarray(adata.obs[groupby].astype(str)) if groupby else np.full(adata.n_obs, "all")
@@ -184,40 +170,38 @@ def reference_coverage(
     if val.sum() < FEW_CALIBRATION_CELLS:
         logg.warning(f"only {int(val.sum())} held-out reference cells to calibrate on: coverage values below "
                      f"about 1/{int(val.sum())} rest on a fitted tail")
-    bar = tqdm(total=sum(len(lo) for lo in loaders), desc="reference coverage", unit="batch", disable=not progress)
-    scale_ev = cov.refine_cells(r_module, loaders[0], reference.n_obs, max_steps=max_steps, progress=bar)
-    ref_center, spread = cov.gene_statistics(cov.residual_rows(r_module, loaders[0], scale_ev["z"]))
-    cal = cov.refine_cells(r_module, loaders[1], reference.n_obs, max_steps=max_steps, progress=bar)
-    cal["programme"], _, _ = cov.programme_scores(r_module, loaders[1], cal["z"], ref_center[None], spread,
-                                                  n_top=n_top_genes)
-    ev = cov.refine_cells(q_module, loaders[2], adata.n_obs, max_steps=max_steps, progress=bar)
-    center, new_batch = _batch_centers(adata, key, q_module, ev["z"], ref_center, n_ref_batches, n_scale_cells,
-                                       rng, dev)
-    ev["programme"], top_genes, top_scores = cov.programme_scores(q_module, loaders[2], ev["z"], center, spread,
-                                                                  n_top=n_top_genes)
-    ref_lat = np.asarray(reference.obsm[f"X_{key}"])
-    cal["latent_novelty"] = cov.latent_distance(ref_lat[train], ref_lat[val], n_neighbors=n_neighbors)
-    ev["latent_novelty"] = cov.latent_distance(ref_lat[train], np.asarray(adata.obsm[f"X_{key}"]),
-                                               n_neighbors=n_neighbors, skip_self=self_rows)
-    stats = {c: ev[c] for c in cov.COMPONENTS}
-    coverage, pvals, cal_cov = cov.combine({c: cal[c] for c in cov.COMPONENTS}, stats,
-                                           cal["log_library"], ev["log_library"], shift_groups=new_batch)
+    n_batches = -(-min(n_scale_cells, int((~val).sum())) // batch_size) - (-int(val.sum()) // batch_size) \
+        - (-adata.n_obs // batch_size)
+    bar = tqdm(total=n_batches, desc="reference coverage", unit="batch", disable=not progress)
+    cal, ev, extra = evidence(adata, reference, key, q_module, r_module, dev, val=val, labels_key=labels_key,
+                              n_top_genes=n_top_genes, n_neighbors=n_neighbors, n_local=n_local,
+                              n_scale_cells=n_scale_cells, max_steps=max_steps, batch_size=batch_size, rng=rng,
+                              bar=bar)
+    reported = cov.COMPONENTS + cov.EXTRA + (cov.OPTIONAL if labels_key is not None else ())
+    components = reported if extra_evidence else cov.COMPONENTS  # those in the coverage
+    stats = {c: ev[c] for c in reported}
+    coverage, pvals, cal_cov = cov.combine({c: cal[c] for c in reported}, stats, cal["log_library"],
+                                           ev["log_library"], shift_groups=extra["new_batch"], combined=components)
+    top_genes, top_scores = extra["top_genes"], extra["top_scores"]
     flag = coverage < alpha
     genes = np.asarray(reference.uns[key]["var_names"]).astype(str)
     adata.obs[f"{key}_coverage"] = coverage
     adata.obs[f"{key}_uncovered"] = flag
-    for c in cov.COMPONENTS:
+    for c in reported:
         adata.obs[f"{key}_{c}"] = stats[c]
         adata.obs[f"{key}_{c}_p"] = pvals[c]
+    adata.obs[f"{key}_neighbourhood_fdr"] = bh_adjust(pvals["neighbourhood"])
     adata.obs[f"{key}_coverage_genes"] = np.where(flag, [",".join(genes[i]) for i in top_genes], "")
     top = pd.DataFrame(genes[top_genes[flag]], index=adata.obs_names[flag],
                        columns=[f"gene_{i + 1}" for i in range(top_genes.shape[1])])
     adata.uns[key]["coverage"] = {
         "params": params, "threshold": float(alpha), "groupby": groupby or "",
         "calibration": {"n_cells": int(val.sum()), "cells": "held-out cells of the reference",
-                        "frac_flagged": float((cal_cov < alpha).mean()), "n_scale_cells": len(scale_idx)},
+                        "frac_flagged": float((cal_cov < alpha).mean()),
+                        "n_scale_cells": extra["n_scale_cells"]},
+        "components": list(components),
         "frac_uncovered": float(flag.mean()),
-        "groups": _summaries(coverage, flag, groups, genes, top_genes, top_scores, n_top_genes),
+        "groups": summaries(coverage, flag, groups, genes, extra["excess"], extra["variance"], n_group_genes),
         "top_genes": top,
     }
     merged = merge_into_trust(adata, key)
@@ -229,43 +213,3 @@ def reference_coverage(
               f"and their p-values (adata.obs)\n    'coverage' (adata.uns['{key}'])"
               + (f"\n    updated '{key}_trust', '{key}_untrusted' with the coverage" if merged else ""))
     return adata if copy else None
-
-
-def _batch_centers(adata, key, module, z, ref_center, n_ref_batches, n_cells, rng, dev):
-    """Per-gene residual location per batch code: the reference's, re-estimated for batches it never saw.
-
-    A new batch's centre is the median residual of up to ``n_cells`` of its own cells: a gene the
-    mapping fits worse across the whole batch is a batch effect, not a new programme (the median
-    stays put while a novel population is under half of the batch). Returns the centres (batch codes,
-    genes) and, per cell, its batch code where the reference never saw the batch, else -1 (None: no new batch).
-    """
-    p = adata.uns[key]["params"]
-    codes, _ = batch_codes_as(adata, p["batch_key"], list(adata.uns[key]["batch_categories"]))
-    if codes is None or codes.max() < n_ref_batches:
-        return ref_center[None], None
-    center = np.tile(ref_center, (int(codes.max()) + 1, 1))
-    for b in range(n_ref_batches, int(codes.max()) + 1):
-        pool = np.flatnonzero(codes == b)
-        if len(pool):
-            idx = np.sort(rng.choice(pool, min(n_cells, len(pool)), replace=False))
-            rows = cov.residual_rows(module, stored_loader(adata, key, idx, device=dev), z)
-            center[b] = np.median(rows, axis=0)
-    return center, np.where(codes >= n_ref_batches, codes, -1)
-
-
-def merge_into_trust(adata: AnnData, key: str) -> bool:
-    """Where both the trust score and the coverage are in ``obs``, make trust respect the coverage.
-
-    The encoder-only trust is kept in ``obs[key + "_trust_encoder"]`` (and ``_untrusted_encoder``).
-    """
-    cols = adata.obs.columns
-    if not {f"{key}_trust", f"{key}_coverage"} <= set(cols):
-        return False
-    for name in ("trust", "untrusted"):
-        if f"{key}_{name}_encoder" not in cols:
-            adata.obs[f"{key}_{name}_encoder"] = adata.obs[f"{key}_{name}"].to_numpy()
-    enc_trust = adata.obs[f"{key}_trust_encoder"].to_numpy()
-    adata.obs[f"{key}_trust"] = np.minimum(enc_trust, adata.obs[f"{key}_coverage"].to_numpy())
-    adata.obs[f"{key}_untrusted"] = (adata.obs[f"{key}_untrusted_encoder"].to_numpy().astype(bool)
-                                     | adata.obs[f"{key}_uncovered"].to_numpy().astype(bool))
-    return True

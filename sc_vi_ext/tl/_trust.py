@@ -13,7 +13,7 @@ from ..diagnostics import optimize_q
 from ..diagnostics.trust import compare_to_reference
 from ..model_store import held_out_mask, stored_loader
 from ..threads import cpu_threads
-from ._coverage import merge_into_trust
+from ._coverage_parts import merge_into_trust
 from ._shared import TRUST_COLUMNS
 from ._utils import stored_model
 

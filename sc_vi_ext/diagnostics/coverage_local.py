@@ -1,0 +1,135 @@
+"""Reference coverage, local and group-level evidence: what single-cell scores cannot carry.
+
+A state change of a known type, or a type that differs from the reference by small changes
+spread over many genes, leaves each cell's residuals within the noise of its counts: the
+decoder fits it almost as well as a reference cell. Summed over the cells of a neighbourhood,
+the same small shifts become a systematic, non-zero mean residual in the shifted genes.
+
+``local_excess``
+    Each cell's signed deviance residuals at z* minus the mean residuals of its
+    ``n_baseline`` nearest reference training cells in the latent space (a local comparison
+    with reference cells at the same place; deviance residuals are already on the scale of
+    each cell's own expected counts, so the comparison is depth-matched).
+``neighbourhood_statistic``
+    For each cell, the mean local excess over its ``n_neighbors`` nearest cells of the same
+    data set (itself included), as a chi-square over genes standardised to mean 0 and sd 1
+    under independent noise: (sum_g k m_g^2 / v_g - G) / sqrt(2G), ``v_g`` the per-cell
+    variance of gene g's excess in the calibration cells.
+``latent_density``
+    Minus the log density of the cell's encoder mean under the reference's aggregated
+    posterior (the mixture of the reference cells' q(z | x)).
+``label_uncertainty``
+    1 - the top share of reference labels among the ``n_neighbors`` nearest training cells.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+_CHUNK = 2048
+
+
+def nearest(reference: np.ndarray, cells: np.ndarray, k: int, *, exclude: np.ndarray | None = None) -> np.ndarray:
+    """Return the indices (cells, k) of the ``k`` nearest rows of ``reference`` to each row of ``cells`` (Euclidean).
+
+    ``exclude``: per cell, a row of ``reference`` to leave out (the cell itself), or -1.
+    """
+    ref = torch.as_tensor(np.asarray(reference, dtype=np.float32))
+    k = min(k, len(ref) - (exclude is not None and bool((exclude >= 0).any())))
+    out = np.empty((len(cells), k), dtype=np.int64)
+    for lo in range(0, len(cells), _CHUNK):
+        d = torch.cdist(torch.as_tensor(np.asarray(cells[lo:lo + _CHUNK], dtype=np.float32)), ref)
+        if exclude is not None:
+            e = torch.as_tensor(exclude[lo:lo + _CHUNK])
+            rows = torch.nonzero(e >= 0).flatten()
+            d[rows, e[rows]] = float("inf")
+        out[lo:lo + _CHUNK] = torch.topk(d, k, dim=1, largest=False).indices.numpy()
+    return out
+
+
+def local_excess(residuals: np.ndarray, positions: np.ndarray, ref_residuals: np.ndarray,
+                 ref_positions: np.ndarray, *, n_baseline: int = 30, exclude: np.ndarray | None = None) -> np.ndarray:
+    """Residuals minus the mean residuals of the ``n_baseline`` nearest reference cells, (cells, genes) float32."""
+    idx = nearest(ref_positions, positions, n_baseline, exclude=exclude)
+    return (residuals - _averaging(idx, len(ref_positions)) @ ref_residuals).astype(np.float32)
+
+
+def _averaging(idx: np.ndarray, n_cols: int) -> sp.csr_matrix:
+    n, k = idx.shape
+    return sp.csr_matrix((np.full(n * k, 1.0 / k, np.float32), idx.ravel(), np.arange(0, n * k + 1, k)),
+                         shape=(n, n_cols))
+
+
+def neighbourhoods(positions: np.ndarray, n_neighbors: int) -> sp.csr_matrix:
+    """Row-normalised (cells, cells) averaging matrix over each cell's nearest cells (itself included)."""
+    return _averaging(nearest(positions, positions, n_neighbors), len(positions))
+
+
+def gene_variance(excess: np.ndarray, *, floor: float = 1e-2) -> np.ndarray:
+    """Per-gene variance of the calibration cells' local excess (at least ``floor``)."""
+    return np.maximum(excess.var(axis=0), floor).astype(np.float32)
+
+
+def neighbourhood_statistic(excess: np.ndarray, averaging: sp.csr_matrix, variance: np.ndarray) -> np.ndarray:
+    """Standardised chi-square over genes of each neighbourhood's mean excess (see the module docstring)."""
+    k = np.diff(averaging.indptr)
+    mean = averaging @ excess
+    chi = (mean ** 2 / variance[None]).sum(1) * k
+    g = excess.shape[1]
+    return (chi - g) / np.sqrt(2 * g)
+
+
+def shifted_genes(excess: np.ndarray, variance: np.ndarray, n_genes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return the ``n_genes`` genes whose mean excess over these cells is largest in size, and their z-scores."""
+    z = excess.mean(0) / np.sqrt(variance / max(len(excess), 1))
+    best = np.argsort(-np.abs(z), kind="stable")[:n_genes]
+    return best, z[best]
+
+
+@torch.no_grad()
+def latent_density(mean: np.ndarray, log_var: np.ndarray, cells: np.ndarray, *,
+                   exclude: np.ndarray | None = None) -> np.ndarray:
+    """-log density of each row of ``cells`` under the mixture of N(mean_j, exp(log_var_j)) (float64).
+
+    ``exclude``: per cell, a mixture component to leave out (the cell's own), or -1.
+    """
+    mu, lv = torch.as_tensor(mean, dtype=torch.float64), torch.as_tensor(log_var, dtype=torch.float64)
+    inv = torch.exp(-lv)
+    const = -0.5 * (lv + np.log(2 * np.pi)).sum(1)
+    out = np.empty(len(cells))
+    for lo in range(0, len(cells), 512):
+        z = torch.as_tensor(np.asarray(cells[lo:lo + 512]), dtype=torch.float64)
+        lp = const[None] - 0.5 * ((z[:, None, :] - mu[None]) ** 2 * inv[None]).sum(-1)
+        n = torch.full((len(z),), float(len(mu)), dtype=torch.float64)
+        if exclude is not None:
+            e = torch.as_tensor(exclude[lo:lo + 512])
+            rows = torch.nonzero(e >= 0).flatten()
+            lp[rows, e[rows]] = -float("inf")
+            n[rows] -= 1
+        out[lo:lo + 512] = (-(torch.logsumexp(lp, 1) - torch.log(n))).numpy()
+    return out
+
+
+def label_uncertainty(ref_positions: np.ndarray, labels: np.ndarray, cells: np.ndarray, *, n_neighbors: int = 15,
+                      exclude: np.ndarray | None = None) -> np.ndarray:
+    """1 - the largest share of one label among each cell's ``n_neighbors`` nearest reference cells."""
+    _, codes = np.unique(np.asarray(labels).astype(str), return_inverse=True)
+    idx = nearest(ref_positions, cells, n_neighbors, exclude=exclude)
+    votes = codes[idx]
+    top = np.zeros(len(cells))
+    for c in range(codes.max() + 1):
+        top = np.maximum(top, (votes == c).mean(1))
+    return 1 - top
+
+
+def bh_adjust(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (the false-discovery rate of flagging at each p)."""
+    p = np.asarray(p, dtype=np.float64)
+    order = np.argsort(p)
+    q = p[order] * len(p) / np.arange(1, len(p) + 1)
+    q = np.minimum.accumulate(q[::-1])[::-1]
+    out = np.empty_like(q)
+    out[order] = np.minimum(q, 1.0)
+    return out

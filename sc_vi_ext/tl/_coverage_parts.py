@@ -1,0 +1,159 @@
+"""``tl.reference_coverage``'s parts: input checks, the evidence per cell, group summaries, trust."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from ..diagnostics import coverage as cov
+from ..diagnostics import coverage_local as loc
+from ..inputs import batch_codes_as
+from ..model_store import held_out_mask, stored_loader
+
+MIN_CALIBRATION_CELLS = 10
+
+
+def checked_inputs(adata: AnnData, reference: AnnData, key: str, groupby: str | None, labels_key: str | None):
+    """Every check before anything is computed or written; returns the reference's held-out mask."""
+    for name, ad in (("adata", adata), ("reference", reference)):
+        if f"X_{key}" not in ad.obsm:
+            what = "sv.tl.vae_map(adata, reference=reference" if name == "adata" else "sv.tl.vae(reference"
+            raise KeyError(f"{name}.obsm['X_{key}'] not found; run {what}, key_added={key!r}) first.")
+    genes = [np.asarray(ad.uns[key].get("var_names", [])).astype(str) for ad in (adata, reference)]
+    if not np.array_equal(*genes):
+        raise ValueError(f"The model under {key!r} in adata is not the reference's (other genes): map the query "
+                         f"with sv.tl.vae_map(adata, reference=reference, key={key!r}) first.")
+    val = held_out_mask(reference, key)
+    if val.sum() < MIN_CALIBRATION_CELLS:
+        raise ValueError(f"The reference holds {int(val.sum())} held-out cells under {key!r}, at least "
+                         f"{MIN_CALIBRATION_CELLS} are needed to calibrate the coverage; train the reference with "
+                         "sv.tl.vae(reference, train_size=0.9) (or lower) so that some cells are held out.")
+    if groupby is not None and groupby not in adata.obs:
+        raise KeyError(f"groupby {groupby!r} is not a column of adata.obs.")
+    if labels_key is not None:
+        if labels_key not in reference.obs:
+            raise KeyError(f"labels_key {labels_key!r} is not a column of reference.obs.")
+        if reference.obs[labels_key].isna().any():
+            raise ValueError(f"reference.obs[{labels_key!r}] has missing labels; fill or drop them first.")
+    return val
+
+
+def self_rows(adata: AnnData, reference: AnnData, key: str, rows: np.ndarray) -> np.ndarray:
+    """Per query cell, its position in ``rows`` (reference positions) where it is that reference cell, else -1."""
+    pos = pd.Index(reference.obs_names[rows]).get_indexer(adata.obs_names)
+    same = pos >= 0
+    if same.any():
+        ref_lat = reference.obsm[f"X_{key}"][rows[pos[same]]]
+        same[same] = np.all(np.isclose(np.asarray(adata.obsm[f"X_{key}"])[same], ref_lat), axis=1)
+    return np.where(same, pos, -1)
+
+
+def evidence(adata, reference, key, q_module, r_module, dev, *, val, labels_key, n_top_genes, n_neighbors,
+             n_local, n_scale_cells, max_steps, batch_size, rng, bar):
+    """Every component on the calibration (held-out) cells and on the query; see ``reference_coverage``.
+
+    Returns (calibration components, query components, query extras): the extras hold the local
+    excess, the per-gene variance, the programme's genes and z-scores and the new-batch groups.
+    """
+    train_idx, val_idx = np.flatnonzero(~val), np.flatnonzero(val)
+    scale_idx = np.sort(rng.choice(train_idx, min(n_scale_cells, len(train_idx)), replace=False))
+    loaders = [stored_loader(reference, key, scale_idx, batch_size=batch_size, device=dev),
+               stored_loader(reference, key, val_idx, batch_size=batch_size, device=dev),
+               stored_loader(adata, key, batch_size=batch_size, device=dev)]  # genes and batches checked here
+    n_lat = r_module.n_latent
+    sc_ev = cov.refine_cells(r_module, loaders[0], reference.n_obs, max_steps=max_steps, progress=bar)
+    r_scale, _ = cov.residual_rows(r_module, loaders[0], sc_ev["z"])
+    ref_center, spread = cov.gene_statistics(r_scale)
+    cal = cov.refine_cells(r_module, loaders[1], reference.n_obs, max_steps=max_steps, progress=bar)
+    r_cal, _ = cov.residual_rows(r_module, loaders[1], cal["z"])
+    ev = cov.refine_cells(q_module, loaders[2], adata.n_obs, max_steps=max_steps, progress=bar)
+    r_q, codes = cov.residual_rows(q_module, loaders[2], ev["z"])
+    center, new_batch = batch_centers(adata, key, r_q, ref_center, len(reference.uns[key]["batch_categories"]),
+                                      n_scale_cells, rng)
+    cal["programme"], _, _ = cov.programme_scores(r_cal, None, ref_center[None], spread, n_top=n_top_genes)
+    ev["programme"], top_genes, top_scores = cov.programme_scores(r_q, codes, center, spread, n_top=n_top_genes)
+
+    in_scale = self_rows(adata, reference, key, scale_idx)  # query cells that are scale cells: leave themselves out
+    pos_s, pos_c, pos_q = sc_ev["z"][scale_idx, :n_lat], cal["z"][val_idx, :n_lat], ev["z"][:, :n_lat]
+    ex_c = loc.local_excess(r_cal, pos_c, r_scale, pos_s, n_baseline=n_local)
+    ex_q = loc.local_excess(r_q, pos_q, r_scale, pos_s, n_baseline=n_local, exclude=in_scale)
+    if new_batch is not None:  # a batch-wide shift of the excess is left-over batch effect, not a new state
+        for b in np.unique(new_batch[new_batch >= 0]):
+            m = np.flatnonzero(new_batch == b)
+            ex_q[m] -= np.median(ex_q[np.sort(rng.choice(m, min(n_scale_cells, len(m)), replace=False))], axis=0)
+    variance = loc.gene_variance(ex_c)
+    cal["neighbourhood"] = loc.neighbourhood_statistic(ex_c, loc.neighbourhoods(pos_c, n_local), variance)
+    ev["neighbourhood"] = loc.neighbourhood_statistic(ex_q, loc.neighbourhoods(pos_q, n_local), variance)
+
+    mix = sc_ev["mean"][scale_idx, :n_lat], sc_ev["log_var"][scale_idx, :n_lat]
+    cal["latent_density"] = loc.latent_density(*mix, cal["mean"][val_idx, :n_lat])
+    ev["latent_density"] = loc.latent_density(*mix, ev["mean"][:, :n_lat], exclude=in_scale)
+    ref_lat, q_lat = np.asarray(reference.obsm[f"X_{key}"]), np.asarray(adata.obsm[f"X_{key}"])
+    in_train = self_rows(adata, reference, key, train_idx)
+    cal["latent_novelty"] = cov.latent_distance(ref_lat[train_idx], ref_lat[val_idx], n_neighbors=n_neighbors)
+    ev["latent_novelty"] = cov.latent_distance(ref_lat[train_idx], q_lat, n_neighbors=n_neighbors,
+                                               skip_self=in_train >= 0)
+    if labels_key is not None:
+        labels = reference.obs[labels_key].to_numpy()[train_idx]
+        cal["label_uncertainty"] = loc.label_uncertainty(ref_lat[train_idx], labels, ref_lat[val_idx],
+                                                         n_neighbors=n_neighbors)
+        ev["label_uncertainty"] = loc.label_uncertainty(ref_lat[train_idx], labels, q_lat, n_neighbors=n_neighbors,
+                                                        exclude=in_train)
+    extras = {"excess": ex_q, "variance": variance, "top_genes": top_genes, "top_scores": top_scores,
+              "new_batch": new_batch, "n_scale_cells": len(scale_idx)}
+    return cal, ev, extras
+
+
+def batch_centers(adata, key, residuals, ref_center, n_ref_batches, n_cells, rng):
+    """Per-gene residual location per batch code: the reference's, re-estimated for batches it never saw.
+
+    A new batch's centre is the median residual of up to ``n_cells`` of its own cells: a gene the
+    mapping fits worse across the whole batch is a batch effect, not a new programme (the median
+    stays put while a novel population is under half of the batch). Returns the centres (batch codes,
+    genes) and, per cell, its batch code where the reference never saw the batch, else -1 (None: no new batch).
+    """
+    p = adata.uns[key]["params"]
+    codes, _ = batch_codes_as(adata, p["batch_key"], list(adata.uns[key]["batch_categories"]))
+    if codes is None or codes.max() < n_ref_batches:
+        return ref_center[None], None
+    center = np.tile(ref_center, (int(codes.max()) + 1, 1))
+    for b in range(n_ref_batches, int(codes.max()) + 1):
+        pool = np.flatnonzero(codes == b)
+        if len(pool):
+            center[b] = np.median(residuals[np.sort(rng.choice(pool, min(n_cells, len(pool)), replace=False))], axis=0)
+    return center, np.where(codes >= n_ref_batches, codes, -1)
+
+
+def summaries(coverage, flag, groups, genes, excess, variance, n_report):
+    """Per group: cells, median coverage, share uncovered and the genes whose shift drives its uncovered cells."""
+    out = {}
+    for g in pd.unique(groups):
+        m = np.asarray(groups == g)
+        rec = {"n_cells": int(m.sum()), "coverage_median": float(np.median(coverage[m])),
+               "frac_uncovered": float(flag[m].mean()), "n_uncovered": int(flag[m].sum())}
+        u = m & flag
+        if u.any():
+            best, z = loc.shifted_genes(excess[u], variance, n_report)
+            rec["top_genes"] = [str(genes[i]) for i in best]
+            rec["top_genes_shift"] = [float(v) for v in z]
+        out[str(g)] = rec
+    return out
+
+
+def merge_into_trust(adata: AnnData, key: str) -> bool:
+    """Where both the trust score and the coverage are in ``obs``, make trust respect the coverage.
+
+    The encoder-only trust is kept in ``obs[key + "_trust_encoder"]`` (and ``_untrusted_encoder``).
+    """
+    cols = adata.obs.columns
+    if not {f"{key}_trust", f"{key}_coverage"} <= set(cols):
+        return False
+    for name in ("trust", "untrusted"):
+        if f"{key}_{name}_encoder" not in cols:
+            adata.obs[f"{key}_{name}_encoder"] = adata.obs[f"{key}_{name}"].to_numpy()
+    enc_trust = adata.obs[f"{key}_trust_encoder"].to_numpy()
+    adata.obs[f"{key}_trust"] = np.minimum(enc_trust, adata.obs[f"{key}_coverage"].to_numpy())
+    adata.obs[f"{key}_untrusted"] = (adata.obs[f"{key}_untrusted_encoder"].to_numpy().astype(bool)
+                                     | adata.obs[f"{key}_uncovered"].to_numpy().astype(bool))
+    return True
