@@ -205,7 +205,7 @@ def tail_pvalue(reference: np.ndarray, values: np.ndarray, *, tail: float = TAIL
     if len(exc):
         beta = max(float(exc.mean()), 1e-9)
         p_u = (1 + n - np.searchsorted(ref, u, side="left")) / (n + 1)
-        p = np.where(v > u, p_u * np.exp(-(v - u) / beta), p)
+        p = np.where(v > u, p_u * np.exp(-np.maximum(v - u, 0.0) / beta), p)  # exp only where it is used
     return np.clip(p, 1e-300, 1.0)
 
 
