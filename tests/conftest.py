@@ -85,3 +85,12 @@ def unchanged():
         return check
 
     return record
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """tl.vae that fails the test when called: the command must stop before any work."""
+    def fail(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(sv.tl, "vae", fail)

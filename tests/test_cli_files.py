@@ -22,15 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 120  # seconds for any one subprocess
 
 
-@pytest.fixture
-def no_training(monkeypatch):
-    """tl.vae that fails the test when called: the command must stop before any work."""
-    def fail(*args, **kwargs):
-        raise AssertionError("training started")
-
-    monkeypatch.setattr(sv.tl, "vae", fail)
-
-
 def _one_line_error(capsys, rc, match):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and re.search(match, err), err

@@ -24,15 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 120  # seconds for any one subprocess
 
 
-@pytest.fixture
-def no_training(monkeypatch):
-    """tl.vae that fails the test when called: the command must stop before any work."""
-    def fail(*args, **kwargs):
-        raise AssertionError("training started")
-
-    monkeypatch.setattr(sv.tl, "vae", fail)
-
-
 def _damage(sim, tmp_path, case):
     """Write ``sim`` and damage the copy as in ``case``; return its path."""
     if case.startswith("zarr"):
