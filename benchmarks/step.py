@@ -43,6 +43,18 @@ def gemm_gflop(n_genes=2000, hidden=128, batch=128) -> float:
     return 2 * batch * hidden * n_genes * (2 + 3 * 2) / 1e9
 
 
+def best_ms(fn, *, reps: int, warmup: int) -> float:
+    """The fastest of ``reps`` timed calls of ``fn`` after ``warmup`` untimed ones, in ms."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
 def gemm_ms(threads: int, dtype, n_genes=2000, hidden=128, batch=128, reps=30) -> float:
     import torch
 
@@ -57,14 +69,7 @@ def gemm_ms(threads: int, dtype, n_genes=2000, hidden=128, batch=128, reps=30) -
         x @ we, x.T @ h  # encoder: forward, weight gradient
         h @ wd, gd @ wd.T, h.T @ gd  # decoder heads: forward, input gradient, weight gradient
 
-    for _ in range(3):
-        once()
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        once()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
+    return best_ms(once, reps=reps, warmup=3)
 
 
 def parts_ms(module, loader, threads: int, reps: int = 50) -> tuple[float, float]:
@@ -87,17 +92,7 @@ def parts_ms(module, loader, threads: int, reps: int = 50) -> tuple[float, float
     for p in params:
         p.grad = torch.randn(p.shape, generator=g)
     opt = torch.optim.Adam(params, lr=1e-3, eps=0.01, fused=True)
-    out = []
-    for fn in (kernel, opt.step):
-        for _ in range(5):
-            fn()
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-        out.append(best * 1e3)
-    return out[0], out[1]
+    return best_ms(kernel, reps=reps, warmup=5), best_ms(opt.step, reps=reps, warmup=5)
 
 
 def build(n_cells: int, n_genes: int):

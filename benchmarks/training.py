@@ -23,8 +23,12 @@ import numpy as np
 
 from ._common import ROOT, ours_iwae, parser, quality, quiet, run_worker, save, table, uptime
 
-METRICS = ("gap_train", "gap_held_out", "gap_ratio", "log_px_held_out", "knn_acc", "kmeans_ari", "kmeans_nmi", "epochs",
-           "seconds")
+COLUMNS = (  # (key of a run's result, table column, format): the table's columns after the rate
+    ("gap_train", "gap, training", ".2f"), ("gap_held_out", "gap, held-out", ".2f"),
+    ("gap_ratio", "held-out / training", ".2f"), ("log_px_held_out", "held-out log p(x)", ".1f"),
+    ("knn_acc", "kNN acc", ".3f"), ("kmeans_ari", "k-means ARI", ".3f"), ("kmeans_nmi", "k-means NMI", ".3f"),
+    ("epochs", "epochs", ".0f"), ("seconds", "train s", ".1f"),
+)
 
 
 def _data(name: str, n_cells: int):
@@ -130,12 +134,9 @@ def main(argv: list[str] | None = None) -> None:
                     if r:
                         r["pca_ari"] = pca["kmeans_ari"]
                         rows.setdefault((name, rate), []).append(r)
-            cols = ["encoder dropout", "gap, training", "gap, held-out", "held-out / training",
-                    "held-out log p(x)", "kNN acc", "k-means ARI", "k-means NMI", "epochs", "train s"]
-            body = [[f"{rate:g}", *(f"{np.median([run[k] for run in rows[name, rate]]):{spec}}" for k, spec in
-                                    zip(("gap_train", "gap_held_out", "gap_ratio", "log_px_held_out", "knn_acc",
-                                         "kmeans_ari", "kmeans_nmi", "epochs", "seconds"),
-                                        (".2f", ".2f", ".2f", ".1f", ".3f", ".3f", ".3f", ".0f", ".1f"), strict=True))]
+            cols = ["encoder dropout", *(col for _, col, _ in COLUMNS)]
+            body = [[f"{rate:g}", *(f"{np.median([run[k] for run in rows[name, rate]]):{spec}}"
+                                    for k, _, spec in COLUMNS)]
                     for rate in rates if (name, rate) in rows]
             body.append(["PCA (50)", "–", "–", "–", "–", f"{pca['knn_acc']:.3f}", f"{pca['kmeans_ari']:.3f}",
                          f"{pca['kmeans_nmi']:.3f}", "–", "–"])

@@ -129,6 +129,25 @@ def _alive(marker: str) -> list[int]:
     return pids
 
 
+def _train_past_epoch_3(tmp_path: Path, out: Path):
+    """Start ``sc-vi-ext train`` of ``tmp_path / "in.h5ad"`` under torchrun with a long budget (100,000 epochs:
+    a KL warm-up of 25,000); return the process and its log once rank 0's progress bar is past epoch 3."""
+    cmd = _torchrun("-m", "sc_vi_ext", "train", str(tmp_path / "in.h5ad"), str(out), "--max-epochs", "100000")
+    log = open(tmp_path / "log.txt", "w+")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while max(map(int, re.findall(r"(\d+)/100000", (tmp_path / "log.txt").read_text())), default=0) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
+            time.sleep(0.2)
+    except BaseException:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+        raise
+    return proc, log
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals and /proc")
 @pytest.mark.parametrize("sig, said", [(signal.SIGINT, "after Ctrl-C"), (signal.SIGTERM, "after SIGTERM")],
                          ids=["ctrl-c", "sigterm"])
@@ -138,16 +157,8 @@ def test_ctrl_c_under_torchrun(sig, said, tmp_path):
     writes the result with interrupted=True, every process exits well before torchrun's 30 s SIGKILL."""
     sv.datasets.simulate(300, 40, n_batches=2, n_types=3, random_state=0).write_h5ad(tmp_path / "in.h5ad")
     out = tmp_path / "out.h5ad"
-    # 100,000 epochs: a KL warm-up of 25,000 epochs, so training would run for a long time
-    cmd = _torchrun("-m", "sc_vi_ext", "train", str(tmp_path / "in.h5ad"), str(out), "--max-epochs", "100000")
-    log = open(tmp_path / "log.txt", "w+")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=_env(), start_new_session=True)
+    proc, log = _train_past_epoch_3(tmp_path, out)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        # wait for rank 0's progress bar to pass epoch 3
-        while max(map(int, re.findall(r"(\d+)/100000", (tmp_path / "log.txt").read_text())), default=0) < 3:
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
-            time.sleep(0.2)
         t0 = time.monotonic()
         proc.send_signal(sig)
         proc.wait(timeout=TIMEOUT)
@@ -187,14 +198,8 @@ def test_a_killed_worker_ends_the_job(tmp_path):
     sv.datasets.simulate(300, 40, n_batches=2, n_types=3, random_state=0).write_h5ad(tmp_path / "in.h5ad")
     out = tmp_path / "out.h5ad"
     out.write_bytes(b"the old result")
-    cmd = _torchrun("-m", "sc_vi_ext", "train", str(tmp_path / "in.h5ad"), str(out), "--max-epochs", "100000")
-    log = open(tmp_path / "log.txt", "w+")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=_env(), start_new_session=True)
+    proc, log = _train_past_epoch_3(tmp_path, out)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while max(map(int, re.findall(r"(\d+)/100000", (tmp_path / "log.txt").read_text())), default=0) < 3:
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
-            time.sleep(0.2)
         pid = _rank_pid(str(out), 1)
         assert pid is not None
         t0 = time.monotonic()

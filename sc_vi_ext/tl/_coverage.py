@@ -155,8 +155,9 @@ def reference_coverage(
         raise ValueError(f"alpha must be in (0, 1), not {alpha!r}.")
     for name, v in (("n_top_genes", n_top_genes), ("n_group_genes", n_group_genes), ("n_neighbors", n_neighbors),
                     ("n_local", n_local), ("n_scale_cells", n_scale_cells), ("max_steps", max_steps)):
-        if int(v) != v or v < (2 if name in ("n_local", "n_scale_cells") else 1):
-            raise ValueError(f"{name} must be an integer of at least {2 if name in ('n_local', 'n_scale_cells') else 1}"
+        least = 2 if name in ("n_local", "n_scale_cells") else 1
+        if int(v) != v or v < least:
+            raise ValueError(f"{name} must be an integer of at least {least}"
                              f", not {v!r}.")
     q_module, dev = stored_model(adata, key, device)
     r_module, _ = stored_model(reference, key, device)
