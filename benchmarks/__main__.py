@@ -5,6 +5,8 @@ Scenarios (each ``python -m benchmarks <scenario> --help`` lists its options):
 - ``speed``: training per epoch and end to end against scvi-tools, with the quality of each latent;
 - ``step``: the training step against the machine's matrix-product floor, one and two threads,
   and every tool's time with another process busy;
+- ``threads``: the step's two threads: torch's OpenMP spin-wait against the kernel's thread, the
+  networks compiled;
 - ``scale``: ``tl.vae`` from 10^4 to 10^6 cells, in memory and backed;
 - ``quality``: scib-metrics' Benchmarker and held-out log p(x) for sc_vi_ext, scvi-tools and PCA;
 - ``training``: the encoder dropout against the held-out amortization gap and the clustering (median of 3 seeds);
@@ -23,7 +25,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SCENARIOS = ("speed", "step", "scale", "quality", "training", "gap", "coverage")
+SCENARIOS = ("speed", "step", "threads", "scale", "quality", "training", "gap", "coverage")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,8 +2,12 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import datasets, pl, tl
-from .model_store import get_model
+from ._openmp import shorten_spin_wait
+
+shorten_spin_wait()  # before torch is loaded: libgomp reads it then
+
+from . import datasets, pl, tl  # noqa: E402
+from .model_store import get_model  # noqa: E402
 
 try:
     __version__ = version("sc_vi_ext")

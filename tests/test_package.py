@@ -150,3 +150,23 @@ def test_the_tools_do_not_import_each_other_in_a_circle():
     for m in sorted(graph):
         if m not in state:
             visit(m, [])
+
+
+@pytest.mark.parametrize(
+    ("code", "env", "expected"),
+    [
+        ("import sc_vi_ext", {}, "10000"),  # imported before torch: the shorter spin-wait
+        ("import sc_vi_ext", {"GOMP_SPINCOUNT": "77"}, "77"),  # the user's own value is kept
+        ("import sc_vi_ext", {"SC_VI_EXT_KEEP_OPENMP": "1"}, "unset"),
+        ("import torch, sc_vi_ext", {}, "unset"),  # too late for libgomp: the environment is left alone
+    ],
+)
+def test_openmp_spin_wait_set_only_before_torch(code, env, expected):
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "SC_VI_EXT_KEEP_OPENMP")}
+    out = subprocess.run([sys.executable, "-c", f"{code}; import os; print(os.environ.get('GOMP_SPINCOUNT', 'unset'))"],
+                         env={**base, **env}, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
