@@ -114,14 +114,19 @@ def build(n_cells: int, n_genes: int):
     return module, loader
 
 
+def one_step(module, mb, opt, autocast) -> None:
+    """One training step on minibatch ``mb`` as ``tl.vae`` takes it (KL weight 1)."""
+    with autocast:
+        out = module(mb.x, mb.batch, mb.log_library, mb.cov, mb.nz)
+    opt.zero_grad(set_to_none=True)
+    out.loss(1.0).backward()
+    opt.step()
+
+
 def epoch(module, loader, opt, autocast) -> None:
     module.train()
     for mb in loader:
-        with autocast:
-            out = module(mb.x, mb.batch, mb.log_library, mb.cov, mb.nz)
-        opt.zero_grad(set_to_none=True)
-        out.loss(1.0).backward()
-        opt.step()
+        one_step(module, mb, opt, autocast)
 
 
 def step_ms(module, loader, threads: int, precision: str, epochs: int) -> tuple[float, float]:

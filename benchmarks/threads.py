@@ -39,7 +39,7 @@ def worker(args) -> None:
     from sc_vi_ext.acceleration import keep_freed_memory, matmul_precision
     from sc_vi_ext.module import fast_counts
 
-    from .step import build
+    from .step import build, one_step
 
     cfg = json.loads(args._cfg)
     keep_freed_memory()  # as tl.vae does; torch is loaded before sc_vi_ext here, so the spin count is the environment's
@@ -69,11 +69,7 @@ def worker(args) -> None:
             for mb in loader:
                 kernel["s"] = 0.0
                 t0 = time.perf_counter()
-                with ac:
-                    loss = module(mb.x, mb.batch, mb.log_library, mb.cov, mb.nz)
-                opt.zero_grad(set_to_none=True)
-                loss.loss(1.0).backward()
-                opt.step()
+                one_step(module, mb, opt, ac)
                 if ep:  # the first epoch warms up (and compiles)
                     steps.append(time.perf_counter() - t0)
                     kern.append(kernel["s"])

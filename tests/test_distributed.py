@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import anndata as ad
@@ -129,9 +130,11 @@ def _alive(marker: str) -> list[int]:
     return pids
 
 
-def _train_past_epoch_3(tmp_path: Path, out: Path):
-    """Start ``sc-vi-ext train`` of ``tmp_path / "in.h5ad"`` under torchrun with a long budget (100,000 epochs:
-    a KL warm-up of 25,000); return the process and its log once rank 0's progress bar is past epoch 3."""
+@contextmanager
+def _training_past_epoch_3(tmp_path: Path, out: Path):
+    """Run ``sc-vi-ext train`` of ``tmp_path / "in.h5ad"`` under torchrun with a long budget (100,000 epochs:
+    a KL warm-up of 25,000); yield the process once rank 0's progress bar is past epoch 3 (its log is
+    ``tmp_path / "log.txt"``). On leaving, a job still running is killed and the log closed."""
     cmd = _torchrun("-m", "sc_vi_ext", "train", str(tmp_path / "in.h5ad"), str(out), "--max-epochs", "100000")
     log = open(tmp_path / "log.txt", "w+")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=_env(), start_new_session=True)
@@ -140,12 +143,19 @@ def _train_past_epoch_3(tmp_path: Path, out: Path):
         while max(map(int, re.findall(r"(\d+)/100000", (tmp_path / "log.txt").read_text())), default=0) < 3:
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
             time.sleep(0.2)
-    except BaseException:
+        yield proc
+    finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
-        raise
-    return proc, log
+
+
+def _end_and_time(proc, end) -> tuple[int, float]:
+    """Call ``end()`` (a signal to the job or one of its workers); return the job's status and the seconds it took."""
+    t0 = time.monotonic()
+    end()
+    rc = proc.wait(timeout=TIMEOUT)
+    return rc, time.monotonic() - t0
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals and /proc")
@@ -157,16 +167,8 @@ def test_ctrl_c_under_torchrun(sig, said, tmp_path):
     writes the result with interrupted=True, every process exits well before torchrun's 30 s SIGKILL."""
     sv.datasets.simulate(300, 40, n_batches=2, n_types=3, random_state=0).write_h5ad(tmp_path / "in.h5ad")
     out = tmp_path / "out.h5ad"
-    proc, log = _train_past_epoch_3(tmp_path, out)
-    try:
-        t0 = time.monotonic()
-        proc.send_signal(sig)
-        proc.wait(timeout=TIMEOUT)
-        took = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+    with _training_past_epoch_3(tmp_path, out) as proc:
+        _, took = _end_and_time(proc, lambda: proc.send_signal(sig))
     text = (tmp_path / "log.txt").read_text()
     assert said in text, text[-3000:]
     assert "forcefully" not in text and took < 25, text[-3000:]  # nobody needed torchrun's SIGKILL
@@ -198,18 +200,10 @@ def test_a_killed_worker_ends_the_job(tmp_path):
     sv.datasets.simulate(300, 40, n_batches=2, n_types=3, random_state=0).write_h5ad(tmp_path / "in.h5ad")
     out = tmp_path / "out.h5ad"
     out.write_bytes(b"the old result")
-    proc, log = _train_past_epoch_3(tmp_path, out)
-    try:
+    with _training_past_epoch_3(tmp_path, out) as proc:
         pid = _rank_pid(str(out), 1)
         assert pid is not None
-        t0 = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
-        rc = proc.wait(timeout=TIMEOUT)
-        took = time.monotonic() - t0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        rc, took = _end_and_time(proc, lambda: os.kill(pid, signal.SIGKILL))
     text = (tmp_path / "log.txt").read_text()
     assert rc != 0 and took < 20, (took, text[-3000:])
     assert re.search(r"rank\s*:\s*1 .*\n.*exitcode\s*:\s*-9", text), text[-3000:]  # torchrun's summary

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import os
+import subprocess
+import sys
 
 import pytest
 from anndata import AnnData
@@ -162,10 +165,6 @@ def test_the_tools_do_not_import_each_other_in_a_circle():
     ],
 )
 def test_openmp_spin_wait_set_only_before_torch(code, env, expected):
-    import os
-    import subprocess
-    import sys
-
     base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "SC_VI_EXT_KEEP_OPENMP")}
     out = subprocess.run([sys.executable, "-c", f"{code}; import os; print(os.environ.get('GOMP_SPINCOUNT', 'unset'))"],
                          env={**base, **env}, capture_output=True, text=True, check=True)
