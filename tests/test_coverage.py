@@ -14,8 +14,15 @@ import scanpy as sc
 from sklearn.metrics import roc_auc_score
 
 import sc_vi_ext as sv
-from sc_vi_ext.diagnostics.coverage import COMPONENTS, EXTRA, combine, tail_pvalue
-from sc_vi_ext.diagnostics.coverage_local import bh_adjust, neighbourhood_statistic, neighbourhoods
+from sc_vi_ext.diagnostics.coverage import COMPONENTS, EXTRA, LOCAL, combine, tail_pvalue
+from sc_vi_ext.diagnostics.coverage_local import (
+    baseline,
+    bh_adjust,
+    local_excess,
+    neighbourhood_statistic,
+    neighbourhoods,
+    noise_variances,
+)
 from sc_vi_ext.model_store import held_out_mask
 
 FAST_COV = {"n_scale_cells": 200, "max_steps": 10, "progress": False}
@@ -177,12 +184,23 @@ def test_labels_add_the_label_uncertainty_component(mapped):
 
 def test_neighbourhood_statistic_is_standardised_and_sees_a_shared_shift():
     rng = np.random.default_rng(0)
-    pos = rng.normal(size=(600, 2))
-    excess = rng.normal(size=(600, 200)).astype(np.float32)
+    ref_pos, pos = rng.normal(size=(300, 2)), rng.normal(size=(600, 2))
+    ref_res = rng.normal(size=(300, 200)).astype(np.float32)  # unit noise in reference and query residuals
+    res = rng.normal(size=(600, 200)).astype(np.float32)
+    base = baseline(pos, ref_pos, 30)  # a query twice as dense as the reference: neighbours share baselines
+    excess = local_excess(res, ref_res, base)
+    s2, t2 = noise_variances(ref_res, ref_pos, excess, base, 30)
+    assert abs(np.median(s2) - 1) < 0.15 and abs(np.median(t2) - 1) < 0.15
+    stat = neighbourhood_statistic(excess, neighbourhoods(pos, 30), base, s2, t2)
+    assert abs(np.median(stat)) < 0.5 and 0.5 < stat.std() < 2  # about N(0, 1) where nothing is shifted
+    # the shared baselines counted: without them (|w|^2 = 0, the noise of each cell's own baseline only),
+    # the same cells' statistic runs high
+    naive = neighbourhood_statistic(excess, neighbourhoods(pos, 30), base * 0, s2 + t2 / 30, t2)
+    assert np.median(naive) > np.median(stat) + 2
     shifted = pos[:, 0] > 1.0  # a region whose cells share a small shift in 20 genes
     excess[np.ix_(shifted, np.arange(20))] += 0.4
-    stat = neighbourhood_statistic(excess, neighbourhoods(pos, 30), np.ones(200, np.float32))
-    assert abs(np.median(stat[pos[:, 0] < -0.5])) < 1.0  # about N(0, 1) where nothing is shifted
+    stat = neighbourhood_statistic(excess, neighbourhoods(pos, 30), base, s2, t2)
+    assert abs(np.median(stat[pos[:, 0] < -0.5])) < 1.0
     assert np.median(stat[pos[:, 0] > 1.5]) > 2
     p = rng.uniform(size=1000)
     q = bh_adjust(p)
@@ -199,7 +217,21 @@ def test_extra_evidence_enters_the_coverage_only_on_request(mapped, scored):
     both, _, _ = combine(cal, cells, lib, np.zeros(50))
     assert set(p) == {"a", "b"} and (both < only_a).all()  # b reported either way, combined only when named
     out = sv.tl.reference_coverage(query, reference=ref, extra_evidence=True, copy=True, **FAST_COV)
-    assert out.uns["vae"]["coverage"]["components"] == list(COMPONENTS + EXTRA)
-    for c in COMPONENTS + EXTRA:  # the components and their p-values do not depend on the option
+    assert out.uns["vae"]["coverage"]["components"] == list(COMPONENTS + LOCAL + EXTRA)
+    for c in COMPONENTS + LOCAL + EXTRA:  # the components and their p-values do not depend on the option
         np.testing.assert_allclose(out.obs[f"vae_{c}_p"], scored.obs[f"vae_{c}_p"])
+    assert not np.allclose(out.obs["vae_coverage"], scored.obs["vae_coverage"])
+
+
+def test_neighbourhood_enters_the_coverage_with_enough_held_out_cells(mapped, scored, monkeypatch):
+    from sc_vi_ext.tl import _coverage
+
+    ref, query = mapped
+    n_cal = scored.uns["vae"]["coverage"]["calibration"]["n_cells"]
+    assert n_cal < _coverage.MIN_LOCAL_CALIBRATION  # the small reference: reported, not combined
+    assert "neighbourhood" not in scored.uns["vae"]["coverage"]["components"]
+    monkeypatch.setattr(_coverage, "MIN_LOCAL_CALIBRATION", n_cal)
+    out = sv.tl.reference_coverage(query, reference=ref, copy=True, **FAST_COV)
+    assert out.uns["vae"]["coverage"]["components"] == list(COMPONENTS + LOCAL)
+    np.testing.assert_allclose(out.obs["vae_neighbourhood_p"], scored.obs["vae_neighbourhood_p"])
     assert not np.allclose(out.obs["vae_coverage"], scored.obs["vae_coverage"])

@@ -38,7 +38,8 @@ from .optimize import _lbfgs
 from .trust import compare_to_reference
 
 COMPONENTS = ("model_miss", "programme", "latent_novelty", "encoder_miss")  # the default coverage's evidence
-EXTRA = ("latent_density", "neighbourhood")  # reported; in the coverage only on request
+LOCAL = ("neighbourhood",)  # in the coverage where enough held-out cells calibrate it
+EXTRA = ("latent_density",)  # reported; in the coverage only on request
 OPTIONAL = ("label_uncertainty",)  # with reference labels only; like EXTRA
 TAIL = 0.1  # share of calibration cells whose exceedances fit the exponential tail
 MIN_SCALE = 1.0  # floor of a gene's residual scale: a deviance residual of a well-fitted gene has sd ~ 1

@@ -13,8 +13,10 @@ the same small shifts become a systematic, non-zero mean residual in the shifted
 ``neighbourhood_statistic``
     For each cell, the mean local excess over its ``n_neighbors`` nearest cells of the same
     data set (itself included), as a chi-square over genes standardised to mean 0 and sd 1
-    under independent noise: (sum_g k m_g^2 / v_g - G) / sqrt(2G), ``v_g`` the per-cell
-    variance of gene g's excess in the calibration cells.
+    under independent noise: (sum_g m_g^2 / var_g - G) / sqrt(2G). The variance of the mean,
+    var_g = s2_g |a|^2 + t2_g |w|^2, counts the neighbourhood's weights a and its cells' pooled
+    baseline weights w: neighbouring cells share baseline cells, and a tight neighbourhood
+    shares more of them (:func:`noise_variances` estimates s2 and t2).
 ``latent_density``
     Minus the log density of the cell's encoder mean under the reference's aggregated
     posterior (the mixture of the reference cells' q(z | x)).
@@ -49,11 +51,15 @@ def nearest(reference: np.ndarray, cells: np.ndarray, k: int, *, exclude: np.nda
     return out
 
 
-def local_excess(residuals: np.ndarray, positions: np.ndarray, ref_residuals: np.ndarray,
-                 ref_positions: np.ndarray, *, n_baseline: int = 30, exclude: np.ndarray | None = None) -> np.ndarray:
-    """Residuals minus the mean residuals of the ``n_baseline`` nearest reference cells, (cells, genes) float32."""
-    idx = nearest(ref_positions, positions, n_baseline, exclude=exclude)
-    return (residuals - _averaging(idx, len(ref_positions)) @ ref_residuals).astype(np.float32)
+def baseline(positions: np.ndarray, ref_positions: np.ndarray, n_baseline: int, *,
+             exclude: np.ndarray | None = None) -> sp.csr_matrix:
+    """Row-normalised (cells, reference cells) averaging over each cell's ``n_baseline`` nearest reference cells."""
+    return _averaging(nearest(ref_positions, positions, n_baseline, exclude=exclude), len(ref_positions))
+
+
+def local_excess(residuals: np.ndarray, ref_residuals: np.ndarray, base: sp.csr_matrix) -> np.ndarray:
+    """Residuals minus the mean residuals of each cell's baseline reference cells (``base``), float32."""
+    return (residuals - base @ ref_residuals).astype(np.float32)
 
 
 def _averaging(idx: np.ndarray, n_cols: int) -> sp.csr_matrix:
@@ -67,16 +73,37 @@ def neighbourhoods(positions: np.ndarray, n_neighbors: int) -> sp.csr_matrix:
     return _averaging(nearest(positions, positions, n_neighbors), len(positions))
 
 
-def gene_variance(excess: np.ndarray, *, floor: float = 1e-2) -> np.ndarray:
-    """Per-gene variance of the calibration cells' local excess (at least ``floor``)."""
-    return np.maximum(excess.var(axis=0), floor).astype(np.float32)
+def noise_variances(ref_residuals: np.ndarray, ref_positions: np.ndarray, cal_excess: np.ndarray,
+                    cal_base: sp.csr_matrix, n_baseline: int, *, floor: float = 1e-2) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene residual noise variance around the local mean: of calibration cells and of baseline cells.
+
+    A baseline cell's own excess against its ``n_baseline`` nearest other baseline cells has
+    variance t2 (1 + 1/k); a calibration cell's excess has variance s2 + t2 |b|^2, |b|^2 the
+    sum of its squared baseline weights. Returns (s2, t2), each at least ``floor``.
+    """
+    own = baseline(ref_positions, ref_positions, n_baseline, exclude=np.arange(len(ref_positions)))
+    k = np.diff(own.indptr).mean()
+    t2 = np.maximum(local_excess(ref_residuals, ref_residuals, own).var(axis=0) / (1 + 1 / k), floor)
+    b2 = float(np.asarray(cal_base.multiply(cal_base).sum(1)).mean())
+    s2 = np.maximum(cal_excess.var(axis=0) - t2 * b2, floor)
+    return s2.astype(np.float32), t2.astype(np.float32)
 
 
-def neighbourhood_statistic(excess: np.ndarray, averaging: sp.csr_matrix, variance: np.ndarray) -> np.ndarray:
-    """Standardised chi-square over genes of each neighbourhood's mean excess (see the module docstring)."""
-    k = np.diff(averaging.indptr)
+def neighbourhood_statistic(excess: np.ndarray, averaging: sp.csr_matrix, base: sp.csr_matrix, s2: np.ndarray,
+                            t2: np.ndarray) -> np.ndarray:
+    """Standardised chi-square over genes of each neighbourhood's mean excess (see the module docstring).
+
+    Each gene's mean excess m over the neighbourhood (weights a, its cells' baselines pooled: weights
+    w = a @ base) has variance s2 |a|^2 + t2 |w|^2 under independent noise, whatever the overlap of
+    the cells' baselines; the chi-square sum_g m_g^2 / var_g is centred by G and scaled by sqrt(2G).
+    """
     mean = averaging @ excess
-    chi = (mean ** 2 / variance[None]).sum(1) * k
+    a2 = np.asarray(averaging.multiply(averaging).sum(1)).ravel()
+    w2 = np.empty(len(a2))
+    for lo in range(0, len(a2), _CHUNK):
+        w = averaging[lo:lo + _CHUNK] @ base
+        w2[lo:lo + _CHUNK] = np.asarray(w.multiply(w).sum(1)).ravel()
+    chi = (mean ** 2 / (s2[None] * a2[:, None] + t2[None] * w2[:, None])).sum(1)
     g = excess.shape[1]
     return (chi - g) / np.sqrt(2 * g)
 

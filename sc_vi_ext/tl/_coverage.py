@@ -16,6 +16,7 @@ from ._coverage_parts import checked_inputs, evidence, merge_into_trust, summari
 from ._utils import stored_model
 
 FEW_CALIBRATION_CELLS = 100  # below this, the coverage's tail is coarse: said in the log
+MIN_LOCAL_CALIBRATION = 500  # held-out cells the neighbourhood evidence needs to be calibrated (see docs/coverage.md)
 
 
 @doc_params()
@@ -58,14 +59,20 @@ def reference_coverage(
     ``encoder_miss``
         log p(x, z*) - log p(x, mu): what refinement gains over the encoder (an encoder miss).
 
-    Three more are computed and reported, but enter the coverage only with ``extra_evidence=True``
-    (held-out reference neighbourhoods are wider than a query's, and the neighbourhood statistic is
-    not yet calibrated: in the coverage, it flags too many unaltered cells):
+    A fifth enters the coverage where the reference holds at least 500 held-out cells (fewer
+    cannot calibrate it: the statistic of a query's tight neighbourhoods then runs above that of
+    the held-out cells' sparse ones, and too many covered cells are flagged):
 
     ``neighbourhood``
         Standardised chi-square over genes of the mean residual excess of the cell's ``n_local``
         nearest query cells at z* (each cell's residuals minus those of its ``n_local`` nearest
-        reference training cells): a shift shared by a region of cells.
+        reference training cells, less the held-out cells' median excess), its variance taken
+        with the overlap of the cells' baselines: a small shift shared by a region of cells,
+        such as a new state of a known type.
+
+    Two more are computed and reported, but enter the coverage only with ``extra_evidence=True``
+    (which also combines ``neighbourhood`` whatever the number of held-out cells):
+
     ``latent_density``
         Low density of the cell's encoder mean under the encoder distributions of the reference
         training cells that set the residual scale: a cell in an empty part of the latent space.
@@ -74,8 +81,8 @@ def reference_coverage(
         ``n_neighbors`` nearest reference training cells.
 
     Each is compared with the reference's held-out cells of similar depth and turned into an
-    upper-tail p-value; Fisher's combination of the four is calibrated on the same held-out
-    cells, so ``coverage`` is close to uniform on typical reference cells and
+    upper-tail p-value; Fisher's combination of those in the coverage is calibrated on the same
+    held-out cells, so ``coverage`` is close to uniform on typical reference cells and
     ``coverage < alpha`` flags about ``alpha`` of them. For a batch the reference never saw,
     the leftover batch effect of the mapping is not counted as novelty: each gene's residual
     location is taken from the batch's own cells, and each component loses the batch-wide
@@ -111,7 +118,8 @@ def reference_coverage(
     extra_evidence
         If True, ``latent_density``, ``neighbourhood`` (and ``label_uncertainty`` with
         ``labels_key``) also enter Fisher's combination; False (default): the coverage rests on
-        the four components above and the others are only reported.
+        the four components above and ``neighbourhood`` where 500 or more held-out reference
+        cells calibrate it; the others are only reported.
     n_scale_cells
         Reference training cells (random) that set each gene's residual location and scale.
     max_steps
@@ -178,8 +186,12 @@ def reference_coverage(
                               n_top_genes=n_top_genes, n_neighbors=n_neighbors, n_local=n_local,
                               n_scale_cells=n_scale_cells, max_steps=max_steps, batch_size=batch_size, rng=rng,
                               bar=bar)
-    reported = cov.COMPONENTS + cov.EXTRA + (cov.OPTIONAL if labels_key is not None else ())
-    components = reported if extra_evidence else cov.COMPONENTS  # those in the coverage
+    reported = cov.COMPONENTS + cov.LOCAL + cov.EXTRA + (cov.OPTIONAL if labels_key is not None else ())
+    local = cov.LOCAL if val.sum() >= MIN_LOCAL_CALIBRATION else ()
+    if not (local or extra_evidence):
+        logg.info(f"    the neighbourhood evidence is reported but not combined: {int(val.sum())} held-out reference "
+                  f"cells, {MIN_LOCAL_CALIBRATION} are needed to calibrate it")
+    components = reported if extra_evidence else cov.COMPONENTS + local  # those in the coverage
     stats = {c: ev[c] for c in reported}
     coverage, pvals, cal_cov = cov.combine({c: cal[c] for c in reported}, stats, cal["log_library"],
                                            ev["log_library"], shift_groups=extra["new_batch"], combined=components)

@@ -76,15 +76,20 @@ def evidence(adata, reference, key, q_module, r_module, dev, *, val, labels_key,
 
     in_scale = self_rows(adata, reference, key, scale_idx)  # query cells that are scale cells: leave themselves out
     pos_s, pos_c, pos_q = sc_ev["z"][scale_idx, :n_lat], cal["z"][val_idx, :n_lat], ev["z"][:, :n_lat]
-    ex_c = loc.local_excess(r_cal, pos_c, r_scale, pos_s, n_baseline=n_local)
-    ex_q = loc.local_excess(r_q, pos_q, r_scale, pos_s, n_baseline=n_local, exclude=in_scale)
+    base_c = loc.baseline(pos_c, pos_s, n_local)
+    base_q = loc.baseline(pos_q, pos_s, n_local, exclude=in_scale)
+    ex_c, ex_q = loc.local_excess(r_cal, r_scale, base_c), loc.local_excess(r_q, r_scale, base_q)
+    offset = np.median(ex_c, axis=0)  # cells the model was not trained on sit off its training cells' residuals
+    ex_c -= offset
+    ex_q -= offset
     if new_batch is not None:  # a batch-wide shift of the excess is left-over batch effect, not a new state
         for b in np.unique(new_batch[new_batch >= 0]):
             m = np.flatnonzero(new_batch == b)
             ex_q[m] -= np.median(ex_q[np.sort(rng.choice(m, min(n_scale_cells, len(m)), replace=False))], axis=0)
-    variance = loc.gene_variance(ex_c)
-    cal["neighbourhood"] = loc.neighbourhood_statistic(ex_c, loc.neighbourhoods(pos_c, n_local), variance)
-    ev["neighbourhood"] = loc.neighbourhood_statistic(ex_q, loc.neighbourhoods(pos_q, n_local), variance)
+    s2, t2 = loc.noise_variances(r_scale, pos_s, ex_c, base_c, n_local)
+    cal["neighbourhood"] = loc.neighbourhood_statistic(ex_c, loc.neighbourhoods(pos_c, n_local), base_c, s2, t2)
+    ev["neighbourhood"] = loc.neighbourhood_statistic(ex_q, loc.neighbourhoods(pos_q, n_local), base_q, s2, t2)
+    variance = np.maximum(ex_c.var(axis=0), 1e-2)  # per cell: the driving genes' z-scores
 
     mix = sc_ev["mean"][scale_idx, :n_lat], sc_ev["log_var"][scale_idx, :n_lat]
     cal["latent_density"] = loc.latent_density(*mix, cal["mean"][val_idx, :n_lat])
