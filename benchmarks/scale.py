@@ -75,12 +75,11 @@ def rss_gib() -> float:
 
 def worker(mode: str, data: str, epochs: str, batch_size: int, threads: int, after: bool,
            compile_: str = "auto") -> None:
+    import sc_vi_ext as sv  # noqa: I001 - before torch, as a user's import: it sets the OpenMP spin-wait
     import anndata as ad
     import numpy as np
     import scanpy as sc
     import torch
-
-    import sc_vi_ext as sv
     from sc_vi_ext.distributed import init_from_env, rank_and_world
 
     sc.settings.verbosity = 0

@@ -116,6 +116,8 @@ def _scvi(adata, cfg: dict) -> dict:
 
 def worker(args) -> None:
     quiet()
+    if args._worker == "ours":  # before torch, as a user's import: it sets the OpenMP spin-wait
+        import sc_vi_ext  # noqa: F401
     import anndata as ad
     import torch
     import torch._dynamo  # noqa: F401 - scvi-tools imports it at start-up; import it for both, outside the timers
