@@ -278,8 +278,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_known_args(argv)[0]
     if args._worker:
         return tool_worker(args)
-    import tempfile
+    import tempfile  # noqa: I001 - sc_vi_ext before torch, as a user's import: it sets the OpenMP spin-wait
 
+    import sc_vi_ext  # noqa: F401
     import torch
 
     from sc_vi_ext.acceleration import bf16_fast_on_cpu
