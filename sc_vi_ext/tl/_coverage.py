@@ -156,8 +156,8 @@ def reference_coverage(
         ``n_uncovered`` and, where it has uncovered cells, ``top_genes`` (the ``n_group_genes``
         genes whose mean residual excess over its uncovered cells is largest in size) and
         ``top_genes_shift`` (their standardised shifts: mean excess over its standard error, each
-        gene's per-cell sd taken as at least 1, a deviance residual's noise), and ``top_genes``: a DataFrame of the
-        uncovered cells' driving genes, a row per cell, largest first.
+        gene's per-cell sd taken as at least 1, a deviance residual's noise), and ``top_genes``:
+        a DataFrame of the uncovered cells' driving genes, a row per cell, largest first.
     """
     params = {k: v for k, v in locals().items() if k not in ("adata", "reference", "copy")}
     if not 0 < alpha < 1:
