@@ -76,6 +76,12 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
+def ours_first() -> None:
+    """Import sc_vi_ext before torch, as a user's ``import scanpy as sc, sc_vi_ext as sv`` does: it sets
+    the OpenMP spin-wait then (``sc_vi_ext/_openmp.py``). Call it before the caller imports torch."""
+    import sc_vi_ext  # noqa: F401
+
+
 def quiet() -> None:
     """Silence the peers' and the dependencies' chatter (warnings, Lightning's logs)."""
     warnings.filterwarnings("ignore")

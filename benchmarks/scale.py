@@ -27,7 +27,7 @@ from pathlib import Path
 
 from sc_vi_ext.train import default_max_epochs
 
-from ._common import ROOT, parser, peak_rss_mib, save, table, uptime
+from ._common import ROOT, ours_first, parser, peak_rss_mib, save, table, uptime
 
 
 def make_data(n_cells: int, n_genes: int, data_dir: Path, block_rows: int = 20_000) -> Path:
@@ -75,11 +75,13 @@ def rss_gib() -> float:
 
 def worker(mode: str, data: str, epochs: str, batch_size: int, threads: int, after: bool,
            compile_: str = "auto") -> None:
-    import sc_vi_ext as sv  # noqa: I001 - before torch, as a user's import: it sets the OpenMP spin-wait
+    ours_first()
     import anndata as ad
     import numpy as np
     import scanpy as sc
     import torch
+
+    import sc_vi_ext as sv
     from sc_vi_ext.distributed import init_from_env, rank_and_world
 
     sc.settings.verbosity = 0

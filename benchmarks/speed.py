@@ -32,6 +32,7 @@ import numpy as np
 from ._common import (
     SCVI_VENV_HELP,
     fmt,
+    ours_first,
     parser,
     peak_rss_mib,
     peer_versions,
@@ -116,8 +117,8 @@ def _scvi(adata, cfg: dict) -> dict:
 
 def worker(args) -> None:
     quiet()
-    if args._worker == "ours":  # before torch, as a user's import: it sets the OpenMP spin-wait
-        import sc_vi_ext  # noqa: F401
+    if args._worker == "ours":
+        ours_first()
     import anndata as ad
     import torch
     import torch._dynamo  # noqa: F401 - scvi-tools imports it at start-up; import it for both, outside the timers

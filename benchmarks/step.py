@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import parser, run_worker, save, table, uptime
+from ._common import ours_first, parser, run_worker, save, table, uptime
 
 FAMILIES = [  # first match wins
     ("matrix products (Linear forward and backward)", ("mm", "addmm", "linear")),
@@ -278,9 +278,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_known_args(argv)[0]
     if args._worker:
         return tool_worker(args)
-    import tempfile  # noqa: I001 - sc_vi_ext before torch, as a user's import: it sets the OpenMP spin-wait
+    ours_first()
+    import tempfile
 
-    import sc_vi_ext  # noqa: F401
     import torch
 
     from sc_vi_ext.acceleration import bf16_fast_on_cpu

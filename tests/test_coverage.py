@@ -189,7 +189,7 @@ def test_neighbourhood_statistic_is_standardised_and_sees_a_shared_shift():
     res = rng.normal(size=(600, 200)).astype(np.float32)
     base = baseline(pos, ref_pos, 30)  # a query twice as dense as the reference: neighbours share baselines
     excess = local_excess(res, ref_res, base)
-    s2, t2 = noise_variances(ref_res, ref_pos, excess, base, 30)
+    s2, t2 = noise_variances(ref_res, ref_pos, excess.var(axis=0), base, 30)
     assert abs(np.median(s2) - 1) < 0.15 and abs(np.median(t2) - 1) < 0.15
     stat = neighbourhood_statistic(excess, neighbourhoods(pos, 30), base, s2, t2)
     assert abs(np.median(stat)) < 0.5 and 0.5 < stat.std() < 2  # about N(0, 1) where nothing is shifted

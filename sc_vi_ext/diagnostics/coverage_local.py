@@ -70,25 +70,35 @@ def _averaging(idx: np.ndarray, n_cols: int) -> sp.csr_matrix:
 
 def neighbourhoods(positions: np.ndarray, n_neighbors: int) -> sp.csr_matrix:
     """Row-normalised (cells, cells) averaging matrix over each cell's nearest cells (itself included)."""
-    return _averaging(nearest(positions, positions, n_neighbors), len(positions))
+    return baseline(positions, positions, n_neighbors)
 
 
-def noise_variances(ref_residuals: np.ndarray, ref_positions: np.ndarray, cal_excess: np.ndarray,
+def _squared_norms(rows: sp.csr_matrix, right: sp.csr_matrix | None = None) -> np.ndarray:
+    """Squared norm of each row of ``rows`` (of ``rows @ right`` where given, in chunks of rows)."""
+    out = np.empty(rows.shape[0])
+    for lo in range(0, rows.shape[0], _CHUNK):
+        w = rows[lo:lo + _CHUNK] if right is None else rows[lo:lo + _CHUNK] @ right
+        out[lo:lo + _CHUNK] = np.asarray(w.multiply(w).sum(1)).ravel()
+    return out
+
+
+def noise_variances(ref_residuals: np.ndarray, ref_positions: np.ndarray, cal_variance: np.ndarray,
                     cal_base: sp.csr_matrix, n_baseline: int, *, floor: float = 1e-2) -> tuple[np.ndarray, np.ndarray]:
     """Per-gene residual noise variance around the local mean: of calibration cells and of baseline cells.
 
     A baseline cell's own excess against its ``n_baseline`` nearest other baseline cells has
-    variance t2 (1 + 1/k); a calibration cell's excess has variance s2 + t2 |b|^2, |b|^2 the
-    sum of its squared baseline weights. s2 is c t2, one factor c for all genes: a per-gene
-    variance estimated on the calibration cells themselves would fit them better than new cells
-    (on a few dozen cells, by 10-15 % per cell), and the comparison would not be like for like.
+    variance t2 (1 + 1/k); a calibration cell's excess has variance s2 + t2 |b|^2 (per gene,
+    ``cal_variance`` over the calibration cells), |b|^2 the sum of its squared baseline weights.
+    s2 is c t2, one factor c for all genes: a per-gene variance estimated on the calibration
+    cells themselves would fit them better than new cells (on a few dozen cells, by 10-15 % per
+    cell), and the comparison would not be like for like.
     Returns (s2, t2), each at least ``floor``.
     """
     own = baseline(ref_positions, ref_positions, n_baseline, exclude=np.arange(len(ref_positions)))
     k = np.diff(own.indptr).mean()
     t2 = np.maximum(local_excess(ref_residuals, ref_residuals, own).var(axis=0) / (1 + 1 / k), floor)
-    b2 = float(np.asarray(cal_base.multiply(cal_base).sum(1)).mean())
-    c = max(float((cal_excess.var(axis=0) - t2 * b2).sum() / t2.sum()), floor)
+    b2 = float(_squared_norms(cal_base).mean())
+    c = max(float((cal_variance - t2 * b2).sum() / t2.sum()), floor)
     s2 = np.maximum(c * t2, floor)
     return s2.astype(np.float32), t2.astype(np.float32)
 
@@ -102,11 +112,7 @@ def neighbourhood_statistic(excess: np.ndarray, averaging: sp.csr_matrix, base: 
     the cells' baselines; the chi-square sum_g m_g^2 / var_g is centred by G and scaled by sqrt(2G).
     """
     mean = averaging @ excess
-    a2 = np.asarray(averaging.multiply(averaging).sum(1)).ravel()
-    w2 = np.empty(len(a2))
-    for lo in range(0, len(a2), _CHUNK):
-        w = averaging[lo:lo + _CHUNK] @ base
-        w2[lo:lo + _CHUNK] = np.asarray(w.multiply(w).sum(1)).ravel()
+    a2, w2 = _squared_norms(averaging), _squared_norms(averaging, base)
     chi = (mean ** 2 / (s2[None] * a2[:, None] + t2[None] * w2[:, None])).sum(1)
     g = excess.shape[1]
     return (chi - g) / np.sqrt(2 * g)

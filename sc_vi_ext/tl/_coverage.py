@@ -19,7 +19,7 @@ FEW_CALIBRATION_CELLS = 100  # below this, the coverage's tail is coarse: said i
 MIN_LOCAL_CALIBRATION = 500  # held-out cells the neighbourhood evidence needs to be calibrated (see docs/coverage.md)
 
 
-@doc_params()
+@doc_params(min_local=str(MIN_LOCAL_CALIBRATION))
 @cpu_threads
 def reference_coverage(
     adata: AnnData,
@@ -59,7 +59,7 @@ def reference_coverage(
     ``encoder_miss``
         log p(x, z*) - log p(x, mu): what refinement gains over the encoder (an encoder miss).
 
-    A fifth enters the coverage where the reference holds at least 500 held-out cells (fewer
+    A fifth enters the coverage where the reference holds at least {min_local} held-out cells (fewer
     cannot calibrate it: the statistic of a query's tight neighbourhoods then runs above that of
     the held-out cells' sparse ones, and too many covered cells are flagged):
 
@@ -118,7 +118,7 @@ def reference_coverage(
     extra_evidence
         If True, ``latent_density``, ``neighbourhood`` (and ``label_uncertainty`` with
         ``labels_key``) also enter Fisher's combination; False (default): the coverage rests on
-        the four components above and ``neighbourhood`` where 500 or more held-out reference
+        the four components above and ``neighbourhood`` where {min_local} or more held-out reference
         cells calibrate it; the others are only reported.
     n_scale_cells
         Reference training cells (random) that set each gene's residual location and scale.

@@ -86,12 +86,13 @@ def evidence(adata, reference, key, q_module, r_module, dev, *, val, labels_key,
         for b in np.unique(new_batch[new_batch >= 0]):
             m = np.flatnonzero(new_batch == b)
             ex_q[m] -= np.median(ex_q[np.sort(rng.choice(m, min(n_scale_cells, len(m)), replace=False))], axis=0)
-    s2, t2 = loc.noise_variances(r_scale, pos_s, ex_c, base_c, n_local)
+    cal_variance = ex_c.var(axis=0)
+    s2, t2 = loc.noise_variances(r_scale, pos_s, cal_variance, base_c, n_local)
     cal["neighbourhood"] = loc.neighbourhood_statistic(ex_c, loc.neighbourhoods(pos_c, n_local), base_c, s2, t2)
     ev["neighbourhood"] = loc.neighbourhood_statistic(ex_q, loc.neighbourhoods(pos_q, n_local), base_q, s2, t2)
     # per cell, for the driving genes' z-scores: at least the noise of a deviance residual, so that a sparse
     # gene's compressed residuals do not outrank the shifted genes
-    variance = np.maximum(ex_c.var(axis=0), cov.MIN_SCALE ** 2)
+    variance = np.maximum(cal_variance, cov.MIN_SCALE ** 2)
 
     mix = sc_ev["mean"][scale_idx, :n_lat], sc_ev["log_var"][scale_idx, :n_lat]
     cal["latent_density"] = loc.latent_density(*mix, cal["mean"][val_idx, :n_lat])
