@@ -14,7 +14,7 @@ import scanpy as sc
 from sklearn.metrics import roc_auc_score
 
 import sc_vi_ext as sv
-from sc_vi_ext.diagnostics.coverage import COMPONENTS, EXTRA, LOCAL, combine, tail_pvalue
+from sc_vi_ext.diagnostics.coverage import COMPONENTS, EXTRA, LOCAL, WEIGHTS, combine, tail_pvalue
 from sc_vi_ext.diagnostics.coverage_local import (
     baseline,
     bh_adjust,
@@ -216,8 +216,12 @@ def test_extra_evidence_enters_the_coverage_only_on_request(mapped, scored):
     only_a, p, _ = combine(cal, cells, lib, np.zeros(50), combined=("a",))
     both, _, _ = combine(cal, cells, lib, np.zeros(50))
     assert set(p) == {"a", "b"} and (both < only_a).all()  # b reported either way, combined only when named
+    heavy, _, heavy_cal = combine(cal, cells, lib, np.zeros(50), weights={"b": 3.0})
+    assert (heavy < both).all()  # the shifted component weighs more
+    assert abs((heavy_cal < 0.05).mean() - 0.05) < 0.02  # and the weighted sum is still calibrated
     out = sv.tl.reference_coverage(query, reference=ref, extra_evidence=True, copy=True, **FAST_COV)
     assert out.uns["vae"]["coverage"]["components"] == list(COMPONENTS + LOCAL + EXTRA)
+    assert out.uns["vae"]["coverage"]["weights"] == {c: WEIGHTS.get(c, 1.0) for c in COMPONENTS + LOCAL + EXTRA}
     for c in COMPONENTS + LOCAL + EXTRA:  # the components and their p-values do not depend on the option
         np.testing.assert_allclose(out.obs[f"vae_{c}_p"], scored.obs[f"vae_{c}_p"])
     assert not np.allclose(out.obs["vae_coverage"], scored.obs["vae_coverage"])

@@ -41,6 +41,9 @@ COMPONENTS = ("model_miss", "programme", "latent_novelty", "encoder_miss")  # th
 LOCAL = ("neighbourhood",)  # in the coverage where enough held-out cells calibrate it
 EXTRA = ("latent_density",)  # reported; in the coverage only on request
 OPTIONAL = ("label_uncertainty",)  # with reference labels only; like EXTRA
+# Weights in Fisher's combination: the per-cell components all read the same residuals and move together,
+# the neighbourhood is one summary of many cells; it weighs as much as the four per-cell ones together
+WEIGHTS = {"neighbourhood": float(len(COMPONENTS))}
 TAIL = 0.1  # share of calibration cells whose exceedances fit the exponential tail
 MIN_SCALE = 1.0  # floor of a gene's residual scale: a deviance residual of a well-fitted gene has sd ~ 1
 
@@ -212,7 +215,8 @@ def tail_pvalue(reference: np.ndarray, values: np.ndarray, *, tail: float = TAIL
 
 def combine(calibration: dict[str, np.ndarray], cells: dict[str, np.ndarray], log_lib_cal: np.ndarray,
             log_lib: np.ndarray, *, shift_groups: np.ndarray | None = None, n_neighbors: int = 100,
-            combined: tuple[str, ...] | None = None) -> tuple[np.ndarray, dict, dict]:
+            combined: tuple[str, ...] | None = None,
+            weights: dict[str, float] | None = None) -> tuple[np.ndarray, dict, dict]:
     """Coverage of ``cells`` from their component statistics, calibrated on the ``calibration`` cells.
 
     ``shift_groups``: per cell, a group (a batch the reference never saw) whose batch-wide offset
@@ -222,7 +226,8 @@ def combine(calibration: dict[str, np.ndarray], cells: dict[str, np.ndarray], lo
     quartile (those quantiles stay put while the cells the reference does not cover are under
     three quarters of the group). A lower quartile is never moved up.
     ``combined``: the components whose p-values enter Fisher's combination (None: all of them);
-    every component gets its p-value.
+    every component gets its p-value. ``weights``: per component, the factor of its -2 log p in
+    the combination (1 where not named); the weighted sum is calibrated like the plain one.
     Returns the coverage of the cells, their per-component p-values and the calibration cells'
     coverage (in-sample: close to uniform).
     """
@@ -243,6 +248,7 @@ def combine(calibration: dict[str, np.ndarray], cells: dict[str, np.ndarray], lo
                 z_cells[m] = min(q25, c25) + (z_cells[m] - q25) / spread  # its lower quartile never moves up
         p_cal[name], p_cells[name] = tail_pvalue(z_cal, z_cal), tail_pvalue(z_cal, z_cells)
     names = list(calibration) if combined is None else list(combined)
-    fisher_cal = -2 * sum(np.log(p_cal[n]) for n in names)
-    fisher = -2 * sum(np.log(p_cells[n]) for n in names)
+    w = {n: (weights or {}).get(n, 1.0) for n in names}
+    fisher_cal = -2 * sum(w[n] * np.log(p_cal[n]) for n in names)
+    fisher = -2 * sum(w[n] * np.log(p_cells[n]) for n in names)
     return tail_pvalue(fisher_cal, fisher), p_cells, tail_pvalue(fisher_cal, fisher_cal)

@@ -19,7 +19,7 @@ FEW_CALIBRATION_CELLS = 100  # below this, the coverage's tail is coarse: said i
 MIN_LOCAL_CALIBRATION = 500  # held-out cells the neighbourhood evidence needs to be calibrated (see docs/coverage.md)
 
 
-@doc_params(min_local=str(MIN_LOCAL_CALIBRATION))
+@doc_params(min_local=str(MIN_LOCAL_CALIBRATION), nb_weight=f"{cov.WEIGHTS['neighbourhood']:g}")
 @cpu_threads
 def reference_coverage(
     adata: AnnData,
@@ -81,12 +81,14 @@ def reference_coverage(
         ``n_neighbors`` nearest reference training cells.
 
     Each is compared with the reference's held-out cells of similar depth and turned into an
-    upper-tail p-value; Fisher's combination of those in the coverage is calibrated on the same
-    held-out cells, so ``coverage`` is close to uniform on typical reference cells and
-    ``coverage < alpha`` flags about ``alpha`` of them. For a batch the reference never saw,
-    the leftover batch effect of the mapping is not counted as novelty: each gene's residual
-    location is taken from the batch's own cells, and each component loses the batch-wide
-    offset and widening of its lower quantiles (this assumes that most of a new batch is
+    upper-tail p-value; Fisher's combination of those in the coverage (``neighbourhood``'s
+    -2 log p weighted {nb_weight}x, as much as the four per-cell components together: they read
+    the same residuals and move together) is calibrated on the same held-out cells, so
+    ``coverage`` is close to uniform on typical reference cells and ``coverage < alpha`` flags
+    about ``alpha`` of them. For a batch the reference never saw, the leftover batch effect of
+    the mapping is not counted as novelty: each gene's residual location is taken from the
+    batch's own cells, and each component loses the batch-wide offset and widening of its lower
+    quantiles (this assumes that most of a new batch is
     covered). See the documentation page "Reference coverage" for what each part signals.
 
     Parameters
@@ -151,7 +153,8 @@ def reference_coverage(
     ``adata.uns[key]["coverage"]``
         ``params``, ``threshold`` (alpha), ``calibration`` (what the coverage was calibrated
         on: ``n_cells`` held-out reference cells, ``frac_flagged`` of them, ``n_scale_cells``),
-        ``components`` (those combined into the coverage), ``frac_uncovered``, ``groupby`` and
+        ``components`` (those combined into the coverage), ``weights`` (their factors in the
+        combination), ``frac_uncovered``, ``groupby`` and
         ``groups``: per group ``n_cells``, ``coverage_median``, ``frac_uncovered``,
         ``n_uncovered`` and, where it has uncovered cells, ``top_genes`` (the ``n_group_genes``
         genes whose mean residual excess over its uncovered cells is largest in size) and
@@ -195,7 +198,8 @@ def reference_coverage(
     components = reported if extra_evidence else cov.COMPONENTS + local  # those in the coverage
     stats = {c: ev[c] for c in reported}
     coverage, pvals, cal_cov = cov.combine({c: cal[c] for c in reported}, stats, cal["log_library"],
-                                           ev["log_library"], shift_groups=extra["new_batch"], combined=components)
+                                           ev["log_library"], shift_groups=extra["new_batch"], combined=components,
+                                           weights=cov.WEIGHTS)
     top_genes, top_scores = extra["top_genes"], extra["top_scores"]
     flag = coverage < alpha
     genes = np.asarray(reference.uns[key]["var_names"]).astype(str)
@@ -214,6 +218,7 @@ def reference_coverage(
                         "frac_flagged": float((cal_cov < alpha).mean()),
                         "n_scale_cells": extra["n_scale_cells"]},
         "components": list(components),
+        "weights": {c: cov.WEIGHTS.get(c, 1.0) for c in components},
         "frac_uncovered": float(flag.mean()),
         "groups": summaries(coverage, flag, groups, genes, extra["excess"], extra["variance"], n_group_genes),
         "top_genes": top,
