@@ -9,6 +9,10 @@ a. The floor: the step's matrix products alone (encoder 2,000 -> 128 forward and
 b. The step as ``tl.vae`` runs it (the default fast path: fused likelihood kernel, fused Adam;
    CSR minibatches of 128 cells of a 3-batch simulation), float32 and bfloat16, at one and two
    threads: wall and CPU ms per step, best epoch of ``--epochs``.
+a3. What a step costs whatever its size: the same step on 8 cells of 20 genes, where the
+    arithmetic is nil (each op's dispatch, autograd and Python), float32 and bfloat16.
+a4. One Linear layer of the model, forward and backward, in float32 and under bfloat16
+    autocast (its casts included), at two threads: where bfloat16 pays.
 c. Where the float32 step goes at one thread (``torch.profiler``, self CPU time per op family).
 d. Every tool at its defaults on PBMC, quiet and with one busy process on another core (a
    spinning Python loop), in one process each: wall seconds and the ratio (target <= 1.6).
@@ -95,7 +99,7 @@ def parts_ms(module, loader, threads: int, reps: int = 50) -> tuple[float, float
     return best_ms(kernel, reps=reps, warmup=5), best_ms(opt.step, reps=reps, warmup=5)
 
 
-def build(n_cells: int, n_genes: int):
+def build(n_cells: int, n_genes: int, batch_size: int = 128):
     import torch
 
     import sc_vi_ext as sv
@@ -110,8 +114,34 @@ def build(n_cells: int, n_genes: int):
     torch.manual_seed(0)
     module = VAE(n_genes, n_batch=3)
     loader = Minibatches(X, np.arange(n_cells), batch=codes, log_library=np.log(totals).astype(np.float32),
-                         batch_size=128, with_nz=True, shuffle=True, rng=np.random.default_rng(0))
+                         batch_size=batch_size, with_nz=True, shuffle=True, rng=np.random.default_rng(0))
     return module, loader
+
+
+LAYERS = [(128, 10, True), (13, 128, False), (2003, 128, False), (128, 2000, True)]  # in, out, input gradient
+
+
+def layer_us(n_in: int, n_out: int, input_grad: bool, *, threads: int = 2, reps: int = 200) -> tuple[float, float]:
+    """One Linear layer on 128 cells, forward and backward: (float32, bfloat16 autocast) microseconds."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, n_in, generator=g).requires_grad_(input_grad)
+    w = torch.randn(n_out, n_in, generator=g).requires_grad_(True)
+    b = torch.randn(n_out, generator=g).requires_grad_(True)
+    grad = torch.randn(128, n_out, generator=g)
+
+    def plain():
+        F.linear(x, w, b).backward(grad)
+
+    def autocast():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = F.linear(x, w, b)
+        y.float().backward(grad)  # the model takes every layer's output in float32
+
+    return tuple(best_ms(f, reps=reps, warmup=10) * 1e3 for f in (plain, autocast))
 
 
 def one_step(module, mb, opt, autocast) -> None:
@@ -304,6 +334,8 @@ def main(argv: list[str] | None = None) -> None:
                         ["What a step costs with nothing else: no BatchNorm, casts, element-wise work, minibatch or "
                          "autograd bookkeeping."]))
     ms = {(prec, t): step_ms(module, loader, t, prec, epochs) for prec in precisions for t in (1, 2)}
+    tiny = build(800, 20, batch_size=8)
+    tiny_ms = {(prec, t): step_ms(*tiny, t, prec, max(epochs, 2))[0] for prec in precisions for t in (1, 2)}
     rows = [[prec, f"{t}", f"{ms[prec, t][0]:.2f}", f"{ms[prec, t][1]:.2f}", f"{ms[prec, 1][0] / ms[prec, t][0]:.2f}×",
              f"{ms[prec, t][0] / floor[prec, t]:.1f}×"]
             for prec in precisions for t in (1, 2)]
@@ -311,6 +343,22 @@ def main(argv: list[str] | None = None) -> None:
                         "epochs)",
                         ["precision", "threads", "wall ms / step", "CPU ms / step", "speed-up over 1 thread",
                          "step / its floor"], rows))
+    rows = [[prec, f"{t}", f"{tiny_ms[prec, t]:.2f}", f"{ms[prec, t][0]:.2f}",
+             f"{100 * tiny_ms[prec, t] / ms[prec, t][0]:.0f} %"] for prec in precisions for t in (1, 2)]
+    tables.append(table("a3. What a step costs whatever its size: the same step on 8 cells × 20 genes (ms per step)",
+                        ["precision", "threads", "tiny step", "the step (table b)", "share of the step"], rows,
+                        ["The tiny step does no arithmetic to speak of: what it takes is each op's dispatch, "
+                         "autograd and Python, paid again by the full step."]))
+    if "bfloat16" in precisions:
+        lay = {spec: layer_us(*spec) for spec in LAYERS}
+        rows = [[f"{i} → {o}", f"{lay[i, o, gx][0]:.0f}", f"{lay[i, o, gx][1]:.0f}",
+                 f"{lay[i, o, gx][0] / lay[i, o, gx][1]:.2f}×"] for i, o, gx in LAYERS]
+        tables.append(table("a4. One Linear layer on 128 cells, forward + backward, 2 threads (µs, best of 200)",
+                            ["layer (inputs → outputs)", "float32", "bfloat16 autocast, casts included",
+                             "float32 / bfloat16"], rows,
+                            ["The model's layers: encoder mean and variance heads (128 → 10), decoder input "
+                             "(10 latent + 3 batches → 128), encoder input (2,000 genes + 3 → 128), decoder "
+                             "heads (128 → 2,000)."]))
     split = {prec: split_step_ms(module, loader, prec, epochs) for prec in precisions}
     rows = [[prec, f"{ms[prec, 1][0]:.2f}", f"{ms[prec, 2][0]:.2f}", f"{split[prec][0]:.2f}", f"{split[prec][1]:.2f}",
              f"{ms[prec, 1][0] / split[prec][0]:.2f}×", f"{ms[prec, 2][0] / split[prec][0]:.2f}×"]
