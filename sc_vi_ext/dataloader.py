@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import h5py
@@ -229,35 +228,22 @@ class Minibatches:
         yield from self._emit(self.X, order, order)
 
     def _iter_backed(self) -> Iterator[Minibatch]:
-        """Read the file in windows of ``BACKED_CHUNK_ROWS`` consecutive rows, the next one ahead on a thread.
+        """Read the file in windows of ``BACKED_CHUNK_ROWS`` consecutive rows.
 
         The windows are shuffled, then the cells within each window.
 
         A window is read as one contiguous slice (fast on HDF5/zarr) when at least a quarter
-        of its rows are wanted, else by sorted fancy indexing. While the minibatches of one
-        window train, the next window is read on a background thread (h5py and the decoding
-        release the interpreter), so memory holds two windows at a time, whatever n_obs is.
-        The shuffles are drawn on the calling thread in the same order, so a seed gives the
-        same minibatches as reading each window when it is needed; a read's error (such as
-        :class:`DamagedFileError`) is raised when its window is due.
+        of its rows are wanted, else by sorted fancy indexing. Memory holds one window at a
+        time, whatever n_obs is.
         """
         windows = self._windows()
         if self.shuffle:
             windows = [windows[i] for i in self.rng.permutation(len(windows))]
-        if not windows:
-            return
-        with ThreadPoolExecutor(1, thread_name_prefix="sc_vi_ext-read") as pool:
-            ahead = pool.submit(self._read_window, windows[0])
-            for k, rows in enumerate(windows):
-                block, local = ahead.result()
-                if k + 1 < len(windows):
-                    ahead = pool.submit(self._read_window, windows[k + 1])
-                perm = self.rng.permutation(len(rows)) if self.shuffle else np.arange(len(rows))
-                yield from self._emit(block, rows[perm], local[perm])
-
-    def _read_window(self, rows: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray]:
-        """Read the file's rows ``rows`` (sorted, one window) as CSR; return it and each wanted row's position in it."""
-        lo, hi = int(rows[0]), int(rows[-1]) + 1
-        if len(rows) >= 0.25 * (hi - lo):
-            return sp.csr_matrix(read_disk(self.X, slice(lo, hi))), rows - lo
-        return sp.csr_matrix(read_disk(self.X, rows)), np.arange(len(rows))
+        for rows in windows:
+            lo, hi = int(rows[0]), int(rows[-1]) + 1
+            if len(rows) >= 0.25 * (hi - lo):
+                block, local = sp.csr_matrix(read_disk(self.X, slice(lo, hi))), rows - lo
+            else:
+                block, local = sp.csr_matrix(read_disk(self.X, rows)), np.arange(len(rows))
+            perm = self.rng.permutation(len(rows)) if self.shuffle else np.arange(len(rows))
+            yield from self._emit(block, rows[perm], local[perm])
