@@ -88,8 +88,8 @@ def reference_coverage(
     about ``alpha`` of them. For a batch the reference never saw, the leftover batch effect of
     the mapping is not counted as novelty: each gene's residual location is taken from the
     batch's own cells, and each component loses the batch-wide offset and widening of its lower
-    quantiles (this assumes that most of a new batch is
-    covered). See the documentation page "Reference coverage" for what each part signals.
+    quantiles (this assumes that most of a new batch is covered). See the documentation page
+    "Reference coverage" for what each part signals.
 
     Parameters
     ----------
@@ -196,10 +196,11 @@ def reference_coverage(
         logg.info(f"    the neighbourhood evidence is reported but not combined: {int(val.sum())} held-out reference "
                   f"cells, {MIN_LOCAL_CALIBRATION} are needed to calibrate it")
     components = reported if extra_evidence else cov.COMPONENTS + local  # those in the coverage
+    weights = {c: cov.WEIGHTS.get(c, 1.0) for c in components}
     stats = {c: ev[c] for c in reported}
     coverage, pvals, cal_cov = cov.combine({c: cal[c] for c in reported}, stats, cal["log_library"],
                                            ev["log_library"], shift_groups=extra["new_batch"], combined=components,
-                                           weights=cov.WEIGHTS)
+                                           weights=weights)
     top_genes, top_scores = extra["top_genes"], extra["top_scores"]
     flag = coverage < alpha
     genes = np.asarray(reference.uns[key]["var_names"]).astype(str)
@@ -218,7 +219,7 @@ def reference_coverage(
                         "frac_flagged": float((cal_cov < alpha).mean()),
                         "n_scale_cells": extra["n_scale_cells"]},
         "components": list(components),
-        "weights": {c: cov.WEIGHTS.get(c, 1.0) for c in components},
+        "weights": weights,
         "frac_uncovered": float(flag.mean()),
         "groups": summaries(coverage, flag, groups, genes, extra["excess"], extra["variance"], n_group_genes),
         "top_genes": top,
