@@ -36,7 +36,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 import sc_vi_ext as sv
-from sc_vi_ext.diagnostics.coverage import COMPONENTS, EXTRA, LOCAL, OPTIONAL
+from sc_vi_ext.diagnostics.coverage import COMPONENTS, EXTRA, GROUP, LOCAL, OPTIONAL
 from sc_vi_ext.model_store import get_model, held_out_mask, stored_loader
 
 from ._common import parser, save, table, uptime
@@ -104,7 +104,8 @@ def run_case(name: str, quick: bool) -> list[dict]:
         genes = res["groups"][case["group"]].get("top_genes", [])[:20]
         top["driving_gene_precision"] = float(np.isin(genes, case["shifted"]).mean()) if genes else 0.0
     rows = [{**common, "score": "reference_coverage", **top}]
-    for c in COMPONENTS + LOCAL + EXTRA + OPTIONAL:  # all reported; the default combines COMPONENTS (+ LOCAL)
+    for c in COMPONENTS + GROUP + LOCAL + EXTRA + OPTIONAL:  # all reported; the default combines COMPONENTS,
+        # GROUP (+ LOCAL)
         rows.append({**common, "score": f"  component: {c}", "auroc": roc_auc_score(altered, query.obs[f"vae_{c}"])})
     for b, (s_q, s_val) in baselines(ref, query, label).items():
         f = s_q > np.quantile(s_val, 0.95)

@@ -14,8 +14,9 @@ import scanpy as sc
 from sklearn.metrics import roc_auc_score
 
 import sc_vi_ext as sv
-from sc_vi_ext.diagnostics.coverage import COMPONENTS, EXTRA, LOCAL, WEIGHTS, combine, tail_pvalue
+from sc_vi_ext.diagnostics.coverage import COMPONENTS, EXTRA, GROUP, LOCAL, WEIGHTS, combine, tail_pvalue
 from sc_vi_ext.diagnostics.coverage_local import (
+    abundance,
     baseline,
     bh_adjust,
     local_excess,
@@ -55,7 +56,7 @@ def test_novel_type_gets_low_coverage(scored):
     assert flag[novel].mean() > 0.5 and flag[~novel].mean() < 0.1
     for col in ("vae_coverage", "vae_programme", "vae_model_miss", "vae_latent_novelty", "vae_encoder_miss",
                 "vae_latent_density", "vae_neighbourhood", "vae_neighbourhood_fdr", "vae_programme_p",
-                "vae_latent_novelty_p", "vae_neighbourhood_p"):
+                "vae_latent_novelty_p", "vae_neighbourhood_p", "vae_abundance", "vae_abundance_p"):
         assert np.isfinite(obs[col].to_numpy()).all(), col
     assert ((cov > 0) & (cov <= 1)).all()
 
@@ -76,7 +77,7 @@ def test_summaries_and_driving_genes(scored):
     assert hits > 0.5
     assert len(set(res["groups"]["batch_1"]["top_genes"][:5]) & markers) >= 3
     assert len(res["groups"]["batch_1"]["top_genes"]) == 20 == len(res["groups"]["batch_1"]["top_genes_shift"])
-    assert res["components"] == list(COMPONENTS)
+    assert res["components"] == list(COMPONENTS + GROUP)
     genes = scored.obs["vae_coverage_genes"]
     assert (genes[~flag] == "").all() and (genes[flag] != "").all()
 
@@ -177,7 +178,7 @@ def test_new_batch_offset_and_widening_are_not_novelty():
 def test_labels_add_the_label_uncertainty_component(mapped):
     ref, query = mapped
     out = sv.tl.reference_coverage(query, reference=ref, labels_key="cell_type", copy=True, **FAST_COV)
-    assert out.uns["vae"]["coverage"]["components"] == list(COMPONENTS)  # reported, not combined by default
+    assert out.uns["vae"]["coverage"]["components"] == list(COMPONENTS + GROUP)  # reported, not combined
     u = out.obs["vae_label_uncertainty"].to_numpy()
     assert ((u >= 0) & (u < 1)).all() and np.isfinite(out.obs["vae_label_uncertainty_p"]).all()
 
@@ -220,9 +221,10 @@ def test_extra_evidence_enters_the_coverage_only_on_request(mapped, scored):
     assert (heavy < both).all()  # the shifted component weighs more
     assert abs((heavy_cal < 0.05).mean() - 0.05) < 0.02  # and the weighted sum is still calibrated
     out = sv.tl.reference_coverage(query, reference=ref, extra_evidence=True, copy=True, **FAST_COV)
-    assert out.uns["vae"]["coverage"]["components"] == list(COMPONENTS + LOCAL + EXTRA)
-    assert out.uns["vae"]["coverage"]["weights"] == {c: WEIGHTS.get(c, 1.0) for c in COMPONENTS + LOCAL + EXTRA}
-    for c in COMPONENTS + LOCAL + EXTRA:  # the components and their p-values do not depend on the option
+    assert out.uns["vae"]["coverage"]["components"] == list(COMPONENTS + GROUP + LOCAL + EXTRA)
+    every = COMPONENTS + GROUP + LOCAL + EXTRA
+    assert out.uns["vae"]["coverage"]["weights"] == {c: WEIGHTS.get(c, 1.0) for c in every}
+    for c in every:  # the components and their p-values do not depend on the option
         np.testing.assert_allclose(out.obs[f"vae_{c}_p"], scored.obs[f"vae_{c}_p"])
     assert not np.allclose(out.obs["vae_coverage"], scored.obs["vae_coverage"])
 
@@ -236,6 +238,22 @@ def test_neighbourhood_enters_the_coverage_with_enough_held_out_cells(mapped, sc
     assert "neighbourhood" not in scored.uns["vae"]["coverage"]["components"]
     monkeypatch.setattr(_coverage, "MIN_LOCAL_CALIBRATION", n_cal)
     out = sv.tl.reference_coverage(query, reference=ref, copy=True, **FAST_COV)
-    assert out.uns["vae"]["coverage"]["components"] == list(COMPONENTS + LOCAL)
+    assert out.uns["vae"]["coverage"]["components"] == list(COMPONENTS + GROUP + LOCAL)
     np.testing.assert_allclose(out.obs["vae_neighbourhood_p"], scored.obs["vae_neighbourhood_p"])
     assert not np.allclose(out.obs["vae_coverage"], scored.obs["vae_coverage"])
+
+
+def test_abundance_is_calibrated_and_sees_a_crowded_place():
+    rng = np.random.default_rng(0)
+    cal, query = rng.normal(size=(300, 3)), rng.normal(size=(1000, 3))  # the query 3.3x the held-out cells
+    z_cal, z = abundance(cal, query, 30, rng=rng)
+    assert z_cal.shape == (300,) and z.shape == (1000,)
+    p = tail_pvalue(z_cal, z)  # exchangeable sets: a query cell's value has the held-out cells' distribution
+    assert abs((p < 0.05).mean() - 0.05) < 0.025 and abs((p < 0.2).mean() - 0.2) < 0.05
+    crowd = np.vstack([query[:850], rng.normal(4.0, 0.3, size=(150, 3))])  # 15% of the query where no held-out cell is
+    z_cal, z = abundance(cal, crowd, 30, rng=rng)
+    p = tail_pvalue(z_cal, z)
+    assert (p[850:] < 0.05).mean() > 0.9 and (p[:850] < 0.05).mean() < 0.06
+    assert roc_auc_score(np.r_[np.zeros(850), np.ones(150)], z) > 0.97
+    z_cal, z = abundance(cal[:12], query[:5], 30, rng=rng)  # tiny sets: k capped, values finite
+    assert np.isfinite(z_cal).all() and np.isfinite(z).all()

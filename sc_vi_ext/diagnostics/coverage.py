@@ -39,11 +39,13 @@ from .trust import compare_to_reference
 
 COMPONENTS = ("model_miss", "programme", "latent_novelty", "encoder_miss")  # the default coverage's evidence
 LOCAL = ("neighbourhood",)  # in the coverage where enough held-out cells calibrate it
+GROUP = ("abundance",)  # in the coverage: where query cells crowd a place the reference has few cells
 EXTRA = ("latent_density",)  # reported; in the coverage only on request
 OPTIONAL = ("label_uncertainty",)  # with reference labels only; like EXTRA
 # Weights in Fisher's combination: the per-cell components all read the same residuals and move together,
-# the neighbourhood is one summary of many cells; it weighs as much as the four per-cell ones together
-WEIGHTS = {"neighbourhood": float(len(COMPONENTS))}
+# the neighbourhood and the abundance are each one summary of many cells; each weighs as much as the four
+# per-cell ones together
+WEIGHTS = {"neighbourhood": float(len(COMPONENTS)), "abundance": float(len(COMPONENTS))}
 TAIL = 0.1  # share of calibration cells whose exceedances fit the exponential tail
 MIN_SCALE = 1.0  # floor of a gene's residual scale: a deviance residual of a well-fitted gene has sd ~ 1
 

@@ -59,7 +59,19 @@ def reference_coverage(
     ``encoder_miss``
         log p(x, z*) - log p(x, mu): what refinement gains over the encoder (an encoder miss).
 
-    A fifth enters the coverage where the reference holds at least {min_local} held-out cells (fewer
+    One from the cells' places alone, always in the coverage:
+
+    ``abundance``
+        Query cells crowding a place where the reference has few cells (a differential
+        abundance test per cell, as Milo does per neighbourhood): at z*, in the joint graph of
+        the reference's held-out cells and as many query cells (the query split at random into
+        chunks of that size), the z-score of the kernel-weighted share of the cell's
+        ``n_local`` nearest cells (at most a third of the held-out cells) that are query cells.
+        Held-out and query cells are both new to the model, and with sets of equal size a
+        held-out cell's own share has the null distribution of a query cell's: a cell type the
+        reference lacks, even one that its residuals do not reveal.
+
+    A sixth enters the coverage where the reference holds at least {min_local} held-out cells (fewer
     cannot calibrate it: the statistic of a query's tight neighbourhoods then runs above that of
     the held-out cells' sparse ones, and too many covered cells are flagged):
 
@@ -81,15 +93,15 @@ def reference_coverage(
         ``n_neighbors`` nearest reference training cells.
 
     Each is compared with the reference's held-out cells of similar depth and turned into an
-    upper-tail p-value; Fisher's combination of those in the coverage (``neighbourhood``'s
-    -2 log p weighted {nb_weight}x, as much as the four per-cell components together: they read
-    the same residuals and move together) is calibrated on the same held-out cells, so
-    ``coverage`` is close to uniform on typical reference cells and ``coverage < alpha`` flags
-    about ``alpha`` of them. For a batch the reference never saw, the leftover batch effect of
-    the mapping is not counted as novelty: each gene's residual location is taken from the
-    batch's own cells, and each component loses the batch-wide offset and widening of its lower
-    quantiles (this assumes that most of a new batch is covered). See the documentation page
-    "Reference coverage" for what each part signals.
+    upper-tail p-value; Fisher's combination of those in the coverage (the -2 log p of
+    ``abundance`` and ``neighbourhood``, each one summary of many cells, weighted {nb_weight}x, as
+    much as the four per-cell components together: they read the same residuals and move
+    together) is calibrated on the same held-out cells, so ``coverage`` is close to uniform on
+    typical reference cells and ``coverage < alpha`` flags about ``alpha`` of them. For a batch
+    the reference never saw, the leftover batch effect of the mapping is not counted as novelty:
+    each gene's residual location is taken from the batch's own cells, and each component loses
+    the batch-wide offset and widening of its lower quantiles (this assumes that most of a new
+    batch is covered). See the documentation page "Reference coverage" for what each part signals.
 
     Parameters
     ----------
@@ -115,12 +127,12 @@ def reference_coverage(
     n_neighbors
         Reference training cells in the latent distance and the label uncertainty.
     n_local
-        Cells per neighbourhood in the ``neighbourhood`` component (and reference training cells
-        its residual excess is taken against).
+        Cells per neighbourhood in the ``neighbourhood`` and ``abundance`` components (and
+        reference training cells the residual excess is taken against).
     extra_evidence
         If True, ``latent_density``, ``neighbourhood`` (and ``label_uncertainty`` with
         ``labels_key``) also enter Fisher's combination; False (default): the coverage rests on
-        the four components above and ``neighbourhood`` where {min_local} or more held-out reference
+        the five components above and ``neighbourhood`` where {min_local} or more held-out reference
         cells calibrate it; the others are only reported.
     n_scale_cells
         Reference training cells (random) that set each gene's residual location and scale.
@@ -140,7 +152,7 @@ def reference_coverage(
         Boolean flag, ``coverage < alpha``.
     ``adata.obs[key + "_" + name]`` and ``[key + "_" + name + "_p"]``
         Each component (``model_miss``, ``programme``, ``latent_novelty``, ``encoder_miss``,
-        ``latent_density``, ``neighbourhood``, and ``label_uncertainty`` with ``labels_key``)
+        ``abundance``, ``latent_density``, ``neighbourhood``, and ``label_uncertainty`` with ``labels_key``)
         and its p-value against depth-matched reference held-out cells, whether or not it
         enters the coverage.
     ``adata.obs[key + "_neighbourhood_fdr"]``
@@ -190,12 +202,12 @@ def reference_coverage(
                               n_top_genes=n_top_genes, n_neighbors=n_neighbors, n_local=n_local,
                               n_scale_cells=n_scale_cells, max_steps=max_steps, batch_size=batch_size, rng=rng,
                               bar=bar)
-    reported = cov.COMPONENTS + cov.LOCAL + cov.EXTRA + (cov.OPTIONAL if labels_key is not None else ())
+    reported = cov.COMPONENTS + cov.GROUP + cov.LOCAL + cov.EXTRA + (cov.OPTIONAL if labels_key is not None else ())
     local = cov.LOCAL if val.sum() >= MIN_LOCAL_CALIBRATION else ()
     if not (local or extra_evidence):
         logg.info(f"    the neighbourhood evidence is reported but not combined: {int(val.sum())} held-out reference "
                   f"cells, {MIN_LOCAL_CALIBRATION} are needed to calibrate it")
-    components = reported if extra_evidence else cov.COMPONENTS + local  # those in the coverage
+    components = reported if extra_evidence else cov.COMPONENTS + cov.GROUP + local  # those in the coverage
     weights = {c: cov.WEIGHTS.get(c, 1.0) for c in components}
     stats = {c: ev[c] for c in reported}
     coverage, pvals, cal_cov = cov.combine({c: cal[c] for c in reported}, stats, cal["log_library"],

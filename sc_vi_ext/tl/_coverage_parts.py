@@ -90,6 +90,7 @@ def evidence(adata, reference, key, q_module, r_module, dev, *, val, labels_key,
     s2, t2 = loc.noise_variances(r_scale, pos_s, cal_variance, base_c, n_local)
     cal["neighbourhood"] = loc.neighbourhood_statistic(ex_c, loc.neighbourhoods(pos_c, n_local), base_c, s2, t2)
     ev["neighbourhood"] = loc.neighbourhood_statistic(ex_q, loc.neighbourhoods(pos_q, n_local), base_q, s2, t2)
+    cal["abundance"], ev["abundance"] = loc.abundance(pos_c, pos_q, n_local, rng=rng)
     # per cell, for the driving genes' z-scores: at least the noise of a deviance residual, so that a sparse
     # gene's compressed residuals do not outrank the shifted genes
     variance = np.maximum(cal_variance, cov.MIN_SCALE ** 2)
