@@ -180,9 +180,10 @@ def _own_share(positions: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
     pos = torch.as_tensor(np.asarray(positions, dtype=np.float32))
     n, n_own = len(pos), int(own.sum())
     d, idx = np.empty((n, k)), np.empty((n, k), dtype=np.int64)
-    for lo in range(0, n, _CHUNK):  # the nearest is the row itself
-        dk, ik = torch.topk(torch.cdist(pos[lo:lo + _CHUNK], pos), k + 1, dim=1, largest=False)
-        d[lo:lo + _CHUNK], idx[lo:lo + _CHUNK] = dk[:, 1:].numpy(), ik[:, 1:].numpy()
+    step = max(1, min(_CHUNK, 2 ** 25 // n))  # at most 128 MiB of distances at a time
+    for lo in range(0, n, step):  # the nearest is the row itself
+        dk, ik = torch.topk(torch.cdist(pos[lo:lo + step], pos), k + 1, dim=1, largest=False)
+        d[lo:lo + step], idx[lo:lo + step] = dk[:, 1:].numpy(), ik[:, 1:].numpy()
     w = np.exp(-((d / np.maximum(d[:, -1:], 1e-12)) ** 2))
     share = (w * (own[idx] == own[:, None])).sum(1) / w.sum(1)
     k_eff = w.sum(1) ** 2 / (w ** 2).sum(1)
