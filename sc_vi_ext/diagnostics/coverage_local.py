@@ -30,7 +30,8 @@ the same small shifts become a systematic, non-zero mean residual in the shifted
     cells the model was not trained on (its training cells sit apart from any new cell), and
     with the two sets of equal size the statistic of a held-out cell has the null distribution
     of a query cell's: a held-out cell's value calibrates it. The query is split at random into
-    chunks the size of the held-out set, one joint graph per chunk.
+    chunks the size of the held-out set (the held-out set, where the query is smaller), one joint
+    graph per chunk.
 """
 
 from __future__ import annotations
@@ -181,9 +182,12 @@ def _own_share(positions: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
     n, n_own = len(pos), int(own.sum())
     d, idx = np.empty((n, k)), np.empty((n, k), dtype=np.int64)
     step = max(1, min(_CHUNK, 2 ** 25 // n))  # at most 128 MiB of distances at a time
-    for lo in range(0, n, step):  # the nearest is the row itself
-        dk, ik = torch.topk(torch.cdist(pos[lo:lo + step], pos), k + 1, dim=1, largest=False)
-        d[lo:lo + step], idx[lo:lo + step] = dk[:, 1:].numpy(), ik[:, 1:].numpy()
+    for lo in range(0, n, step):
+        dist = torch.cdist(pos[lo:lo + step], pos)
+        rows = torch.arange(len(dist))
+        dist[rows, rows + lo] = float("inf")  # a row is not its own neighbour, even where points coincide
+        dk, ik = torch.topk(dist, k, dim=1, largest=False)
+        d[lo:lo + step], idx[lo:lo + step] = dk.numpy(), ik.numpy()
     w = np.exp(-((d / np.maximum(d[:, -1:], 1e-12)) ** 2))
     share = (w * (own[idx] == own[:, None])).sum(1) / w.sum(1)
     k_eff = w.sum(1) ** 2 / (w ** 2).sum(1)
@@ -195,22 +199,25 @@ def abundance(cal_positions: np.ndarray, positions: np.ndarray, n_neighbors: int
               rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Return the ``abundance`` statistic (module docstring) of the calibration cells and of the query cells.
 
-    ``cal_positions``: the held-out reference cells; ``positions``: the query cells. The query is
-    split at random into chunks of about the calibration set's size; in each, the joint graph of
-    the calibration cells and the chunk gives the chunk's cells their values. Each calibration
-    cell keeps its value from one of the graphs (in turn), a draw from the same null.
-    Returns (calibration values, query values); ``n_neighbors`` is capped at a third of the
-    calibration cells.
+    ``cal_positions``: the held-out reference cells; ``positions``: the query cells. The larger
+    of the two sets is split at random into chunks of about the smaller one's size; each chunk
+    and the whole smaller set make one joint graph, which gives the chunk's cells their values.
+    Each cell of the smaller set keeps its value from one of the graphs (in turn), a draw from
+    the same null. Returns (calibration values, query values); ``n_neighbors`` is capped at a
+    third of the smaller set.
     """
-    n_cal = len(cal_positions)
-    k = max(1, min(n_neighbors, n_cal // 3))
-    chunks = np.array_split(rng.permutation(len(positions)), max(1, round(len(positions) / n_cal)))
-    out, cal = np.empty(len(positions)), np.empty((len(chunks), n_cal))
+    sets = [np.asarray(cal_positions), np.asarray(positions)]
+    small = int(len(sets[1]) < len(sets[0]))  # 0: the calibration set is the smaller one
+    few, many = sets[small], sets[1 - small]
+    k = max(1, min(n_neighbors, len(few) // 3))
+    chunks = np.array_split(rng.permutation(len(many)), max(1, round(len(many) / len(few))))
+    out_many, out_few = np.empty(len(many)), np.empty((len(chunks), len(few)))
     for j, rows in enumerate(chunks):
-        own = np.r_[np.zeros(n_cal, bool), np.ones(len(rows), bool)]
-        z = _own_share(np.vstack([cal_positions, positions[rows]]), own, min(k, len(own) - 1))
-        cal[j], out[rows] = z[:n_cal], z[n_cal:]
-    return cal[np.arange(n_cal) % len(chunks), np.arange(n_cal)], out
+        own = np.r_[np.zeros(len(few), bool), np.ones(len(rows), bool)]
+        z = _own_share(np.vstack([few, many[rows]]), own, min(k, len(own) - 1))
+        out_few[j], out_many[rows] = z[:len(few)], z[len(few):]
+    out_few = out_few[np.arange(len(few)) % len(chunks), np.arange(len(few))]
+    return (out_few, out_many) if small == 0 else (out_many, out_few)
 
 
 def bh_adjust(p: np.ndarray) -> np.ndarray:

@@ -44,8 +44,8 @@ def reference_coverage(
 ) -> AnnData | None:
     """Score how well the reference model explains each cell; flag the cells it does not cover.
 
-    Run after :func:`vae_map` (or on the reference itself). Four pieces of evidence per cell,
-    each from the reference's generative model at the cell's own best latent point z* (the
+    Run after :func:`vae_map` (or on the reference itself). Four pieces of evidence per cell come
+    from the reference's generative model at the cell's own best latent point z* (the
     maximum of log p(x | z) + log p(z) from the encoder's mean, decoder frozen):
 
     ``model_miss``
@@ -65,8 +65,9 @@ def reference_coverage(
         Query cells crowding a place where the reference has few cells (a differential
         abundance test per cell, as Milo does per neighbourhood): at z*, in the joint graph of
         the reference's held-out cells and as many query cells (the query split at random into
-        chunks of that size), the z-score of the kernel-weighted share of the cell's
-        ``n_local`` nearest cells (at most a third of the held-out cells) that are query cells.
+        chunks of that size, or the held-out cells where the query is smaller), the z-score of
+        the kernel-weighted share of the cell's ``n_local`` nearest cells (at most a third of the
+        smaller set) that come from its own set.
         Held-out and query cells are both new to the model, and with sets of equal size a
         held-out cell's own share has the null distribution of a query cell's: a cell type the
         reference lacks, even one that its residuals do not reveal.
