@@ -104,8 +104,8 @@ def run_case(name: str, quick: bool) -> list[dict]:
         genes = res["groups"][case["group"]].get("top_genes", [])[:20]
         top["driving_gene_precision"] = float(np.isin(genes, case["shifted"]).mean()) if genes else 0.0
     rows = [{**common, "score": "reference_coverage", **top}]
-    for c in COMPONENTS + GROUP + LOCAL + EXTRA + OPTIONAL:  # all reported; the default combines COMPONENTS,
-        # GROUP (+ LOCAL)
+    # all reported; the default combines COMPONENTS and GROUP (+ LOCAL)
+    for c in COMPONENTS + GROUP + LOCAL + EXTRA + OPTIONAL:
         rows.append({**common, "score": f"  component: {c}", "auroc": roc_auc_score(altered, query.obs[f"vae_{c}"])})
     for b, (s_q, s_val) in baselines(ref, query, label).items():
         f = s_q > np.quantile(s_val, 0.95)

@@ -45,7 +45,8 @@ OPTIONAL = ("label_uncertainty",)  # with reference labels only; like EXTRA
 # Weights in Fisher's combination: the per-cell components all read the same residuals and move together,
 # the neighbourhood and the abundance are each one summary of many cells; each weighs as much as the four
 # per-cell ones together
-WEIGHTS = {"neighbourhood": float(len(COMPONENTS)), "abundance": float(len(COMPONENTS))}
+SUMMARY_WEIGHT = float(len(COMPONENTS))
+WEIGHTS = dict.fromkeys(GROUP + LOCAL, SUMMARY_WEIGHT)
 TAIL = 0.1  # share of calibration cells whose exceedances fit the exponential tail
 MIN_SCALE = 1.0  # floor of a gene's residual scale: a deviance residual of a well-fitted gene has sd ~ 1
 

@@ -40,25 +40,34 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-_CHUNK = 2048
+_CHUNK = 2048  # rows of cells per distance block
+_MAX_BLOCK = 2 ** 25  # entries per distance block (128 MiB of float32)
 
 
-def nearest(reference: np.ndarray, cells: np.ndarray, k: int, *, exclude: np.ndarray | None = None) -> np.ndarray:
+def nearest(reference: np.ndarray, cells: np.ndarray, k: int, *, exclude: np.ndarray | None = None,
+            return_distances: bool = False):
     """Return the indices (cells, k) of the ``k`` nearest rows of ``reference`` to each row of ``cells`` (Euclidean).
 
     ``exclude``: per cell, a row of ``reference`` to leave out (the cell itself), or -1.
+    ``return_distances``: also return their distances, (distances, indices). The distances are
+    computed in blocks of rows of at most ``_MAX_BLOCK`` entries.
     """
     ref = torch.as_tensor(np.asarray(reference, dtype=np.float32))
     k = min(k, len(ref) - (exclude is not None and bool((exclude >= 0).any())))
     out = np.empty((len(cells), k), dtype=np.int64)
-    for lo in range(0, len(cells), _CHUNK):
-        d = torch.cdist(torch.as_tensor(np.asarray(cells[lo:lo + _CHUNK], dtype=np.float32)), ref)
+    dist = np.empty((len(cells), k)) if return_distances else None
+    step = max(1, min(_CHUNK, _MAX_BLOCK // max(len(ref), 1)))
+    for lo in range(0, len(cells), step):
+        d = torch.cdist(torch.as_tensor(np.asarray(cells[lo:lo + step], dtype=np.float32)), ref)
         if exclude is not None:
-            e = torch.as_tensor(exclude[lo:lo + _CHUNK])
+            e = torch.as_tensor(exclude[lo:lo + step])
             rows = torch.nonzero(e >= 0).flatten()
             d[rows, e[rows]] = float("inf")
-        out[lo:lo + _CHUNK] = torch.topk(d, k, dim=1, largest=False).indices.numpy()
-    return out
+        top = torch.topk(d, k, dim=1, largest=False)
+        out[lo:lo + step] = top.indices.numpy()
+        if dist is not None:
+            dist[lo:lo + step] = top.values.numpy()
+    return (dist, out) if return_distances else out
 
 
 def baseline(positions: np.ndarray, ref_positions: np.ndarray, n_baseline: int, *,
@@ -178,16 +187,9 @@ def _own_share(positions: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
     share of the other rows in the own set, its variance that of a mean of k_eff = (sum w)^2 / sum w^2
     independent draws.
     """
-    pos = torch.as_tensor(np.asarray(positions, dtype=np.float32))
-    n, n_own = len(pos), int(own.sum())
-    d, idx = np.empty((n, k)), np.empty((n, k), dtype=np.int64)
-    step = max(1, min(_CHUNK, 2 ** 25 // n))  # at most 128 MiB of distances at a time
-    for lo in range(0, n, step):
-        dist = torch.cdist(pos[lo:lo + step], pos)
-        rows = torch.arange(len(dist))
-        dist[rows, rows + lo] = float("inf")  # a row is not its own neighbour, even where points coincide
-        dk, ik = torch.topk(dist, k, dim=1, largest=False)
-        d[lo:lo + step], idx[lo:lo + step] = dk.numpy(), ik.numpy()
+    n, n_own = len(positions), int(own.sum())
+    # a row is not its own neighbour, even where points coincide
+    d, idx = nearest(positions, positions, k, exclude=np.arange(n), return_distances=True)
     w = np.exp(-((d / np.maximum(d[:, -1:], 1e-12)) ** 2))
     share = (w * (own[idx] == own[:, None])).sum(1) / w.sum(1)
     k_eff = w.sum(1) ** 2 / (w ** 2).sum(1)

@@ -19,7 +19,7 @@ FEW_CALIBRATION_CELLS = 100  # below this, the coverage's tail is coarse: said i
 MIN_LOCAL_CALIBRATION = 500  # held-out cells the neighbourhood evidence needs to be calibrated (see docs/coverage.md)
 
 
-@doc_params(min_local=str(MIN_LOCAL_CALIBRATION), nb_weight=f"{cov.WEIGHTS['neighbourhood']:g}")
+@doc_params(min_local=str(MIN_LOCAL_CALIBRATION), nb_weight=f"{cov.SUMMARY_WEIGHT:g}")
 @cpu_threads
 def reference_coverage(
     adata: AnnData,
