@@ -262,3 +262,29 @@ def test_abundance_is_calibrated_and_sees_a_crowded_place():
     assert np.isfinite(z).all() and np.median(z) < 0  # each query cell's twin is a held-out cell
     z_cal, z = abundance(cal[:12], query[:5], 30, rng=rng)  # tiny sets: k capped, values finite
     assert np.isfinite(z_cal).all() and np.isfinite(z).all()
+
+
+def test_group_test_flags_the_novel_group(mapped, scored):
+    ref, query = mapped
+    out = sv.tl.reference_coverage(query, reference=ref, groupby="cell_type", copy=True, **FAST_COV)
+    res = out.uns["vae"]["coverage"]
+    assert res["groups_shifted"] == ["type_3"]
+    groups = out.obs["cell_type"].astype(str)
+    for g, r in res["groups"].items():
+        assert {"shift_statistic", "shift_pvalue", "shift_fdr", "shift_score", "n_controls"} <= set(r)
+        assert len(r["shift_genes"]) == len(r["shift_genes_z"]) == 20
+        np.testing.assert_allclose(out.obs["vae_group_shift"][groups == g], r["shift_score"])
+    assert (out.obs["vae_group_shifted"] == (groups == "type_3")).all()
+    markers = set(out.var_names[out.var["marker_of"] == "type_3"])
+    assert len(set(res["groups"]["type_3"]["shift_genes"][:10]) & markers) >= 5
+    np.testing.assert_allclose(out.obs["vae_coverage"], scored.obs["vae_coverage"])  # the per-cell values unchanged
+    # the default groups (the batch): one group, too few to score
+    assert np.isnan(scored.obs["vae_group_shift"]).all() and not scored.obs["vae_group_shifted"].any()
+    _, ax = plt.subplots()  # the plot names the shifted group on its bar
+    sv.pl.reference_coverage(out, ax=ax)
+    assert sum("the group is shifted" in t.get_text() for t in ax.texts) == 1
+    plt.close("all")
+    own = sv.tl.reference_coverage(ref, reference=ref, groupby="cell_type", copy=True, **FAST_COV)
+    tested = own.uns["vae"]["coverage"]["groups"]  # the reference's three types: tested, too few to score
+    assert all(r["n_controls"] > 0 and np.isnan(r["shift_score"]) for r in tested.values()) and len(tested) == 3
+    assert own.uns["vae"]["coverage"]["groups_shifted"] == []

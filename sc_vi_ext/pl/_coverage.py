@@ -23,24 +23,27 @@ def _coverage_results(adata: AnnData, key: str) -> dict:
     return uns["coverage"]
 
 
-def _shares(ax, adata: AnnData, key: str, groupby: str | None, alpha: float) -> None:
-    """Per group, the share of its cells uncovered, against the reference's expected share ``alpha``."""
+def _shares(ax, adata: AnnData, key: str, groupby: str | None, alpha: float, shifted: set[str]) -> None:
+    """Per group, the share of its cells uncovered, against the reference's expected share ``alpha``.
+
+    ``shifted``: the groups the group test flagged (named on their bar, red like a missed group).
+    """
     flag = adata.obs[f"{key}_uncovered"].to_numpy().astype(bool)
     groups = (pd.Series(np.asarray(adata.obs[groupby].astype(str)), index=adata.obs_names) if groupby
               else pd.Series("all cells", index=adata.obs_names))
     share = pd.Series(flag, index=adata.obs_names).groupby(groups.to_numpy()).agg(["mean", "size"])
     share = share.sort_values("mean")
     y = np.arange(len(share))
-    colors = np.where(share["mean"] > 5 * alpha, "#c44e52", "#8c8c8c")
-    ax.barh(y, 100 * share["mean"], color=colors)
-    for yi, (m, n) in zip(y, share.itertuples(index=False), strict=True):
-        ax.text(100 * m, yi, f"  {100 * m:.0f}% of {n}", va="center", fontsize="small")
+    missed = [str(g) for g, m in share["mean"].items() if m > 5 * alpha or str(g) in shifted]
+    ax.barh(y, 100 * share["mean"], color=np.where(share.index.isin(missed), "#c44e52", "#8c8c8c"))
+    for yi, (g, m, n) in zip(y, share.itertuples(), strict=True):
+        note = "; the group is shifted" if str(g) in shifted else ""
+        ax.text(100 * m, yi, f"  {100 * m:.0f}% of {n}{note}", va="center", fontsize="small")
     ax.axvline(100 * alpha, color="k", ls="--", lw=0.8, label=f"expected for covered cells ({100 * alpha:g}%)")
     ax.set_yticks(y, share.index, fontsize="small")
     ax.set_xlim(0, 118)
     ax.set_xlabel("cells uncovered (%)")
     ax.legend(loc="lower right", fontsize="small", frameon=False)
-    missed = [str(g) for g, m in share["mean"].items() if m > 5 * alpha]
     title = (f"The reference does not cover: {', '.join(missed[::-1][:3])}" if missed
              else "The reference covers every group")
     ax.set_title(title, fontsize="medium", loc="left")
@@ -62,7 +65,8 @@ def reference_coverage(
 
     Left, the embedding ``obsm["X_" + basis]`` coloured by ``obs[key + "_coverage"]`` (dark: the
     reference does not explain the cell); right, per group the share of cells flagged uncovered,
-    red where it exceeds five times the share expected of covered cells (the threshold alpha).
+    red where it exceeds five times the share expected of covered cells (the threshold alpha) or
+    where the tool's group test flagged the group (with ``groupby`` the tool's, its bar says so).
     With ``ax`` given, only the per-group panel is drawn into it.
 
     Parameters
@@ -86,8 +90,9 @@ def reference_coverage(
     if groupby is not None and groupby not in adata.obs:
         raise KeyError(f"groupby {groupby!r} is not a column of adata.obs.")
     alpha = float(res["threshold"])
+    shifted = set(res.get("groups_shifted", [])) if groupby == (res.get("groupby") or None) else set()
     if ax is not None:
-        _shares(ax, adata, key, groupby, alpha)
+        _shares(ax, adata, key, groupby, alpha, shifted)
         return finish(ax.figure, ax, show=show, return_fig=return_fig, ax_given=True)
     if f"X_{basis}" not in adata.obsm:
         raise KeyError(f"adata.obsm['X_{basis}'] not found; compute the embedding first, e.g. "
@@ -95,6 +100,6 @@ def reference_coverage(
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.1, 1]})
     opts = {"cmap": "magma", "vmin": 0, "vmax": 1, "title": "reference coverage (low: not explained)", **kwargs}
     sc.pl.embedding(adata, basis=basis, color=f"{key}_coverage", ax=axes[0], show=False, **opts)
-    _shares(axes[1], adata, key, groupby, alpha)
+    _shares(axes[1], adata, key, groupby, alpha, shifted)
     fig.tight_layout()
     return finish(fig, list(axes), show=show, return_fig=return_fig, ax_given=False)

@@ -10,16 +10,18 @@ from scanpy import logging as logg
 from .._docs import doc_params
 from .._progress import tqdm
 from ..diagnostics import coverage as cov
+from ..diagnostics import coverage_groups as groups_test
 from ..diagnostics.coverage_local import bh_adjust
 from ..threads import cpu_threads
-from ._coverage_parts import checked_inputs, evidence, merge_into_trust, summaries
+from ._coverage_parts import checked_inputs, evidence, log_group_test, merge_into_trust, summaries
 from ._utils import stored_model
 
 FEW_CALIBRATION_CELLS = 100  # below this, the coverage's tail is coarse: said in the log
 MIN_LOCAL_CALIBRATION = 500  # held-out cells the neighbourhood evidence needs to be calibrated (see docs/coverage.md)
 
 
-@doc_params(min_local=str(MIN_LOCAL_CALIBRATION), nb_weight=f"{cov.SUMMARY_WEIGHT:g}")
+@doc_params(min_local=str(MIN_LOCAL_CALIBRATION), nb_weight=f"{cov.SUMMARY_WEIGHT:g}",
+            min_group=str(groups_test.MIN_CELLS), min_groups=str(groups_test.MIN_GROUPS))
 @cpu_threads
 def reference_coverage(
     adata: AnnData,
@@ -104,6 +106,15 @@ def reference_coverage(
     the batch-wide offset and widening of its lower quantiles (this assumes that most of a new
     batch is covered). See the documentation page "Reference coverage" for what each part signals.
 
+    Per group of ``groupby`` (clusters or transferred labels) with at least {min_group} query cells, a
+    group test where single cells cannot carry the signal (a new state of a known type): the
+    group's mean residual excess against that of its matched controls, the reference's held-out
+    cells nearest to its cells at z*, as a mean squared z-score over genes; its permutation
+    p-value (cells and controls exchanged), Benjamini-Hochberg adjusted over the groups; and a
+    robust z-score of the statistic among the query's groups (at least {min_groups} of them), since a
+    batch the reference never saw shifts every group a little. A group is flagged where both the
+    adjusted p-value and the score's normal tail are below ``alpha``.
+
     Parameters
     ----------
     {adata}
@@ -117,8 +128,8 @@ def reference_coverage(
         (0.05 at most keeps the false flags at 5%; lower it for fewer false flags and fewer
         novel cells caught).
     groupby
-        Column of ``adata.obs`` for the group summaries and their driving genes; None: the
-        reference's ``batch_key`` when it has one, else all cells together.
+        Column of ``adata.obs`` for the group summaries, their driving genes and the group test;
+        None: the reference's ``batch_key`` when it has one, else all cells together.
     labels_key
         Column of ``reference.obs`` with cell labels; given, ``label_uncertainty`` is computed.
     n_top_genes
@@ -158,6 +169,9 @@ def reference_coverage(
         enters the coverage.
     ``adata.obs[key + "_neighbourhood_fdr"]``
         Benjamini-Hochberg adjustment of the ``neighbourhood`` p-values over the query's cells.
+    ``adata.obs[key + "_group_shift"]``, ``[key + "_group_shifted"]``
+        The group test per cell: its group's robust score (NaN for a group not tested or not
+        scored) and whether its group is flagged.
     ``adata.obs[key + "_coverage_genes"]``
         For uncovered cells, their ``n_top_genes`` driving genes, comma-separated ("" otherwise).
     ``adata.obs[key + "_trust"]``, ``[key + "_untrusted"]``
@@ -172,7 +186,11 @@ def reference_coverage(
         ``n_uncovered`` and, where it has uncovered cells, ``top_genes`` (the ``n_group_genes``
         genes whose mean residual excess over its uncovered cells is largest in size) and
         ``top_genes_shift`` (their standardised shifts: mean excess over its standard error, each
-        gene's per-cell sd taken as at least 1, a deviance residual's noise), and ``top_genes``:
+        gene's per-cell sd taken as at least 1, a deviance residual's noise); where the group was
+        tested, ``shift_statistic``, ``shift_pvalue``, ``shift_fdr``, ``shift_score``,
+        ``shift_flagged``, ``n_controls``, and ``shift_genes`` / ``shift_genes_z`` (the
+        ``n_group_genes`` genes whose difference from the controls is largest in size, and its
+        z-scores); ``groups_shifted``: the flagged groups; and ``top_genes``:
         a DataFrame of the uncovered cells' driving genes, a row per cell, largest first.
     """
     params = {k: v for k, v in locals().items() if k not in ("adata", "reference", "copy")}
@@ -216,6 +234,11 @@ def reference_coverage(
                                            weights=weights)
     top_genes, top_scores = extra["top_genes"], extra["top_scores"]
     flag = coverage < alpha
+    shifts = groups_test.group_shifts(groups, extra["excess"], extra["positions"], extra["cal_excess"],
+                                      extra["cal_positions"], extra["variance"], alpha=alpha, rng=rng,
+                                      in_calibration=extra["in_calibration"])
+    group_score = pd.Series({g: r["shift_score"] for g, r in shifts.items()}, dtype=float)
+    shifted = [g for g, r in shifts.items() if r["shift_flagged"]]
     genes = np.asarray(reference.uns[key]["var_names"]).astype(str)
     adata.obs[f"{key}_coverage"] = coverage
     adata.obs[f"{key}_uncovered"] = flag
@@ -223,6 +246,8 @@ def reference_coverage(
         adata.obs[f"{key}_{c}"] = stats[c]
         adata.obs[f"{key}_{c}_p"] = pvals[c]
     adata.obs[f"{key}_neighbourhood_fdr"] = bh_adjust(pvals["neighbourhood"])
+    adata.obs[f"{key}_group_shift"] = group_score.reindex(groups).to_numpy()
+    adata.obs[f"{key}_group_shifted"] = np.isin(groups, shifted)
     adata.obs[f"{key}_coverage_genes"] = np.where(flag, [",".join(genes[i]) for i in top_genes], "")
     top = pd.DataFrame(genes[top_genes[flag]], index=adata.obs_names[flag],
                        columns=[f"gene_{i + 1}" for i in range(top_genes.shape[1])])
@@ -234,7 +259,8 @@ def reference_coverage(
         "components": list(components),
         "weights": weights,
         "frac_uncovered": float(flag.mean()),
-        "groups": summaries(coverage, flag, groups, genes, extra["excess"], extra["variance"], n_group_genes),
+        "groups": summaries(coverage, flag, groups, genes, extra["excess"], extra["variance"], n_group_genes, shifts),
+        "groups_shifted": shifted,
         "top_genes": top,
     }
     merged = merge_into_trust(adata, key)
@@ -242,7 +268,9 @@ def reference_coverage(
     bar.set_postfix_str(text, refresh=True)
     bar.close()
     logg.info(f"    {text}; {100 * (cal_cov < alpha).mean():.1f}% of {int(val.sum())} held-out reference cells")
+    log_group_test(shifts, shifted, groups, groupby)
     logg.info("    finished", time=start, deep=f"added\n    '{key}_coverage', '{key}_uncovered', the components "
-              f"and their p-values (adata.obs)\n    'coverage' (adata.uns['{key}'])"
+              f"and their p-values, '{key}_group_shift', '{key}_group_shifted' (adata.obs)\n"
+              f"    'coverage' (adata.uns['{key}'])"
               + (f"\n    updated '{key}_trust', '{key}_untrusted' with the coverage" if merged else ""))
     return adata if copy else None

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+from scanpy import logging as logg
 
 from ..diagnostics import coverage as cov
 from ..diagnostics import coverage_local as loc
+from ..diagnostics.coverage_groups import MIN_CELLS, MIN_GROUPS
 from ..inputs import batch_codes_as
 from ..model_store import held_out_mask, stored_loader
 
@@ -54,7 +56,8 @@ def evidence(adata, reference, key, q_module, r_module, dev, *, val, labels_key,
     """Every component on the calibration (held-out) cells and on the query; see ``reference_coverage``.
 
     Returns (calibration components, query components, query extras): the extras hold the local
-    excess, the per-gene variance, the programme's genes and z-scores and the new-batch groups.
+    excess and z* positions of the query and of the calibration cells, the per-gene variance, the
+    programme's genes and z-scores, the new-batch groups and each query cell's calibration row (or -1).
     """
     train_idx, val_idx = np.flatnonzero(~val), np.flatnonzero(val)
     scale_idx = np.sort(rng.choice(train_idx, min(n_scale_cells, len(train_idx)), replace=False))
@@ -109,8 +112,9 @@ def evidence(adata, reference, key, q_module, r_module, dev, *, val, labels_key,
                                                          n_neighbors=n_neighbors)
         ev["label_uncertainty"] = loc.label_uncertainty(ref_lat[train_idx], labels, q_lat, n_neighbors=n_neighbors,
                                                         exclude=in_train)
-    extras = {"excess": ex_q, "variance": variance, "top_genes": top_genes, "top_scores": top_scores,
-              "new_batch": new_batch, "n_scale_cells": len(scale_idx)}
+    extras = {"excess": ex_q, "cal_excess": ex_c, "positions": pos_q, "cal_positions": pos_c, "variance": variance,
+              "in_calibration": self_rows(adata, reference, key, val_idx), "top_genes": top_genes,
+              "top_scores": top_scores, "new_batch": new_batch, "n_scale_cells": len(scale_idx)}
     return cal, ev, extras
 
 
@@ -134,8 +138,11 @@ def batch_centers(adata, key, residuals, ref_center, n_ref_batches, n_cells, rng
     return center, np.where(codes >= n_ref_batches, codes, -1)
 
 
-def summaries(coverage, flag, groups, genes, excess, variance, n_report):
-    """Per group: cells, median coverage, share uncovered and the genes whose shift drives its uncovered cells."""
+def summaries(coverage, flag, groups, genes, excess, variance, n_report, shifts):
+    """Per group: cells, median coverage, share uncovered, the drivers of its uncovered cells, its group test.
+
+    ``shifts``: :func:`~sc_vi_ext.diagnostics.coverage_groups.group_shifts`'s result, for the tested groups.
+    """
     out = {}
     for g in pd.unique(groups):
         m = np.asarray(groups == g)
@@ -146,8 +153,27 @@ def summaries(coverage, flag, groups, genes, excess, variance, n_report):
             best, z = loc.shifted_genes(excess[u], variance, n_report)
             rec["top_genes"] = [str(genes[i]) for i in best]
             rec["top_genes_shift"] = [float(v) for v in z]
+        if str(g) in shifts:
+            test = dict(shifts[str(g)])
+            z = test.pop("shift_z")
+            best = np.argsort(-np.abs(z), kind="stable")[:n_report]
+            rec.update(test, shift_genes=[str(genes[i]) for i in best], shift_genes_z=[float(z[i]) for i in best])
         out[str(g)] = rec
     return out
+
+
+def log_group_test(shifts: dict, shifted: list, groups: np.ndarray, groupby: str | None) -> None:
+    """Say which groups the group test flagged, and which it could not test."""
+    untested = sorted(set(groups.tolist()) - set(shifts))
+    if len(shifts) < MIN_GROUPS:
+        logg.info(f"    group test: {len(shifts)} groups of at least {MIN_CELLS} cells"
+                  + (f" in {groupby!r}" if groupby else "") + f", {MIN_GROUPS} are needed to score and flag them"
+                  + ("" if groupby else "; pass groupby (clusters or labels) to test groups"))
+    else:
+        logg.info(f"    group test: {len(shifted)} of {len(shifts)} groups shifted from the reference"
+                  + (f" ({', '.join(shifted)})" if shifted else ""))
+    if untested and shifts:
+        logg.info(f"    {len(untested)} groups with fewer than {MIN_CELLS} cells not tested (group shift NaN)")
 
 
 def merge_into_trust(adata: AnnData, key: str) -> bool:
