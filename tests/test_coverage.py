@@ -282,9 +282,18 @@ def test_group_test_flags_the_novel_group(mapped, scored):
     assert np.isnan(scored.obs["vae_group_shift"]).all() and not scored.obs["vae_group_shifted"].any()
     _, ax = plt.subplots()  # the plot names the shifted group on its bar
     sv.pl.reference_coverage(out, ax=ax)
-    assert sum("the group is shifted" in t.get_text() for t in ax.texts) == 1
+    assert sum("group shifted" in t.get_text() for t in ax.texts) == 1
     plt.close("all")
+    # the reference on itself: every cell is a reference cell, so no group is tested
     own = sv.tl.reference_coverage(ref, reference=ref, groupby="cell_type", copy=True, **FAST_COV)
-    tested = own.uns["vae"]["coverage"]["groups"]  # the reference's three types: tested, too few to score
-    assert all(r["n_controls"] > 0 and np.isnan(r["shift_score"]) for r in tested.values()) and len(tested) == 3
-    assert own.uns["vae"]["coverage"]["groups_shifted"] == []
+    assert not any("shift_statistic" in r for r in own.uns["vae"]["coverage"]["groups"].values())
+    assert own.uns["vae"]["coverage"]["groups_shifted"] == [] and np.isnan(own.obs["vae_group_shift"]).all()
+    # cells without a group are in none; the other cells of their type are still tested
+    q = query.copy()
+    q.obs["cell_type"] = q.obs["cell_type"].astype(object)
+    q.obs.loc[q.obs_names[(q.obs["cell_type"] == "type_3").to_numpy()][:5], "cell_type"] = np.nan
+    part = sv.tl.reference_coverage(q, reference=ref, groupby="cell_type", copy=True, **FAST_COV)
+    unlabelled = part.obs["cell_type"].isna().to_numpy()
+    assert not part.obs["vae_group_shifted"].to_numpy()[unlabelled].any()
+    assert np.isnan(part.obs["vae_group_shift"].to_numpy()[unlabelled]).all()
+    assert part.uns["vae"]["coverage"]["groups_shifted"] == ["type_3"]

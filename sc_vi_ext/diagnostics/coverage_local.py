@@ -140,8 +140,13 @@ def neighbourhood_statistic(excess: np.ndarray, averaging: sp.csr_matrix, base: 
 def shifted_genes(excess: np.ndarray, variance: np.ndarray, n_genes: int) -> tuple[np.ndarray, np.ndarray]:
     """Return the ``n_genes`` genes whose mean excess over these cells is largest in size, and their z-scores."""
     z = excess.mean(0) / np.sqrt(variance / max(len(excess), 1))
-    best = np.argsort(-np.abs(z), kind="stable")[:n_genes]
+    best = top_by_size(z, n_genes)
     return best, z[best]
+
+
+def top_by_size(z: np.ndarray, n: int) -> np.ndarray:
+    """Return the indices of the ``n`` entries of ``z`` largest in size, largest first (ties: the first index)."""
+    return np.argsort(-np.abs(z), kind="stable")[:n]
 
 
 @torch.no_grad()

@@ -34,18 +34,20 @@ def _shares(ax, adata: AnnData, key: str, groupby: str | None, alpha: float, shi
     share = pd.Series(flag, index=adata.obs_names).groupby(groups.to_numpy()).agg(["mean", "size"])
     share = share.sort_values("mean")
     y = np.arange(len(share))
-    missed = [str(g) for g, m in share["mean"].items() if m > 5 * alpha or str(g) in shifted]
-    ax.barh(y, 100 * share["mean"], color=np.where(share.index.isin(missed), "#c44e52", "#8c8c8c"))
+    missed = [str(g) for g, m in share["mean"].items() if m > 5 * alpha]
+    moved = [str(g) for g in share.index[::-1] if str(g) in shifted and str(g) not in missed]
+    ax.barh(y, 100 * share["mean"], color=np.where(share.index.isin(missed + moved), "#c44e52", "#8c8c8c"))
     for yi, (g, m, n) in zip(y, share.itertuples(), strict=True):
-        note = "; the group is shifted" if str(g) in shifted else ""
+        note = "; group shifted" if str(g) in shifted else ""
         ax.text(100 * m, yi, f"  {100 * m:.0f}% of {n}{note}", va="center", fontsize="small")
     ax.axvline(100 * alpha, color="k", ls="--", lw=0.8, label=f"expected for covered cells ({100 * alpha:g}%)")
     ax.set_yticks(y, share.index, fontsize="small")
-    ax.set_xlim(0, 118)
+    ax.set_xlim(0, 118 + 22 * bool(shifted))  # room for the longer labels
     ax.set_xlabel("cells uncovered (%)")
     ax.legend(loc="lower right", fontsize="small", frameon=False)
-    title = (f"The reference does not cover: {', '.join(missed[::-1][:3])}" if missed
-             else "The reference covers every group")
+    parts = ([f"does not cover: {', '.join(missed[::-1][:3])}"] if missed else []) + \
+        ([f"shifted: {', '.join(moved[:3])}"] if moved else [])
+    title = "The reference " + "; ".join(parts) if parts else "The reference covers every group"
     ax.set_title(title, fontsize="medium", loc="left")
 
 

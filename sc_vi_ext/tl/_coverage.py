@@ -106,14 +106,15 @@ def reference_coverage(
     the batch-wide offset and widening of its lower quantiles (this assumes that most of a new
     batch is covered). See the documentation page "Reference coverage" for what each part signals.
 
-    Per group of ``groupby`` (clusters or transferred labels) with at least {min_group} query cells, a
-    group test where single cells cannot carry the signal (a new state of a known type): the
-    group's mean residual excess against that of its matched controls, the reference's held-out
-    cells nearest to its cells at z*, as a mean squared z-score over genes; its permutation
-    p-value (cells and controls exchanged), Benjamini-Hochberg adjusted over the groups; and a
-    robust z-score of the statistic among the query's groups (at least {min_groups} of them), since a
-    batch the reference never saw shifts every group a little. A group is flagged where both the
-    adjusted p-value and the score's normal tail are below ``alpha``.
+    With ``groupby`` given, a group test per group of at least {min_group} query cells (cells that are
+    reference cells, or have no group, are in none), where single cells cannot carry the signal
+    (a new state of a known type): the group's mean residual excess against that of its matched
+    controls, the reference's held-out cells nearest to its cells at z*, as a mean squared
+    z-score over genes; its permutation p-value (cells and controls exchanged),
+    Benjamini-Hochberg adjusted over the groups; and a robust z-score of its size-free effect
+    among the query's groups (at least {min_groups} of them), since a batch the reference never saw
+    leaves every group a little off. A group is flagged where both the adjusted p-value and the
+    score's normal tail are below ``alpha``.
 
     Parameters
     ----------
@@ -126,10 +127,12 @@ def reference_coverage(
     alpha
         Flag threshold on the coverage: about this share of typical reference cells is flagged
         (0.05 at most keeps the false flags at 5%; lower it for fewer false flags and fewer
-        novel cells caught).
+        novel cells caught). Also the group test's level: its false-discovery rate and its
+        score's tail (per group: about this share of covered groups where all are a little off).
     groupby
-        Column of ``adata.obs`` for the group summaries, their driving genes and the group test;
-        None: the reference's ``batch_key`` when it has one, else all cells together.
+        Column of ``adata.obs`` for the group summaries, their driving genes and the group test
+        (clusters or labels); None: the summaries per the reference's ``batch_key`` when it has
+        one, else of all cells together, and no group test.
     labels_key
         Column of ``reference.obs`` with cell labels; given, ``label_uncertainty`` is computed.
     n_top_genes
@@ -187,8 +190,9 @@ def reference_coverage(
         genes whose mean residual excess over its uncovered cells is largest in size) and
         ``top_genes_shift`` (their standardised shifts: mean excess over its standard error, each
         gene's per-cell sd taken as at least 1, a deviance residual's noise); where the group was
-        tested, ``shift_statistic``, ``shift_pvalue``, ``shift_fdr``, ``shift_score``,
-        ``shift_flagged``, ``n_controls``, and ``shift_genes`` / ``shift_genes_z`` (the
+        tested, ``shift_statistic``, ``shift_pvalue``, ``shift_fdr``, ``shift_effect``,
+        ``shift_score``, ``shift_flagged``, ``n_cells`` and ``n_controls`` (in the test), and
+        ``shift_genes`` / ``shift_genes_z`` (the
         ``n_group_genes`` genes whose difference from the controls is largest in size, and its
         z-scores); ``groups_shifted``: the flagged groups; and ``top_genes``:
         a DataFrame of the uncovered cells' driving genes, a row per cell, largest first.
@@ -207,8 +211,10 @@ def reference_coverage(
     val = checked_inputs(adata, reference, key, groupby, labels_key)
     rng = np.random.default_rng(random_state)
     batch_key = reference.uns[key]["params"].get("batch_key")
+    tested = groupby is not None  # the group test runs on the groups the user names, not on the batches
     groupby = groupby or (batch_key if batch_key in adata.obs else None)
     groups = np.asarray(adata.obs[groupby].astype(str)) if groupby else np.full(adata.n_obs, "all")
+    no_group = adata.obs[groupby].isna().to_numpy() if groupby else np.zeros(adata.n_obs, bool)
     adata = adata.copy() if copy else adata
     start = logg.info(f"scoring the reference coverage of {adata.n_obs} cells under {key!r}")
     if val.sum() < FEW_CALIBRATION_CELLS:
@@ -234,9 +240,9 @@ def reference_coverage(
                                            weights=weights)
     top_genes, top_scores = extra["top_genes"], extra["top_scores"]
     flag = coverage < alpha
-    shifts = groups_test.group_shifts(groups, extra["excess"], extra["positions"], extra["cal_excess"],
-                                      extra["cal_positions"], extra["variance"], alpha=alpha, rng=rng,
-                                      in_calibration=extra["in_calibration"])
+    shifts = {} if not tested else groups_test.group_shifts(
+        groups, extra["excess"], extra["positions"], extra["cal_excess"], extra["cal_positions"], extra["variance"],
+        alpha=alpha, rng=rng, exclude=extra["in_reference"] | no_group)
     group_score = pd.Series({g: r["shift_score"] for g, r in shifts.items()}, dtype=float)
     shifted = [g for g, r in shifts.items() if r["shift_flagged"]]
     genes = np.asarray(reference.uns[key]["var_names"]).astype(str)
@@ -268,7 +274,7 @@ def reference_coverage(
     bar.set_postfix_str(text, refresh=True)
     bar.close()
     logg.info(f"    {text}; {100 * (cal_cov < alpha).mean():.1f}% of {int(val.sum())} held-out reference cells")
-    log_group_test(shifts, shifted, groups, groupby)
+    log_group_test(shifts, shifted, groups, groupby if tested else None)
     logg.info("    finished", time=start, deep=f"added\n    '{key}_coverage', '{key}_uncovered', the components "
               f"and their p-values, '{key}_group_shift', '{key}_group_shifted' (adata.obs)\n"
               f"    'coverage' (adata.uns['{key}'])"

@@ -57,7 +57,7 @@ def evidence(adata, reference, key, q_module, r_module, dev, *, val, labels_key,
 
     Returns (calibration components, query components, query extras): the extras hold the local
     excess and z* positions of the query and of the calibration cells, the per-gene variance, the
-    programme's genes and z-scores, the new-batch groups and each query cell's calibration row (or -1).
+    programme's genes and z-scores, the new-batch groups and which query cells are reference cells.
     """
     train_idx, val_idx = np.flatnonzero(~val), np.flatnonzero(val)
     scale_idx = np.sort(rng.choice(train_idx, min(n_scale_cells, len(train_idx)), replace=False))
@@ -113,7 +113,7 @@ def evidence(adata, reference, key, q_module, r_module, dev, *, val, labels_key,
         ev["label_uncertainty"] = loc.label_uncertainty(ref_lat[train_idx], labels, q_lat, n_neighbors=n_neighbors,
                                                         exclude=in_train)
     extras = {"excess": ex_q, "cal_excess": ex_c, "positions": pos_q, "cal_positions": pos_c, "variance": variance,
-              "in_calibration": self_rows(adata, reference, key, val_idx), "top_genes": top_genes,
+              "in_reference": self_rows(adata, reference, key, np.arange(reference.n_obs)) >= 0, "top_genes": top_genes,
               "top_scores": top_scores, "new_batch": new_batch, "n_scale_cells": len(scale_idx)}
     return cal, ev, extras
 
@@ -156,7 +156,7 @@ def summaries(coverage, flag, groups, genes, excess, variance, n_report, shifts)
         if str(g) in shifts:
             test = dict(shifts[str(g)])
             z = test.pop("shift_z")
-            best = np.argsort(-np.abs(z), kind="stable")[:n_report]
+            best = loc.top_by_size(z, n_report)
             rec.update(test, shift_genes=[str(genes[i]) for i in best], shift_genes_z=[float(z[i]) for i in best])
         out[str(g)] = rec
     return out
@@ -164,16 +164,19 @@ def summaries(coverage, flag, groups, genes, excess, variance, n_report, shifts)
 
 def log_group_test(shifts: dict, shifted: list, groups: np.ndarray, groupby: str | None) -> None:
     """Say which groups the group test flagged, and which it could not test."""
-    untested = sorted(set(groups.tolist()) - set(shifts))
+    if groupby is None:
+        logg.info("    no group test: pass groupby (clusters or labels) to test groups of cells")
+        return
     if len(shifts) < MIN_GROUPS:
-        logg.info(f"    group test: {len(shifts)} groups of at least {MIN_CELLS} cells"
-                  + (f" in {groupby!r}" if groupby else "") + f", {MIN_GROUPS} are needed to score and flag them"
-                  + ("" if groupby else "; pass groupby (clusters or labels) to test groups"))
+        logg.info(f"    group test: {len(shifts)} group(s) in {groupby!r} with at least {MIN_CELLS} query cells "
+                  f"that are not reference cells; {MIN_GROUPS} are needed to score and flag them")
     else:
         logg.info(f"    group test: {len(shifted)} of {len(shifts)} groups shifted from the reference"
                   + (f" ({', '.join(shifted)})" if shifted else ""))
+    untested = sorted(set(groups.tolist()) - set(shifts))
     if untested and shifts:
-        logg.info(f"    {len(untested)} groups with fewer than {MIN_CELLS} cells not tested (group shift NaN)")
+        logg.info(f"    {len(untested)} group(s) not tested, with fewer than {MIN_CELLS} query cells that are not "
+                  "reference cells (group shift NaN)")
 
 
 def merge_into_trust(adata: AnnData, key: str) -> bool:
