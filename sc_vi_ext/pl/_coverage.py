@@ -43,11 +43,14 @@ def _shares(ax, adata: AnnData, key: str, groupby: str | None, alpha: float, shi
     ax.axvline(100 * alpha, color="k", ls="--", lw=0.8, label=f"expected for covered cells ({100 * alpha:g}%)")
     ax.set_yticks(y, share.index, fontsize="small")
     ax.set_xlim(0, 118 + 22 * bool(shifted))  # room for the longer labels
+    ax.set_xticks(range(0, 101, 20))
     ax.set_xlabel("cells uncovered (%)")
     ax.legend(loc="lower right", fontsize="small", frameon=False)
-    parts = ([f"does not cover: {', '.join(missed[::-1][:3])}"] if missed else []) + \
-        ([f"shifted: {', '.join(moved[:3])}"] if moved else [])
-    title = "The reference " + "; ".join(parts) if parts else "The reference covers every group"
+    if missed:
+        title = f"The reference does not cover: {', '.join(missed[::-1][:3])}"
+        title += f"; shifted: {', '.join(moved[:3])}" if moved else ""
+    else:
+        title = f"Shifted from the reference: {', '.join(moved[:3])}" if moved else "The reference covers every group"
     ax.set_title(title, fontsize="medium", loc="left")
 
 
