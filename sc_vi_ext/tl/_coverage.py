@@ -213,8 +213,10 @@ def reference_coverage(
     batch_key = reference.uns[key]["params"].get("batch_key")
     tested = groupby is not None  # the group test runs on the groups the user names, not on the batches
     groupby = groupby or (batch_key if batch_key in adata.obs else None)
-    groups = np.asarray(adata.obs[groupby].astype(str)) if groupby else np.full(adata.n_obs, "all")
     no_group = adata.obs[groupby].isna().to_numpy() if groupby else np.zeros(adata.n_obs, bool)
+    # missing values as "nan" (pandas 3 keeps them missing through astype(str))
+    groups = (np.where(no_group, "nan", adata.obs[groupby].astype(object).to_numpy()).astype(str) if groupby
+              else np.full(adata.n_obs, "all"))
     adata = adata.copy() if copy else adata
     start = logg.info(f"scoring the reference coverage of {adata.n_obs} cells under {key!r}")
     if val.sum() < FEW_CALIBRATION_CELLS:
