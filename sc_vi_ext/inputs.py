@@ -71,6 +71,16 @@ def batch_codes_as(adata: AnnData, batch_key: str | None, known: list) -> tuple[
     return np.array([lookup[c] for c in cats], dtype=np.int64)[codes], new
 
 
+def group_labels(adata: AnnData, groupby: str) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``obs[groupby]`` as strings, a missing value as "nan" whatever the pandas version, and the missing mask.
+
+    (pandas 3 keeps missing values missing through ``astype(str)``; pandas 2 writes "nan".)
+    """
+    col = adata.obs[groupby]
+    missing = col.isna().to_numpy()
+    return np.where(missing, "nan", col.astype(object).to_numpy()).astype(str), missing
+
+
 def covariate_design(adata: AnnData, categorical_keys, continuous_keys, categories: dict | None = None):
     """Dense float32 design of extra covariates: one-hot per categorical key, then continuous keys.
 

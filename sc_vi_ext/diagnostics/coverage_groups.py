@@ -92,7 +92,7 @@ def group_shifts(groups: np.ndarray, excess: np.ndarray, positions: np.ndarray, 
         t, p, z = shift_test(excess[rows], cal_excess[ctrl], variance, n_permutations=N_PERMUTATIONS, rng=rng)
         f = 1 / len(rows) + 1 / len(ctrl)
         out[g] = {"shift_statistic": t, "shift_pvalue": p, "shift_effect": (t - 1) * f, "n_cells": len(rows),
-                  "n_controls": len(ctrl), "shift_z": z, "_sd": f * np.sqrt(2 / n_genes)}
+                  "n_controls": len(ctrl), "shift_z": z}
     if not out:
         return out
     fdr = bh_adjust([r["shift_pvalue"] for r in out.values()])
@@ -100,7 +100,7 @@ def group_shifts(groups: np.ndarray, excess: np.ndarray, positions: np.ndarray, 
     center = np.median(effect)
     mad = 1.4826 * np.median(np.abs(effect - center))
     for r, q in zip(out.values(), fdr, strict=True):
-        sd = r.pop("_sd")
+        sd = (1 / r["n_cells"] + 1 / r["n_controls"]) * np.sqrt(2 / n_genes)  # the sampling sd of its effect
         score = (r["shift_effect"] - center) / max(mad, sd) if len(out) >= MIN_GROUPS else np.nan
         r.update(shift_fdr=float(q), shift_score=float(score),
                  shift_flagged=bool(q < alpha and norm.sf(score) < alpha))  # NaN score: never flagged

@@ -12,6 +12,7 @@ import scanpy as sc
 from anndata import AnnData
 
 from .._docs import doc_params
+from ..inputs import group_labels
 from ._utils import finish, get_uns
 
 
@@ -29,9 +30,8 @@ def _shares(ax, adata: AnnData, key: str, groupby: str | None, alpha: float, shi
     ``shifted``: the groups the group test flagged (named on their bar, red like a missed group).
     """
     flag = adata.obs[f"{key}_uncovered"].to_numpy().astype(bool)
-    groups = (pd.Series(np.asarray(adata.obs[groupby].astype(str)), index=adata.obs_names) if groupby
-              else pd.Series("all cells", index=adata.obs_names))
-    share = pd.Series(flag, index=adata.obs_names).groupby(groups.to_numpy()).agg(["mean", "size"])
+    groups = group_labels(adata, groupby)[0] if groupby else np.full(adata.n_obs, "all cells")
+    share = pd.Series(flag, index=adata.obs_names).groupby(groups).agg(["mean", "size"])
     share = share.sort_values("mean")
     y = np.arange(len(share))
     missed = [str(g) for g, m in share["mean"].items() if m > 5 * alpha]

@@ -12,6 +12,7 @@ from .._progress import tqdm
 from ..diagnostics import coverage as cov
 from ..diagnostics import coverage_groups as groups_test
 from ..diagnostics.coverage_local import bh_adjust
+from ..inputs import group_labels
 from ..threads import cpu_threads
 from ._coverage_parts import checked_inputs, evidence, log_group_test, merge_into_trust, summaries
 from ._utils import stored_model
@@ -213,10 +214,8 @@ def reference_coverage(
     batch_key = reference.uns[key]["params"].get("batch_key")
     tested = groupby is not None  # the group test runs on the groups the user names, not on the batches
     groupby = groupby or (batch_key if batch_key in adata.obs else None)
-    no_group = adata.obs[groupby].isna().to_numpy() if groupby else np.zeros(adata.n_obs, bool)
-    # missing values as "nan" (pandas 3 keeps them missing through astype(str))
-    groups = (np.where(no_group, "nan", adata.obs[groupby].astype(object).to_numpy()).astype(str) if groupby
-              else np.full(adata.n_obs, "all"))
+    groups, no_group = group_labels(adata, groupby) if groupby else (np.full(adata.n_obs, "all"),
+                                                                      np.zeros(adata.n_obs, bool))
     adata = adata.copy() if copy else adata
     start = logg.info(f"scoring the reference coverage of {adata.n_obs} cells under {key!r}")
     if val.sum() < FEW_CALIBRATION_CELLS:
