@@ -12,10 +12,10 @@ import numpy as np
 import torch
 
 from ._progress import tqdm
-from .acceleration import keep_freed_memory, matmul_precision, use_compiled, warm_up_compiled
+from .acceleration import keep_freed_memory, matmul_precision, resolve_precision, use_compiled, warm_up_compiled
 from .dataloader import Minibatches
 from .distributed import broadcast_buffers, global_sum, interruptible, rank_and_world, wrap
-from .module import VAE, fast_counts, fused
+from .module import VAE, fast_counts, fast_step, fused
 
 HISTORY_KEYS = (
     "epoch", "elbo_train", "elbo_validation", "reconstruction_train", "reconstruction_validation",
@@ -165,6 +165,7 @@ def train(
     best, step = _BestEpoch(n_epochs_kl_warmup), 0
     raw_loader = train_loader
     autocast = matmul_precision(precision, train_loader.device)
+    bf16 = resolve_precision(precision, train_loader.device) == "bfloat16"
     # under torchrun, Ctrl-C stops every rank at the same step (see distributed.py)
     train_loader, restore_sigint = interruptible(train_loader)
     bar = tqdm(range(max_epochs), desc="training VAE", unit="epoch", disable=not progress or rank > 0, leave=False)
@@ -180,7 +181,7 @@ def train(
             for epoch in bar:
                 t0 = time.perf_counter()
                 sums, step = _train_epoch(model, module, train_loader, opt, step, warmup_steps,
-                                           freeze_batchnorm=freeze_batchnorm, autocast=autocast)
+                                           freeze_batchnorm=freeze_batchnorm, autocast=autocast, bf16=bf16)
                 rec, kl, n = global_sum(sums).tolist()
                 tr = {"reconstruction": rec / n, "kl": kl / n}
                 tr["elbo"] = tr["reconstruction"] - tr["kl"]
@@ -210,11 +211,11 @@ def train(
 
 
 def _train_epoch(model, module: VAE, loader, opt, step: int, warmup_steps: int, *, freeze_batchnorm: bool,
-                 autocast: torch.autocast):
+                 autocast: torch.autocast, bf16: bool):
     """One pass of optimiser steps over ``loader``; return the summed (reconstruction, KL, cells) and the step count.
 
     The sums stay on the device (no host sync per step). ``model`` is ``module`` or its
-    data-parallel wrapper.
+    data-parallel wrapper; the steps are :func:`train_step`'s.
     """
     module.train()
     if freeze_batchnorm:
@@ -222,18 +223,42 @@ def _train_epoch(model, module: VAE, loader, opt, step: int, warmup_steps: int, 
             if isinstance(m, torch.nn.BatchNorm1d):
                 m.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=loader.device)  # rec, kl, cells
+    fast = model is module and uses_fast_step(module, loader.device)
     for mb in loader:
-        w = kl_weight(step, warmup_steps)
-        with autocast:
-            out = model(mb.x, mb.batch, mb.log_library, mb.cov, mb.nz)
-        opt.zero_grad(set_to_none=True)
-        out.loss(w).backward()
-        opt.step()
+        out = train_step(model, module, mb, opt, kl_weight(step, warmup_steps), fast=fast, autocast=autocast,
+                         bf16=bf16)
         step += 1
         sums[0] += out.reconstruction.detach().sum()
         sums[1] += out.kl.detach().sum()
         sums[2] += len(mb.idx)
     return sums, step
+
+
+def uses_fast_step(module: VAE, device) -> bool:
+    """Whether the training steps of ``module`` (as it is now) take :func:`~sc_vi_ext.module.fast_step.elbo_and_grad`.
+
+    Not where the compiled likelihood is on (``tl.vae(compile=True)``): that path goes through autograd.
+    """
+    return not fused.compiled_enabled() and fast_step.applies(module, device)
+
+
+def train_step(model, module: VAE, mb, opt, kl_w: float, *, fast: bool, autocast: torch.autocast, bf16: bool):
+    """One optimiser step on minibatch ``mb`` at KL weight ``kl_w``; return its :class:`~sc_vi_ext.module.LossOutput`.
+
+    ``fast`` (see :func:`uses_fast_step`): the ELBO and its gradient from
+    :func:`~sc_vi_ext.module.fast_step.elbo_and_grad` (the same values, without autograd);
+    else autograd through ``model`` under ``autocast``. ``bf16``: whether that autocast is on.
+    """
+    if fast and mb.x.dtype == torch.float32:
+        out = fast_step.elbo_and_grad(module, mb.x, mb.batch, mb.log_library, cov=mb.cov, nz=mb.nz,
+                                      kl_weight=kl_w, bf16=bf16)
+    else:
+        with autocast:
+            out = model(mb.x, mb.batch, mb.log_library, mb.cov, mb.nz)
+        opt.zero_grad(set_to_none=True)
+        out.loss(kl_w).backward()
+    opt.step()
+    return out
 
 
 def _history_row(epoch: int, tr: dict, va: dict | None, kl_w: float, seconds: float) -> dict:

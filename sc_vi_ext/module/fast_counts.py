@@ -62,32 +62,47 @@ def _tables(theta: np.ndarray | None, n_genes: int):
     return tab, dtab
 
 
+def kernel_terms(mode: int, x: torch.Tensor, nz, logits: torch.Tensor, zi_logits: torch.Tensor | None,
+                 log_library: torch.Tensor, theta: torch.Tensor | None, theta_index: torch.Tensor, *, grad: bool):
+    """Run the kernel: per-cell log p(x | z) and, with ``grad``, its gradients per entry.
+
+    Inputs as :func:`log_px_from_logits` takes them after its checks (``nz`` as CSR arrays,
+    float32 contiguous blocks). Returns ``(out, g_logits, g_zi, g_log_library, g_theta)``:
+    (cells,), (cells, genes), (cells, genes) or None, (cells,), and the gradient in theta per
+    entry, (cells, genes) or None; the gradients are unscaled (those of ``out.sum()``) and
+    undefined without ``grad``.
+    """
+    from .counts_kernel import run
+
+    n, g = x.shape
+    th = None if theta is None else _np(theta.contiguous())
+    tab, dtab = _tables(th, g)
+    if th is None:
+        th = np.ones((1, g), np.float32)
+    log_th, inv_th = np.log(th), np.reciprocal(th)
+    out = torch.empty(n)
+    gl = torch.empty(n, g)
+    gz = torch.empty(n, g) if zi_logits is not None else gl
+    gth = torch.empty(n, g) if theta is not None else gl
+    glib = torch.empty(n)
+    zi = _np(zi_logits) if zi_logits is not None else _np(gl)
+    n_threads = torch.get_num_threads()
+    arrays = (_np(x), *nz, _np(logits), zi, _np(log_library), th, log_th, inv_th, _np(theta_index), tab, dtab,
+              _np(out), _np(gl), _np(gz), _np(gth), _np(glib))
+    with torch.profiler.record_function("fused_counts_kernel"):  # a name for the step benchmark's profile
+        run(mode, grad, arrays, pool=_pool(n_threads), n_threads=n_threads)
+    return out, gl, gz if zi_logits is not None else None, glib, gth if theta is not None else None
+
+
 class _FusedCounts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mode, x, nz, logits, zi_logits, log_library, theta, theta_index):
-        from .counts_kernel import run
-
-        n, g = x.shape
         need = ctx.needs_input_grad
         grad = any(need[3:7])
-        th = None if theta is None else _np(theta.contiguous())
-        tab, dtab = _tables(th, g)
-        if th is None:
-            th = np.ones((1, g), np.float32)
-        log_th, inv_th = np.log(th), np.reciprocal(th)
-        out = torch.empty(n)
-        gl = torch.empty(n, g)
-        gz = torch.empty(n, g) if zi_logits is not None else gl
-        gth = torch.empty(n, g) if theta is not None else gl
-        glib = torch.empty(n)
-        zi = _np(zi_logits) if zi_logits is not None else _np(gl)
-        n_threads = torch.get_num_threads()
-        arrays = (_np(x), *nz, _np(logits), zi, _np(log_library), th, log_th, inv_th, _np(theta_index), tab, dtab,
-                  _np(out), _np(gl), _np(gz), _np(gth), _np(glib))
-        run(mode, grad, arrays, pool=_pool(n_threads), n_threads=n_threads)
+        out, gl, gz, glib, gth = kernel_terms(mode, x, nz, logits, zi_logits, log_library, theta, theta_index,
+                                              grad=grad)
         if grad:
-            ctx.save_for_backward(gl, gz if zi_logits is not None else None, glib,
-                                  gth if theta is not None else None, theta_index)
+            ctx.save_for_backward(gl, gz, glib, gth, theta_index)
             ctx.n_disp = 0 if theta is None else theta.shape[0]
         return out
 
