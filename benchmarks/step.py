@@ -99,6 +99,38 @@ def parts_ms(module, loader, threads: int, reps: int = 50) -> tuple[float, float
     return best_ms(kernel, reps=reps, warmup=5), best_ms(opt.step, reps=reps, warmup=5)
 
 
+SWEEP_MB = 64  # larger than the last-level cache (32 MiB here)
+
+
+def memory_floor(module, threads: int, reps: int = 30) -> tuple[float, float, float]:
+    """Return this machine's memory bandwidth (GB/s, a copy of ``SWEEP_MB`` MiB) and one fused Adam step's ms
+    with its tensors in memory (after a sweep that evicts them from the caches), with the ms that its
+    bytes take at that bandwidth.
+
+    Adam reads the parameters, gradients and both moments and writes all but the gradients: 7 float32
+    arrays of the parameters' size per step, whatever the threads.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    src, dst = torch.ones(SWEEP_MB << 18), torch.empty(SWEEP_MB << 18)
+    gbps = 2 * src.numel() * 4 / best_ms(lambda: dst.copy_(src), reps=10, warmup=2) / 1e6
+    params = [p.detach().clone() for p in module.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.Adam(params, lr=1e-3, eps=0.01, fused=True)
+    for _ in range(3):
+        opt.step()
+    times = []
+    for _ in range(reps):
+        dst.copy_(src)  # evict
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    n_bytes = 7 * 4 * sum(p.numel() for p in params)
+    return gbps, float(np.median(times)) * 1e3, n_bytes / gbps / 1e6
+
+
 def build(n_cells: int, n_genes: int, batch_size: int = 128):
     import torch
 
@@ -335,6 +367,16 @@ def main(argv: list[str] | None = None) -> None:
                     ["precision", "threads", "ms per step", "GFLOP/s"], rows)]
     module, loader = build(n_cells, 2000)
     parts = {t: parts_ms(module, loader, t) for t in (1, 2)}
+    mem = {t: memory_floor(module, t) for t in (1, 2)}
+    tables.append(table("a1. Memory: the bandwidth of a 64 MiB copy, and the fused Adam step with its tensors "
+                        "in memory",
+                        ["threads", "GB/s", "Adam step, tensors in memory (ms)", "its bytes at that bandwidth (ms)",
+                         "Adam step, tensors in cache (ms, table a2)"],
+                        [[f"{t}", f"{mem[t][0]:.1f}", f"{mem[t][1]:.2f}", f"{mem[t][2]:.2f}", f"{parts[t][1]:.2f}"]
+                         for t in (1, 2)],
+                        ["In a training step the optimiser meets its 7 × 3.1 MB of parameters, gradients and "
+                         "moments after the step's other work has passed through the cache: there its floor is "
+                         "the memory's bandwidth, not the cache's."]))
     fastest = precisions[-1]  # bfloat16 where the CPU has it
     rows = [[f"{t}", f"{floor[fastest, t]:.2f}", f"{parts[t][0]:.2f}", f"{parts[t][1]:.2f}",
              f"{floor[fastest, t] + sum(parts[t]):.2f}"] for t in (1, 2)]
@@ -362,8 +404,8 @@ def main(argv: list[str] | None = None) -> None:
              f"{100 * tiny_ms[prec, t] / ms[prec, t][0]:.0f} %"] for prec in precisions for t in (1, 2)]
     tables.append(table("a3. What a step costs whatever its size: the same step on 8 cells × 20 genes (ms per step)",
                         ["precision", "threads", "tiny step", "the step (table b)", "share of the step"], rows,
-                        ["The tiny step does no arithmetic to speak of: what it takes is each op's dispatch, "
-                         "autograd and Python, paid again by the full step."]))
+                        ["The tiny step does no arithmetic to speak of: what it takes is each op's dispatch and "
+                         "Python (and the kernel's and Adam's fixed cost), paid again by the full step."]))
     if "bfloat16" in precisions:
         layers = model_layers(module)
         lay = {spec: layer_us(*spec) for spec in layers}

@@ -151,7 +151,8 @@ def train(
     likelihood's dense terms with ``torch.compile`` (True, False, or "auto": where the fused
     kernel does not apply and the run has enough steps to repay the compile time, see
     :func:`sc_vi_ext.acceleration.use_compiled`). ``precision``
-    ``"bfloat16"`` runs the training steps' matrix products in bfloat16 (autocast); the
+    ``"bfloat16"`` runs the training steps' matrix products in bfloat16 (autocast, or the written-out
+    step's own casts, which keep layers with fewer than 2^16 weights in float32); the
     likelihood, the optimiser, the weights and the validation stay float32; ``"auto"``: bfloat16
     where the hardware has it (:func:`~sc_vi_ext.acceleration.resolve_precision`).
     """

@@ -74,8 +74,9 @@ def test_fast_step_equals_autograd_float32(options):
 
 @pytest.mark.parametrize("options", [CONFIGS["defaults"], CONFIGS["gene-batch-2-layers-covariates"]],
                          ids=["defaults", "gene-batch-2-layers-covariates"])
-def test_fast_step_equals_autograd_bfloat16(options):
-    """Under bfloat16 the products round alike: the same values; gradients within bfloat16 rounding."""
+def test_fast_step_equals_autograd_bfloat16(options, monkeypatch):
+    """Every layer in bfloat16, as under autocast: the same values; gradients within bfloat16 rounding."""
+    monkeypatch.setattr(fast_step, "MIN_BF16_WEIGHTS", 0)
     plain, ref, fast, out = _both(options, "bfloat16")
     torch.testing.assert_close(out.reconstruction, ref.reconstruction.detach(), rtol=1e-5, atol=1e-2)
     for (name, p), q in zip(plain.named_parameters(), fast.parameters(), strict=True):
@@ -83,6 +84,15 @@ def test_fast_step_equals_autograd_bfloat16(options):
             continue
         rel = ((q.grad - p.grad).norm() / p.grad.norm()).item()
         assert rel < 2e-2, (name, rel)
+
+
+def test_only_gene_sized_layers_multiply_in_bfloat16():
+    products = fast_step._Products(bf16=True)
+    assert products.dtype_of(torch.nn.Linear(2000, 128)) == torch.bfloat16
+    assert products.dtype_of(torch.nn.Linear(128, 2000)) == torch.bfloat16
+    assert products.dtype_of(torch.nn.Linear(128, 10)) == torch.float32
+    assert products.dtype_of(torch.nn.Linear(13, 128)) == torch.float32
+    assert fast_step._Products(bf16=False).dtype_of(torch.nn.Linear(2000, 128)) == torch.float32
 
 
 def test_frozen_parameters_get_no_gradient():

@@ -8,7 +8,7 @@ import torch
 
 import sc_vi_ext as sv
 from sc_vi_ext.acceleration import COMPILE_MIN_STEPS, use_compiled
-from sc_vi_ext.module import fused
+from sc_vi_ext.module import fast_step, fused
 from sc_vi_ext.threads import default_threads, threads
 
 
@@ -106,9 +106,11 @@ def test_compiler_failure_falls_back_to_eager(monkeypatch, caplog):
     assert "eager" in caplog.text
 
 
-def test_bfloat16_training_learns_as_float32(sim_session):
+def test_bfloat16_training_learns_as_float32(sim_session, monkeypatch):
     """precision="bfloat16": the matrix products in bfloat16, all else float32; the model learns
     as much as in float32 (same seed, validation ELBO within 0.5 %)."""
+    # every layer of this small model in bfloat16 (by default only those with >= 2^16 weights)
+    monkeypatch.setattr(fast_step, "MIN_BF16_WEIGHTS", 0)
     kw = {"max_epochs": 8, "n_hidden": 32, "progress": False, "n_threads": 1}
     f32 = sv.tl.vae(sim_session, copy=True, precision="float32", **kw)
     bf16 = sv.tl.vae(sim_session, copy=True, precision="bfloat16", **kw)

@@ -143,7 +143,7 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.float().contiguous()
 
 
-def _row_nonzeros(x: torch.Tensor, nz) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def row_nonzeros(x: torch.Tensor, nz) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """X's non-zeros as CSR arrays (indptr, columns, values), from the data layer's ``nz`` when it has them."""
     from .distributions import nonzeros
 
@@ -166,7 +166,7 @@ def log_px_from_logits(likelihood: str, x: torch.Tensor, logits: torch.Tensor, z
     if theta_index is None:
         theta_index = torch.zeros(x.shape[0], dtype=torch.int64)
     try:
-        return _FusedCounts.apply(MODES[likelihood], x.contiguous(), _row_nonzeros(x, nz), _f32(logits),
+        return _FusedCounts.apply(MODES[likelihood], x.contiguous(), row_nonzeros(x, nz), _f32(logits),
                                   None if zi_logits is None else _f32(zi_logits), _f32(log_library),
                                   theta, theta_index.long())
     except Exception as err:  # noqa: BLE001 - a kernel that cannot compile here must not stop the analysis

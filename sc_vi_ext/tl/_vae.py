@@ -163,8 +163,10 @@ def vae(
         GPU), the run has at least {compile_min_steps} optimiser steps (compiling takes 5-20 s)
         and a C++ compiler is available; results equal the eager ones to float32 rounding.
     precision
-        ``"bfloat16"``: the training steps' matrix products in bfloat16 (torch autocast; their
-        outputs are rounded to bfloat16, everything after them is float32), for CPUs with
+        ``"bfloat16"``: the training steps' matrix products in bfloat16 (their outputs are
+        rounded to bfloat16, everything after them is float32; on CPU the layers with fewer
+        than 2^16 weights stay float32 where the step is written out, see
+        :mod:`sc_vi_ext.module.fast_step`, and all go through torch autocast elsewhere), for CPUs with
         bfloat16 instructions (AVX-512 BF16, AMX) and GPUs. The weights, the optimiser, the
         validation ELBO and every tool after training stay float32; ``elbo_train`` in the
         history comes from the bfloat16 steps. ``"auto"``: bfloat16 where the hardware
