@@ -6,14 +6,20 @@
 a. The floor: the step's matrix products alone (encoder 2,000 -> 128 forward and weight
    gradient; both decoder heads 128 -> 2 × 2,000 forward, input and weight gradients: 0.52
    GFLOP per 128 cells), float32 and bfloat16, at one and two threads.
-b. The step as ``tl.vae`` runs it (the default fast path: fused likelihood kernel, fused Adam;
-   CSR minibatches of 128 cells of a 3-batch simulation), float32 and bfloat16, at one and two
-   threads: wall and CPU ms per step, best epoch of ``--epochs``.
+a1. The memory: a 64 MiB copy's bandwidth, and the fused Adam step with its tensors in memory (as
+    in a training step) against its bytes at that bandwidth.
+b. The step as ``tl.vae`` runs it (the written-out step of ``module.fast_step``: fused likelihood
+   kernel, fused Adam; CSR minibatches of 128 cells of a 3-batch simulation), float32 and
+   bfloat16, at one and two threads: wall and CPU ms per step, best epoch of ``--epochs``; and the
+   written-out and autograd steps alternating epoch by epoch (medians, and of the pairs' ratios).
 a3. What a step costs whatever its size: the same step on 8 cells of 20 genes, where the
-    arithmetic is nil (each op's dispatch, autograd and Python), float32 and bfloat16.
+    arithmetic is nil (each op's dispatch and Python, the kernel's and Adam's fixed cost).
 a4. One Linear layer of the model, forward and backward, in float32 and under bfloat16
     autocast (its casts included), at two threads: where bfloat16 pays.
-c. Where the float32 step goes at one thread (``torch.profiler``, self CPU time per op family).
+b2. A candidate for two cores: two half-minibatches on two one-thread workers (through autograd),
+    against table b's steps.
+c. Where the step goes, both precisions at one and two threads (``torch.profiler``, self CPU time
+   per op family).
 d. Every tool at its defaults on PBMC, quiet and with one busy process on another core (a
    spinning Python loop), in one process each: wall seconds and the ratio (target <= 1.6).
 """
@@ -189,14 +195,20 @@ def layer_us(n_in: int, n_out: int, input_grad: bool, *, threads: int = 2, reps:
 
 
 def one_step(module, mb, opt, autocast, *, bf16: bool, fast: bool = True) -> None:
-    """One training step on minibatch ``mb`` as ``tl.vae`` takes it (KL weight 1); ``fast=False``: the autograd step."""
-    from sc_vi_ext.train import train_step, uses_fast_step
+    """One training step on minibatch ``mb`` as ``tl.vae`` takes it (KL weight 1); ``fast=False``: the autograd step.
 
-    train_step(module, module, mb, opt, 1.0, fast=fast and uses_fast_step(module, "cpu"), autocast=autocast, bf16=bf16)
+    ``fast=True`` takes the written-out step where it applies (``tl.vae`` checks that once per epoch).
+    """
+    from sc_vi_ext.train import train_step
+
+    train_step(module, module, mb, opt, 1.0, fast=fast, autocast=autocast, bf16=bf16)
 
 
 def epoch(module, loader, opt, autocast, *, bf16: bool, fast: bool = True) -> None:
+    from sc_vi_ext.train import uses_fast_step
+
     module.train()
+    fast = fast and uses_fast_step(module, "cpu")
     for mb in loader:
         one_step(module, mb, opt, autocast, bf16=bf16, fast=fast)
 

@@ -20,6 +20,7 @@ CONFIGS = {
     "poisson-batches": {"likelihood": "poisson", "n_batch": 3},
     "gene-batch-2-layers-covariates": {"n_batch": 3, "dispersion": "gene-batch", "n_layers": 2,
                                        "encode_covariates": True, "n_cov": 2},
+    "variance-floor": {"log_var_bias": -10.0},  # exp(a) near the 1e-4 floor: its factor e / (e + floor) matters
 }
 
 
@@ -36,8 +37,12 @@ def _minibatch(n=48, g=70, seed=0):
 def _both(options, precision, kl_weight=0.7):
     """The plain module's loss and autograd gradient, and the fast step's, from the same state and seed."""
     x, batch, log_lib, cov = _minibatch()
+    options = dict(options)
+    log_var_bias = options.pop("log_var_bias", None)
     torch.manual_seed(0)
     plain = VAE(x.shape[1], **options).train()
+    if log_var_bias is not None:
+        plain.encoder.log_var.bias.data.fill_(log_var_bias)
     fast = copy.deepcopy(plain)
     cov = cov if options.get("n_cov") else None
     torch.manual_seed(1)
@@ -86,6 +91,24 @@ def test_fast_step_equals_autograd_bfloat16(options, monkeypatch):
         assert rel < 2e-2, (name, rel)
 
 
+@pytest.mark.parametrize("options", [CONFIGS["defaults"], CONFIGS["gene-batch-2-layers-covariates"]],
+                         ids=["defaults", "gene-batch-2-layers-covariates"])
+def test_small_layers_in_float32_are_no_less_accurate(options, monkeypatch):
+    """The default mix (layers of >= MIN_BF16_WEIGHTS weights in bfloat16, the rest float32; 5000 here, so
+    that this 70-gene model's gene-sized layers are the large ones) is at least as close to the float32
+    gradient as autocast's all-bfloat16 step."""
+    monkeypatch.setattr(fast_step, "MIN_BF16_WEIGHTS", 5000)
+    exact, _, _, _ = _both(options, "float32")
+    autocast, _, mix, _ = _both(options, "bfloat16")
+    assert mix.encoder.net.layers[0][0].weight.numel() >= 5000 > mix.encoder.mean.weight.numel()
+    for (name, e), a, m in zip(exact.named_parameters(), autocast.parameters(), mix.parameters(), strict=True):
+        if _pre_norm_bias(name):
+            continue
+        err_mix, err_autocast = ((m.grad - e.grad).norm() / e.grad.norm()).item(), ((a.grad - e.grad).norm()
+                                                                                    / e.grad.norm()).item()
+        assert err_mix < 1.25 * err_autocast + 2e-3, (name, err_mix, err_autocast)
+
+
 def test_only_gene_sized_layers_multiply_in_bfloat16():
     products = fast_step._Products(bf16=True)
     assert products.dtype_of(torch.nn.Linear(2000, 128)) == torch.bfloat16
@@ -107,12 +130,41 @@ def test_frozen_parameters_get_no_gradient():
 @pytest.mark.parametrize("options", [{"library": "latent"}, {"latent_distribution": "ln"},
                                      {"dispersion": "gene-cell"}], ids=["latent-library", "ln", "gene-cell"])
 def test_fast_step_stands_aside(options):
-    module = VAE(20, **options).train()
+    assert not fast_step.applies(VAE(20, **options).train(), "cpu")
+
+
+def test_fast_step_stands_aside_for_the_models_state(monkeypatch):
+    """Eval mode, a frozen BatchNorm (query mapping), a gradient hook, another device, the compiled likelihood."""
+    module = VAE(20).train()
+    assert fast_step.applies(module, "cpu") and train_mod.uses_fast_step(module, "cpu")
+    assert not fast_step.applies(module, "cuda")
+    assert not fast_step.applies(module.eval(), "cpu")
+    module.train().decoder.net.layers[0][1].eval()
     assert not fast_step.applies(module, "cpu")
-    default = VAE(20)
-    assert not fast_step.applies(default.eval(), "cpu")
-    default.train().decoder.net.layers[0][1].eval()  # frozen BatchNorm, as in query mapping
-    assert not fast_step.applies(default, "cpu")
+    module.train()
+    handle = module.decoder.scale.weight.register_hook(lambda g: g * 0)
+    assert not fast_step.applies(module, "cpu")
+    handle.remove()
+    monkeypatch.setattr(train_mod.fused, "_mode", "train")
+    assert not train_mod.uses_fast_step(module, "cpu")
+
+
+def test_a_kernel_that_fails_here_leaves_training_to_autograd(sim_session, monkeypatch, caplog):
+    """The kernel is tried once before the first written-out step: if it cannot run, the warning says
+    so and tl.vae trains through the plain path."""
+    from sc_vi_ext.module import counts_kernel, fast_counts
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no numba here")
+
+    monkeypatch.setattr(counts_kernel, "run", broken)
+    monkeypatch.setitem(fast_counts._state, "failed", False)
+    monkeypatch.setitem(fast_counts._state, "ready", False)
+    calls = []
+    monkeypatch.setattr(fast_step, "elbo_and_grad", lambda *a, **k: calls.append(1))
+    out = sv.tl.vae(sim_session, copy=True, max_epochs=2, n_hidden=16, progress=False)
+    assert not calls and np.isfinite(out.obsm["X_vae"]).all()
+    assert "kernel is not available here" in caplog.text
 
 
 def test_training_takes_the_fast_step_with_the_plain_paths_results(sim_session, monkeypatch):

@@ -33,6 +33,27 @@ def available() -> bool:
     return not _state["failed"] and not os.environ.get("SC_VI_EXT_NO_NUMBA")
 
 
+def ready() -> bool:
+    """Whether the kernel runs here: :func:`available`, and a first call on a tiny block went through.
+
+    The first call compiles the kernel (or loads numba's cache); a failure is logged once and the
+    plain torch path is used from then on. For callers that cannot fall back mid-way, such as the
+    written-out training step.
+    """
+    if available() and not _state.get("ready"):
+        x = torch.tensor([[0.0, 3.0], [1.0, 0.0]])
+        _state["ready"] = log_px_from_logits("zinb", x, torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2),
+                                             torch.ones(1, 2)) is not None
+    return available()
+
+
+def theta_gradient(g_theta: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, n_disp: int) -> torch.Tensor:
+    """Return the gradient in theta (dispersions, genes) from the kernel's per-entry one, cells weighted."""
+    if n_disp == 1:
+        return (weights @ g_theta)[None]
+    return g_theta.new_zeros(n_disp, g_theta.shape[1]).index_add_(0, index, g_theta * weights[:, None])
+
+
 def _pool(n_threads: int):
     """Return a thread pool of ``n_threads`` workers for the kernel's row blocks (kept between calls)."""
     if n_threads <= 1:
@@ -112,12 +133,7 @@ class _FusedCounts(torch.autograd.Function):
         gl, gz, glib, gth, tidx = ctx.saved_tensors
         need = ctx.needs_input_grad
         go = grad_out[:, None]
-        g_theta = None
-        if need[6]:
-            if ctx.n_disp == 1:
-                g_theta = (grad_out @ gth)[None]
-            else:
-                g_theta = gth.new_zeros(ctx.n_disp, gth.shape[1]).index_add_(0, tidx, gth * go)
+        g_theta = theta_gradient(gth, grad_out, tidx, ctx.n_disp) if need[6] else None
         return (None, None, None, gl * go if need[3] else None, gz * go if need[4] else None,
                 glib * grad_out if need[5] else None, g_theta, None)
 

@@ -5,13 +5,15 @@ products and the likelihood kernel. Under autograd each of them also records a n
 backward pass then visits, casts included under bfloat16 autocast. Here the same step is one
 forward pass that keeps what its backward needs, then the backward pass in closed form, every
 gradient written straight into the parameters' ``.grad``; the ops themselves are the same
-kind and number (measured with the step benchmark: 5-12 % less time per step).
+kind and number. Measured with the step benchmark (table b, the two alternating): 9-14 %
+less time per step.
 
 * Linear layers: a = h W^T + b; dW = g^T h, db = sum(g), dh = g W. Where the step's precision
   is bfloat16, the layers with at least ``MIN_BF16_WEIGHTS`` weights (the gene-sized ones)
   multiply in bfloat16 as autocast does, the smaller ones in float32: there a cast costs more
-  than bfloat16 saves (1.07x per step, median of 6 alternating pairs). The bias gradient is
-  summed in float32.
+  than bfloat16 saves (one-off script: 1.07x per step, median of 6 alternating pairs; the same
+  change under autocast, on the autograd step, had bought nothing, 0.99x). The bias gradient
+  is summed in float32.
 * BatchNorm (training mode) and ReLU: aten's own ``native_batch_norm`` forward and backward
   (the running statistics are updated as ``nn.BatchNorm1d`` does) and ``threshold_backward``.
 * Dropout: the mask drawn as torch's CPU dropout draws it (``bernoulli_(1 - p) / (1 - p)``),
@@ -32,9 +34,9 @@ import torch
 from torch import nn
 
 from . import fast_counts
+from .nn import VAR_FLOOR
 from .vae import VAE, LossOutput
 
-VAR_FLOOR = 1e-4  # as Encoder.forward
 MIN_BF16_WEIGHTS = 1 << 16  # smaller layers stay float32 (step benchmark, table a4)
 
 
@@ -42,11 +44,15 @@ def applies(module: VAE, device) -> bool:
     """Whether :func:`elbo_and_grad` computes the training steps of ``module`` on ``device`` now.
 
     An observed library and a normal latent (the defaults), a likelihood the fused kernel
-    takes (not a per-cell dispersion), CPU, and the module and every BatchNorm in training mode.
+    takes (not a per-cell dispersion) and that runs here (:func:`~sc_vi_ext.module.fast_counts.ready`),
+    CPU, the module and every BatchNorm in training mode, and no parameter with a gradient hook
+    (the hooks would not run).
     """
     return (module.library == "observed" and module.latent_distribution == "normal"
             and fast_counts.applies_to(module, device) and module.training
-            and all(m.training for m in module.modules() if isinstance(m, nn.BatchNorm1d)))
+            and all(m.training for m in module.modules() if isinstance(m, nn.BatchNorm1d))
+            and not any(getattr(p, "_backward_hooks", None) for p in module.parameters())
+            and fast_counts.ready())
 
 
 class _Products:
@@ -158,20 +164,16 @@ def _step(module, x, batch, log_library, cov, nz, kl_weight, mm, generator):
     zi = None
     if module.likelihood == "zinb":
         zi, hz_c, wz_c = mm.forward(hd, dec.zi_logits)
-    theta = index = None
-    if module.likelihood != "poisson":
-        theta = torch.exp(module.log_theta)
-        index = batch if theta.shape[0] > 1 else None
+    theta, index = module.gene_dispersion(batch)
     index = torch.zeros(n, dtype=torch.int64) if index is None else index.long()
     rec, g_logits, g_zi, _, g_theta = fast_counts.kernel_terms(
         fast_counts.MODES[module.likelihood], x.contiguous(), fast_counts.row_nonzeros(x, nz), logits, zi,
         log_library.float().contiguous(), theta, index, grad=True)
     # backward of loss = mean(-rec + w kl)
     scale = -1.0 / n
-    if theta is not None:
-        per_row = g_theta.sum(0, keepdim=True) if theta.shape[0] == 1 else (
-            torch.zeros_like(theta).index_add_(0, index, g_theta))
-        mm.set_grad(module.log_theta, per_row.mul_(theta).mul_(scale))
+    if theta is not None:  # d/d log theta = theta d/d theta
+        g = fast_counts.theta_gradient(g_theta, torch.full((n,), scale), index, theta.shape[0])
+        mm.set_grad(module.log_theta, g.mul_(theta))
     g_hd = mm.backward(g_logits.mul_(scale), hs_c, ws_c, dec.scale, input_grad=True)
     if zi is not None:
         g_hd += mm.backward(g_zi.mul_(scale), hz_c, wz_c, dec.zi_logits, input_grad=True)

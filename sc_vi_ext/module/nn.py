@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+VAR_FLOOR = 1e-4  # q(z | x)'s variance floor, as in scvi-tools
+
 
 class FCLayers(nn.Module):
     """``n_layers`` blocks of Linear -> BatchNorm -> ReLU -> Dropout.
@@ -53,9 +55,9 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor, cat: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.net(torch.log1p(x), cat)
-        # variance floor 1e-4 as in scvi-tools, written in log space; .float(): under bfloat16
+        # the variance floor, written in log space; .float(): under bfloat16
         # autocast the Linear layers compute in bfloat16, everything after them in float32
-        log_var = torch.log(torch.exp(self.log_var(h).float()) + 1e-4)
+        log_var = torch.log(torch.exp(self.log_var(h).float()) + VAR_FLOOR)
         return self.mean(h).float(), log_var
 
 

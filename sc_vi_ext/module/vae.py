@@ -212,6 +212,17 @@ class VAE(nn.Module):
             rec = self.log_px_z(x, self.generative(z, batch, log_library, cov), nz)
         return LossOutput(reconstruction=rec, kl=self.kl(mean, log_var, batch))
 
+    def gene_dispersion(self, batch: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Return theta per gene (1, genes) or per batch and gene (batches, genes), and each cell's row of it.
+
+        A row of None means row 0. ``(None, None)`` for Poisson; not for a per-cell dispersion
+        (``dispersion="gene-cell"``).
+        """
+        if self.likelihood == "poisson":
+            return None, None
+        theta = torch.exp(self.log_theta)
+        return theta, batch if theta.shape[0] > 1 else None
+
     def fused_log_px_z(self, x, z, batch, log_library, cov=None, nz=None) -> torch.Tensor | None:
         """Log p(x | z) by the fused kernel (:mod:`~sc_vi_ext.module.fast_counts`); None where it does not apply.
 
@@ -223,10 +234,7 @@ class VAE(nn.Module):
         logits, zi, _ = self.decoder.heads(self.representation(z), self.covariates(batch, cov))
         if self.library == "latent":
             log_library = z[:, -1]
-        theta = index = None
-        if self.likelihood != "poisson":
-            theta = torch.exp(self.log_theta)
-            index = batch if theta.shape[0] > 1 else None
+        theta, index = self.gene_dispersion(batch)
         return fast_counts.log_px_from_logits(self.likelihood, x, logits, zi if self.likelihood == "zinb" else None,
                                               log_library, theta, index, nz)
 
