@@ -194,40 +194,43 @@ def layer_us(n_in: int, n_out: int, input_grad: bool, *, threads: int = 2, reps:
     return tuple(best_ms(f, reps=reps, warmup=10) * 1e3 for f in (plain, autocast))
 
 
-def one_step(module, mb, opt, autocast, *, bf16: bool, fast: bool = True) -> None:
+def one_step(module, mb, opt, autocast, *, fast: bool = True) -> None:
     """One training step on minibatch ``mb`` as ``tl.vae`` takes it (KL weight 1); ``fast=False``: the autograd step.
 
     ``fast=True`` takes the written-out step where it applies (``tl.vae`` checks that once per epoch).
     """
     from sc_vi_ext.train import train_step
 
-    train_step(module, module, mb, opt, 1.0, fast=fast, autocast=autocast, bf16=bf16)
+    train_step(module, module, mb, opt, 1.0, fast=fast, autocast=autocast)
 
 
-def epoch(module, loader, opt, autocast, *, bf16: bool, fast: bool = True) -> None:
+def epoch(module, loader, opt, autocast, *, fast: bool = True) -> None:
     from sc_vi_ext.train import uses_fast_step
 
     module.train()
     fast = fast and uses_fast_step(module, "cpu")
     for mb in loader:
-        one_step(module, mb, opt, autocast, bf16=bf16, fast=fast)
+        one_step(module, mb, opt, autocast, fast=fast)
+
+
+def _timed_setup(module, threads: int, precision: str):
+    """Set up a timed run as tl.vae trains: its allocator setting, ``threads``, fused Adam; return (Adam, autocast)."""
+    import torch
+
+    from sc_vi_ext.acceleration import keep_freed_memory, matmul_precision
+
+    keep_freed_memory()
+    torch.set_num_threads(threads)
+    return torch.optim.Adam(module.parameters(), lr=1e-3, eps=0.01, fused=True), matmul_precision(precision, "cpu")
 
 
 def step_ms(module, loader, threads: int, precision: str, epochs: int, *, fast: bool = True) -> tuple[float, float]:
-    import torch
-
-    from sc_vi_ext.acceleration import keep_freed_memory, matmul_precision, resolve_precision
-
-    keep_freed_memory()  # as tl.vae does
-    torch.set_num_threads(threads)
-    opt = torch.optim.Adam(module.parameters(), lr=1e-3, eps=0.01, fused=True)
-    ac = matmul_precision(precision, "cpu")
-    kw = {"bf16": resolve_precision(precision, "cpu") == "bfloat16", "fast": fast}
-    epoch(module, loader, opt, ac, **kw)  # warm-up
+    opt, ac = _timed_setup(module, threads, precision)
+    epoch(module, loader, opt, ac, fast=fast)  # warm-up
     wall = cpu = float("inf")
     for _ in range(epochs):
         c, w = time.process_time(), time.perf_counter()
-        epoch(module, loader, opt, ac, **kw)
+        epoch(module, loader, opt, ac, fast=fast)
         wall = min(wall, (time.perf_counter() - w) / len(loader) * 1e3)
         cpu = min(cpu, (time.process_time() - c) / len(loader) * 1e3)
     return wall, cpu
@@ -235,20 +238,12 @@ def step_ms(module, loader, threads: int, precision: str, epochs: int, *, fast: 
 
 def paired_ms(module, loader, threads: int, precision: str, pairs: int) -> tuple[float, float, float]:
     """The written-out step against the autograd step, epochs alternating: (median ms of each, median pair ratio)."""
-    import torch
-
-    from sc_vi_ext.acceleration import keep_freed_memory, matmul_precision, resolve_precision
-
-    keep_freed_memory()
-    torch.set_num_threads(threads)
-    opt = torch.optim.Adam(module.parameters(), lr=1e-3, eps=0.01, fused=True)
-    ac = matmul_precision(precision, "cpu")
-    bf16 = resolve_precision(precision, "cpu") == "bfloat16"
+    opt, ac = _timed_setup(module, threads, precision)
     times: dict[bool, list[float]] = {True: [], False: []}
     for i in range(pairs + 1):
         for fast in (True, False) if i % 2 else (False, True):
             t0 = time.perf_counter()
-            epoch(module, loader, opt, ac, bf16=bf16, fast=fast)
+            epoch(module, loader, opt, ac, fast=fast)
             if i:  # the first pair warms up
                 times[fast].append((time.perf_counter() - t0) / len(loader) * 1e3)
     ratios = [a / f for a, f in zip(times[False], times[True], strict=True)]
@@ -313,17 +308,12 @@ def split_step_ms(module, loader, precision: str, epochs: int) -> tuple[float, f
 
 
 def profile_shares(module, loader, *, threads: int = 1, precision: str = "float32") -> list[tuple[str, float]]:
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from sc_vi_ext.acceleration import matmul_precision
-
-    torch.set_num_threads(threads)
-    opt = torch.optim.Adam(module.parameters(), lr=1e-3, eps=0.01, fused=True)
-    ac = matmul_precision(precision, "cpu")
-    epoch(module, loader, opt, ac, bf16=precision == "bfloat16")
+    opt, ac = _timed_setup(module, threads, precision)
+    epoch(module, loader, opt, ac)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        epoch(module, loader, opt, ac, bf16=precision == "bfloat16")
+        epoch(module, loader, opt, ac)
     fam: collections.Counter = collections.Counter()
     for e in prof.key_averages():
         fam[next((f for f, keys in FAMILIES if any(k.lower() in e.key.lower() for k in keys)),

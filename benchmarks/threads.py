@@ -69,7 +69,7 @@ def worker(args) -> None:
                 kernel["s"] = 0.0
                 t0 = time.perf_counter()
                 # the compiled networks run only on the autograd step (the written-out one calls neither)
-                one_step(module, mb, opt, ac, bf16=prec == "bfloat16", fast=not cfg["compile"])
+                one_step(module, mb, opt, ac, fast=not cfg["compile"])
                 if ep:  # the first epoch warms up (and compiles)
                     steps.append(time.perf_counter() - t0)
                     kern.append(kernel["s"])

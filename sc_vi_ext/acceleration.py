@@ -83,6 +83,11 @@ def matmul_precision(precision: str, device: str) -> torch.autocast:
     return torch.autocast(dev_type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
 
 
+def bf16_products(autocast: torch.autocast) -> bool:
+    """Whether ``autocast`` (from :func:`matmul_precision`) runs the matrix products in bfloat16."""
+    return bool(autocast._enabled) and autocast.fast_dtype == torch.bfloat16
+
+
 def bf16_fast_on_cpu() -> bool:
     """Whether oneDNN runs bfloat16 matrix products natively here (AVX-512 BF16 or AMX)."""
     try:

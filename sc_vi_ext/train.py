@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ._progress import tqdm
-from .acceleration import keep_freed_memory, matmul_precision, resolve_precision, use_compiled, warm_up_compiled
+from .acceleration import bf16_products, keep_freed_memory, matmul_precision, use_compiled, warm_up_compiled
 from .dataloader import Minibatches
 from .distributed import broadcast_buffers, global_sum, interruptible, rank_and_world, wrap
 from .module import VAE, fast_counts, fast_step, fused
@@ -166,7 +166,6 @@ def train(
     best, step = _BestEpoch(n_epochs_kl_warmup), 0
     raw_loader = train_loader
     autocast = matmul_precision(precision, train_loader.device)
-    bf16 = resolve_precision(precision, train_loader.device) == "bfloat16"
     # under torchrun, Ctrl-C stops every rank at the same step (see distributed.py)
     train_loader, restore_sigint = interruptible(train_loader)
     bar = tqdm(range(max_epochs), desc="training VAE", unit="epoch", disable=not progress or rank > 0, leave=False)
@@ -182,7 +181,7 @@ def train(
             for epoch in bar:
                 t0 = time.perf_counter()
                 sums, step = _train_epoch(model, module, train_loader, opt, step, warmup_steps,
-                                           freeze_batchnorm=freeze_batchnorm, autocast=autocast, bf16=bf16)
+                                           freeze_batchnorm=freeze_batchnorm, autocast=autocast)
                 rec, kl, n = global_sum(sums).tolist()
                 tr = {"reconstruction": rec / n, "kl": kl / n}
                 tr["elbo"] = tr["reconstruction"] - tr["kl"]
@@ -212,7 +211,7 @@ def train(
 
 
 def _train_epoch(model, module: VAE, loader, opt, step: int, warmup_steps: int, *, freeze_batchnorm: bool,
-                 autocast: torch.autocast, bf16: bool):
+                 autocast: torch.autocast):
     """One pass of optimiser steps over ``loader``; return the summed (reconstruction, KL, cells) and the step count.
 
     The sums stay on the device (no host sync per step). ``model`` is ``module`` or its
@@ -226,8 +225,7 @@ def _train_epoch(model, module: VAE, loader, opt, step: int, warmup_steps: int, 
     sums = torch.zeros(3, dtype=torch.float64, device=loader.device)  # rec, kl, cells
     fast = model is module and uses_fast_step(module, loader.device)
     for mb in loader:
-        out = train_step(model, module, mb, opt, kl_weight(step, warmup_steps), fast=fast, autocast=autocast,
-                         bf16=bf16)
+        out = train_step(model, module, mb, opt, kl_weight(step, warmup_steps), fast=fast, autocast=autocast)
         step += 1
         sums[0] += out.reconstruction.detach().sum()
         sums[1] += out.kl.detach().sum()
@@ -243,16 +241,17 @@ def uses_fast_step(module: VAE, device) -> bool:
     return not fused.compiled_enabled() and fast_step.applies(module, device)
 
 
-def train_step(model, module: VAE, mb, opt, kl_w: float, *, fast: bool, autocast: torch.autocast, bf16: bool):
+def train_step(model, module: VAE, mb, opt, kl_w: float, *, fast: bool, autocast: torch.autocast):
     """One optimiser step on minibatch ``mb`` at KL weight ``kl_w``; return its :class:`~sc_vi_ext.module.LossOutput`.
 
     ``fast`` (see :func:`uses_fast_step`): the ELBO and its gradient from
-    :func:`~sc_vi_ext.module.fast_step.elbo_and_grad` (the same values, without autograd);
-    else autograd through ``model`` under ``autocast``. ``bf16``: whether that autocast is on.
+    :func:`~sc_vi_ext.module.fast_step.elbo_and_grad` (without autograd, at the precision of
+    ``autocast``); else autograd through ``model`` under ``autocast``. The data layer's blocks are
+    float32, as the kernel needs.
     """
-    if fast and mb.x.dtype == torch.float32:
+    if fast:
         out = fast_step.elbo_and_grad(module, mb.x, mb.batch, mb.log_library, cov=mb.cov, nz=mb.nz,
-                                      kl_weight=kl_w, bf16=bf16)
+                                      kl_weight=kl_w, bf16=bf16_products(autocast))
     else:
         with autocast:
             out = model(mb.x, mb.batch, mb.log_library, mb.cov, mb.nz)
