@@ -14,7 +14,7 @@ import scanpy as sc
 from sklearn.metrics import roc_auc_score
 
 import sc_vi_ext as sv
-from sc_vi_ext.diagnostics.coverage import COMPONENTS, EXTRA, GROUP, LOCAL, WEIGHTS, combine, tail_pvalue
+from sc_vi_ext.diagnostics.coverage import COMPONENTS, EXTRA, GROUP, LOCAL, SHARED, WEIGHTS, combine, tail_pvalue
 from sc_vi_ext.diagnostics.coverage_local import (
     abundance,
     baseline,
@@ -56,7 +56,8 @@ def test_novel_type_gets_low_coverage(scored):
     assert flag[novel].mean() > 0.5 and flag[~novel].mean() < 0.1
     for col in ("vae_coverage", "vae_programme", "vae_model_miss", "vae_latent_novelty", "vae_encoder_miss",
                 "vae_latent_density", "vae_neighbourhood", "vae_neighbourhood_fdr", "vae_programme_p",
-                "vae_latent_novelty_p", "vae_neighbourhood_p", "vae_abundance", "vae_abundance_p"):
+                "vae_latent_novelty_p", "vae_neighbourhood_p", "vae_abundance", "vae_abundance_p", "vae_common_shift",
+                "vae_common_shift_p"):
         assert np.isfinite(obs[col].to_numpy()).all(), col
     assert ((cov > 0) & (cov <= 1)).all()
 
@@ -221,8 +222,8 @@ def test_extra_evidence_enters_the_coverage_only_on_request(mapped, scored):
     assert (heavy < both).all()  # the shifted component weighs more
     assert abs((heavy_cal < 0.05).mean() - 0.05) < 0.02  # and the weighted sum is still calibrated
     out = sv.tl.reference_coverage(query, reference=ref, extra_evidence=True, copy=True, **FAST_COV)
-    assert out.uns["vae"]["coverage"]["components"] == list(COMPONENTS + GROUP + LOCAL + EXTRA)
-    every = COMPONENTS + GROUP + LOCAL + EXTRA
+    assert out.uns["vae"]["coverage"]["components"] == list(COMPONENTS + GROUP + LOCAL + SHARED + EXTRA)
+    every = COMPONENTS + GROUP + LOCAL + SHARED + EXTRA
     assert out.uns["vae"]["coverage"]["weights"] == {c: WEIGHTS.get(c, 1.0) for c in every}
     for c in every:  # the components and their p-values do not depend on the option
         np.testing.assert_allclose(out.obs[f"vae_{c}_p"], scored.obs[f"vae_{c}_p"])
@@ -297,3 +298,17 @@ def test_group_test_flags_the_novel_group(mapped, scored):
     assert not part.obs["vae_group_shifted"].to_numpy()[unlabelled].any()
     assert np.isnan(part.obs["vae_group_shift"].to_numpy()[unlabelled]).all()
     assert part.uns["vae"]["coverage"]["groups_shifted"] == ["type_3"]
+
+
+def test_common_shift_enters_the_coverage_with_enough_query_cells(mapped, scored, monkeypatch):
+    from sc_vi_ext.tl import _coverage
+
+    ref, query = mapped
+    assert query.n_obs < _coverage.MIN_SHARED_CELLS  # the small query: reported, not combined
+    assert "common_shift" not in scored.uns["vae"]["coverage"]["components"]
+    monkeypatch.setattr(_coverage, "MIN_SHARED_CELLS", query.n_obs)
+    out = sv.tl.reference_coverage(query, reference=ref, copy=True, **FAST_COV)
+    assert out.uns["vae"]["coverage"]["components"] == list(COMPONENTS + GROUP + SHARED)
+    assert out.uns["vae"]["coverage"]["weights"]["common_shift"] == WEIGHTS["common_shift"]
+    np.testing.assert_allclose(out.obs["vae_common_shift_p"], scored.obs["vae_common_shift_p"])
+    assert not np.allclose(out.obs["vae_coverage"], scored.obs["vae_coverage"])

@@ -39,14 +39,16 @@ from .trust import compare_to_reference
 
 COMPONENTS = ("model_miss", "programme", "latent_novelty", "encoder_miss")  # the default coverage's evidence
 LOCAL = ("neighbourhood",)  # in the coverage where enough held-out cells calibrate it
+SHARED = ("common_shift",)  # in the coverage where the query holds enough cells to find its shared direction
 GROUP = ("abundance",)  # in the coverage: where query cells crowd a place the reference has few cells
 EXTRA = ("latent_density",)  # reported; in the coverage only on request
 OPTIONAL = ("label_uncertainty",)  # with reference labels only; like EXTRA
 # Weights in Fisher's combination: the per-cell components all read the same residuals and move together,
 # the neighbourhood and the abundance are each one summary of many cells; each weighs as much as the four
-# per-cell ones together
+# per-cell ones together. The common shift weighs twice that: chosen on the weak-DE simulation of the
+# coverage benchmark, where with the summaries' weight 70 % of the altered cells were flagged, 81 % with twice
 SUMMARY_WEIGHT = float(len(COMPONENTS))
-WEIGHTS = dict.fromkeys(GROUP + LOCAL, SUMMARY_WEIGHT)
+WEIGHTS = {**dict.fromkeys(GROUP + LOCAL, SUMMARY_WEIGHT), "common_shift": 2 * SUMMARY_WEIGHT}
 TAIL = 0.1  # share of calibration cells whose exceedances fit the exponential tail
 MIN_SCALE = 1.0  # floor of a gene's residual scale: a deviance residual of a well-fitted gene has sd ~ 1
 

@@ -19,9 +19,11 @@ from ._utils import stored_model
 
 FEW_CALIBRATION_CELLS = 100  # below this, the coverage's tail is coarse: said in the log
 MIN_LOCAL_CALIBRATION = 500  # held-out cells the neighbourhood evidence needs to be calibrated (see docs/coverage.md)
+MIN_SHARED_CELLS = 1000  # query cells the common shift needs to find its direction (see docs/coverage.md)
 
 
 @doc_params(min_local=str(MIN_LOCAL_CALIBRATION), nb_weight=f"{cov.SUMMARY_WEIGHT:g}",
+            min_shared=str(MIN_SHARED_CELLS), shared_weight=f"{cov.WEIGHTS['common_shift']:g}",
             min_group=str(groups_test.MIN_CELLS), min_groups=str(groups_test.MIN_GROUPS))
 @cpu_threads
 def reference_coverage(
@@ -86,8 +88,20 @@ def reference_coverage(
         with the overlap of the cells' baselines: a small shift shared by a region of cells,
         such as a new state of a known type.
 
+    A seventh enters the coverage where the query holds at least {min_shared} cells that are not
+    reference cells (fewer cannot find the direction), with weight {shared_weight} in the
+    combination:
+
+    ``common_shift``
+        The cell's residual excess (as for ``neighbourhood``) along the direction a minority of
+        the query's cells shift together: the most skewed direction among the leading principal
+        components of the excess of one random half of the query, the other half scored on it
+        (and vice versa), as a robust z-score with the held-out cells' spread. A type that
+        differs by small changes spread over many genes, or a new state of a known type, which
+        no gene and no chi-square over all genes can carry.
+
     Two more are computed and reported, but enter the coverage only with ``extra_evidence=True``
-    (which also combines ``neighbourhood`` whatever the number of held-out cells):
+    (which also combines ``neighbourhood`` and ``common_shift`` whatever the numbers of cells):
 
     ``latent_density``
         Low density of the cell's encoder mean under the encoder distributions of the reference
@@ -146,10 +160,11 @@ def reference_coverage(
         Cells per neighbourhood in the ``neighbourhood`` and ``abundance`` components (and
         reference training cells the residual excess is taken against).
     extra_evidence
-        If True, ``latent_density``, ``neighbourhood`` (and ``label_uncertainty`` with
-        ``labels_key``) also enter Fisher's combination; False (default): the coverage rests on
-        the five components above and ``neighbourhood`` where {min_local} or more held-out reference
-        cells calibrate it; the others are only reported.
+        If True, ``latent_density``, ``neighbourhood``, ``common_shift`` (and ``label_uncertainty``
+        with ``labels_key``) also enter Fisher's combination; False (default): the coverage rests on
+        the five components above, ``neighbourhood`` where {min_local} or more held-out reference
+        cells calibrate it and ``common_shift`` where the query holds {min_shared} or more new cells;
+        the others are only reported.
     n_scale_cells
         Reference training cells (random) that set each gene's residual location and scale.
     max_steps
@@ -228,12 +243,18 @@ def reference_coverage(
                               n_top_genes=n_top_genes, n_neighbors=n_neighbors, n_local=n_local,
                               n_scale_cells=n_scale_cells, max_steps=max_steps, batch_size=batch_size, rng=rng,
                               bar=bar)
-    reported = cov.COMPONENTS + cov.GROUP + cov.LOCAL + cov.EXTRA + (cov.OPTIONAL if labels_key is not None else ())
+    reported = (cov.COMPONENTS + cov.GROUP + cov.LOCAL + cov.SHARED + cov.EXTRA
+                + (cov.OPTIONAL if labels_key is not None else ()))
     local = cov.LOCAL if val.sum() >= MIN_LOCAL_CALIBRATION else ()
     if not (local or extra_evidence):
         logg.info(f"    the neighbourhood evidence is reported but not combined: {int(val.sum())} held-out reference "
                   f"cells, {MIN_LOCAL_CALIBRATION} are needed to calibrate it")
-    components = reported if extra_evidence else cov.COMPONENTS + cov.GROUP + local  # those in the coverage
+    n_new = int((~extra["in_reference"]).sum())
+    shared = cov.SHARED if n_new >= MIN_SHARED_CELLS else ()
+    if not (shared or extra_evidence):
+        logg.info(f"    the common-shift evidence is reported but not combined: {n_new} query cells that are not "
+                  f"reference cells, {MIN_SHARED_CELLS} are needed to find their shared direction")
+    components = reported if extra_evidence else cov.COMPONENTS + cov.GROUP + local + shared  # those in the coverage
     weights = {c: cov.WEIGHTS.get(c, 1.0) for c in components}
     stats = {c: ev[c] for c in reported}
     coverage, pvals, cal_cov = cov.combine({c: cal[c] for c in reported}, stats, cal["log_library"],

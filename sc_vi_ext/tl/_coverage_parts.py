@@ -9,11 +9,13 @@ from scanpy import logging as logg
 
 from ..diagnostics import coverage as cov
 from ..diagnostics import coverage_local as loc
+from ..diagnostics import coverage_shift as shift
 from ..diagnostics.coverage_groups import MIN_CELLS, MIN_GROUPS
 from ..inputs import batch_codes_as
 from ..model_store import held_out_mask, stored_loader
 
 MIN_CALIBRATION_CELLS = 10
+N_DIRECTIONS = 10  # directions of the common shift
 
 
 def checked_inputs(adata: AnnData, reference: AnnData, key: str, groupby: str | None, labels_key: str | None):
@@ -97,6 +99,9 @@ def evidence(adata, reference, key, q_module, r_module, dev, *, val, labels_key,
     # per cell, for the driving genes' z-scores: at least the noise of a deviance residual, so that a sparse
     # gene's compressed residuals do not outrank the shifted genes
     variance = np.maximum(cal_variance, cov.MIN_SCALE ** 2)
+    in_reference = self_rows(adata, reference, key, np.arange(reference.n_obs)) >= 0
+    ev["common_shift"], cal["common_shift"] = shift.common_shift(ex_q, ex_c, variance, n_directions=N_DIRECTIONS,
+                                                                 rng=rng, fit=~in_reference)
 
     mix = sc_ev["mean"][scale_idx, :n_lat], sc_ev["log_var"][scale_idx, :n_lat]
     cal["latent_density"] = loc.latent_density(*mix, cal["mean"][val_idx, :n_lat])
@@ -113,7 +118,7 @@ def evidence(adata, reference, key, q_module, r_module, dev, *, val, labels_key,
         ev["label_uncertainty"] = loc.label_uncertainty(ref_lat[train_idx], labels, q_lat, n_neighbors=n_neighbors,
                                                         exclude=in_train)
     extras = {"excess": ex_q, "cal_excess": ex_c, "positions": pos_q, "cal_positions": pos_c, "variance": variance,
-              "in_reference": self_rows(adata, reference, key, np.arange(reference.n_obs)) >= 0, "top_genes": top_genes,
+              "in_reference": in_reference, "top_genes": top_genes,
               "top_scores": top_scores, "new_batch": new_batch, "n_scale_cells": len(scale_idx)}
     return cal, ev, extras
 
