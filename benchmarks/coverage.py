@@ -38,7 +38,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 import sc_vi_ext as sv
-from sc_vi_ext.diagnostics.coverage import COMPONENTS, EXTRA, GROUP, LOCAL, OPTIONAL
+from sc_vi_ext.diagnostics.coverage import COMPONENTS, EXTRA, GROUP, LOCAL, OPTIONAL, SHARED
 from sc_vi_ext.model_store import get_model, held_out_mask, stored_loader
 
 from ._common import parser, save, table, uptime
@@ -117,8 +117,8 @@ def run_case(name: str, quick: bool) -> list[dict]:
     for col, by in (("transferred", "transferred labels"), ("leiden", "leiden clusters")):
         sv.tl.reference_coverage(other, reference=ref, labels_key=label, groupby=col, progress=False)
         rows += group_rows(common, case, other, other.uns["vae"]["coverage"], by=by)
-    # all reported; the default combines COMPONENTS and GROUP (+ LOCAL)
-    for c in COMPONENTS + GROUP + LOCAL + EXTRA + OPTIONAL:
+    # all reported; the default combines COMPONENTS and GROUP (+ LOCAL, + SHARED)
+    for c in COMPONENTS + GROUP + LOCAL + SHARED + EXTRA + OPTIONAL:
         rows.append({**common, "score": f"  component: {c}", "auroc": roc_auc_score(altered, query.obs[f"vae_{c}"])})
     for b, (s_q, s_val) in baselines(ref, query, label).items():
         f = s_q > np.quantile(s_val, 0.95)
