@@ -231,7 +231,7 @@ def test_extra_evidence_enters_the_coverage_only_on_request(mapped, scored):
 
 
 def test_neighbourhood_enters_the_coverage_with_enough_held_out_cells(mapped, scored, monkeypatch):
-    from sc_vi_ext.tl import _coverage
+    from sc_vi_ext.tl import _coverage_parts as _coverage
 
     ref, query = mapped
     n_cal = scored.uns["vae"]["coverage"]["calibration"]["n_cells"]
@@ -301,7 +301,7 @@ def test_group_test_flags_the_novel_group(mapped, scored):
 
 
 def test_common_shift_enters_the_coverage_with_enough_query_cells(mapped, scored, monkeypatch):
-    from sc_vi_ext.tl import _coverage
+    from sc_vi_ext.tl import _coverage_parts as _coverage
 
     ref, query = mapped
     assert query.n_obs < _coverage.MIN_SHARED_CELLS  # the small query: reported, not combined

@@ -19,7 +19,8 @@ def _excess(rng, n_query=2000, n_cal=600, n_genes=500, share=0.12, n_shifted=150
 def test_finds_a_shift_no_gene_carries():
     rng = np.random.default_rng(0)
     q, c, altered = _excess(rng)
-    stat, cal = common_shift(q, c, np.ones(q.shape[1]), n_directions=10, rng=np.random.default_rng(1))
+    stat, cal, found = common_shift(q, c, np.ones(q.shape[1]), n_directions=10, rng=np.random.default_rng(1))
+    assert found
     assert roc_auc_score(altered, stat) > 0.97
     # each gene alone, and a chi-square over all genes, cannot see it
     assert roc_auc_score(altered, (q ** 2).sum(1)) < 0.75
@@ -32,7 +33,7 @@ def test_finds_a_shift_no_gene_carries():
 def test_null_query_is_like_the_calibration_cells():
     rng = np.random.default_rng(2)
     q, c, _ = _excess(rng, share=0.0)
-    stat, cal = common_shift(q, c, np.ones(q.shape[1]), n_directions=10, rng=np.random.default_rng(3))
+    stat, cal, _ = common_shift(q, c, np.ones(q.shape[1]), n_directions=10, rng=np.random.default_rng(3))
     assert np.isfinite(stat).all() and np.isfinite(cal).all()
     assert 0.01 < (stat > np.quantile(cal, 0.95)).mean() < 0.1  # no direction is fitted to a cell's own noise
     assert abs(np.median(stat)) < 0.2 and abs(np.median(cal)) < 0.2
@@ -42,17 +43,30 @@ def test_gene_scale_and_fit_mask():
     rng = np.random.default_rng(4)
     q, c, altered = _excess(rng)
     var = rng.uniform(0.5, 4.0, q.shape[1])
-    stat, _ = common_shift(q * np.sqrt(var), c * np.sqrt(var), var, n_directions=10, rng=np.random.default_rng(1))
-    plain, _ = common_shift(q, c, np.ones(q.shape[1]), n_directions=10, rng=np.random.default_rng(1))
+    stat, _, _ = common_shift(q * np.sqrt(var), c * np.sqrt(var), var, n_directions=10, rng=np.random.default_rng(1))
+    plain, _, _ = common_shift(q, c, np.ones(q.shape[1]), n_directions=10, rng=np.random.default_rng(1))
     np.testing.assert_allclose(stat, plain, rtol=1e-3, atol=1e-3)  # genes on the scale of their variance
     # cells outside the fit are scored on directions found without them; too few fitting cells: no evidence
     fit = ~altered
-    stat, _ = common_shift(q, c, np.ones(q.shape[1]), n_directions=10, rng=np.random.default_rng(1), fit=fit)
+    stat, _, _ = common_shift(q, c, np.ones(q.shape[1]), n_directions=10, rng=np.random.default_rng(1), fit=fit)
     assert roc_auc_score(altered, stat) < 0.8
     none = np.zeros(len(q), bool)
     none[:5] = True
-    stat, cal = common_shift(q, c, np.ones(q.shape[1]), n_directions=10, rng=np.random.default_rng(1), fit=none)
-    assert not stat.any() and not cal.any()
+    stat, cal, found = common_shift(q, c, np.ones(q.shape[1]), n_directions=10, rng=np.random.default_rng(1),
+                                    fit=none)
+    assert not found and not stat.any() and not cal.any()
+
+
+def test_a_mostly_altered_query_leaves_the_direction_unused():
+    # 70 % altered: the skewed tail is the covered cells, where the held-out cells lie; scored, they would be flagged
+    rng = np.random.default_rng(6)
+    q, c, altered = _excess(rng, share=0.7)
+    stat, cal, found = common_shift(q, c, np.ones(q.shape[1]), n_directions=10, rng=np.random.default_rng(1))
+    assert not found and not stat.any() and not cal.any()
+    for share in (0.12, 0.3):  # a minority: used
+        q, c, altered = _excess(np.random.default_rng(7), share=share)
+        stat, cal, found = common_shift(q, c, np.ones(q.shape[1]), n_directions=10, rng=np.random.default_rng(1))
+        assert found and (stat[~altered] > np.quantile(cal, 0.95)).mean() < 0.08
 
 
 def test_skewed_direction_recovers_a_skewed_axis():

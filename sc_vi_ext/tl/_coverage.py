@@ -14,12 +14,19 @@ from ..diagnostics import coverage_groups as groups_test
 from ..diagnostics.coverage_local import bh_adjust
 from ..inputs import group_labels
 from ..threads import cpu_threads
-from ._coverage_parts import checked_inputs, evidence, log_group_test, merge_into_trust, summaries
+from ._coverage_parts import (
+    MIN_LOCAL_CALIBRATION,
+    MIN_SHARED_CELLS,
+    checked_inputs,
+    combined_components,
+    evidence,
+    log_group_test,
+    merge_into_trust,
+    summaries,
+)
 from ._utils import stored_model
 
 FEW_CALIBRATION_CELLS = 100  # below this, the coverage's tail is coarse: said in the log
-MIN_LOCAL_CALIBRATION = 500  # held-out cells the neighbourhood evidence needs to be calibrated (see docs/coverage.md)
-MIN_SHARED_CELLS = 1000  # query cells the common shift needs to find its direction (see docs/coverage.md)
 
 
 @doc_params(min_local=str(MIN_LOCAL_CALIBRATION), nb_weight=f"{cov.SUMMARY_WEIGHT:g}",
@@ -98,7 +105,9 @@ def reference_coverage(
         components of the excess of one random half of the query, the other half scored on it
         (and vice versa), as a robust z-score with the held-out cells' spread. A type that
         differs by small changes spread over many genes, or a new state of a known type, which
-        no gene and no chi-square over all genes can carry.
+        no gene and no chi-square over all genes can carry. It assumes that most of the query is
+        covered; where the held-out cells lie in the direction's tail (as where most of the
+        query is altered) it is zero and left out.
 
     Two more are computed and reported, but enter the coverage only with ``extra_evidence=True``
     (which also combines ``neighbourhood`` and ``common_shift`` whatever the numbers of cells):
@@ -243,18 +252,8 @@ def reference_coverage(
                               n_top_genes=n_top_genes, n_neighbors=n_neighbors, n_local=n_local,
                               n_scale_cells=n_scale_cells, max_steps=max_steps, batch_size=batch_size, rng=rng,
                               bar=bar)
-    reported = (cov.COMPONENTS + cov.GROUP + cov.LOCAL + cov.SHARED + cov.EXTRA
-                + (cov.OPTIONAL if labels_key is not None else ()))
-    local = cov.LOCAL if val.sum() >= MIN_LOCAL_CALIBRATION else ()
-    if not (local or extra_evidence):
-        logg.info(f"    the neighbourhood evidence is reported but not combined: {int(val.sum())} held-out reference "
-                  f"cells, {MIN_LOCAL_CALIBRATION} are needed to calibrate it")
-    n_new = int((~extra["in_reference"]).sum())
-    shared = cov.SHARED if n_new >= MIN_SHARED_CELLS else ()
-    if not (shared or extra_evidence):
-        logg.info(f"    the common-shift evidence is reported but not combined: {n_new} query cells that are not "
-                  f"reference cells, {MIN_SHARED_CELLS} are needed to find their shared direction")
-    components = reported if extra_evidence else cov.COMPONENTS + cov.GROUP + local + shared  # those in the coverage
+    reported, components = combined_components(int(val.sum()), extra, labels_key=labels_key,
+                                               extra_evidence=extra_evidence)
     weights = {c: cov.WEIGHTS.get(c, 1.0) for c in components}
     stats = {c: ev[c] for c in reported}
     coverage, pvals, cal_cov = cov.combine({c: cal[c] for c in reported}, stats, cal["log_library"],

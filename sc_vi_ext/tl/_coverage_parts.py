@@ -15,6 +15,8 @@ from ..inputs import batch_codes_as
 from ..model_store import held_out_mask, stored_loader
 
 MIN_CALIBRATION_CELLS = 10
+MIN_LOCAL_CALIBRATION = 500  # held-out cells the neighbourhood evidence needs to be calibrated (see docs/coverage.md)
+MIN_SHARED_CELLS = 1000  # query cells the common shift needs to find its direction (see docs/coverage.md)
 N_DIRECTIONS = 10  # directions of the common shift
 
 
@@ -100,8 +102,8 @@ def evidence(adata, reference, key, q_module, r_module, dev, *, val, labels_key,
     # gene's compressed residuals do not outrank the shifted genes
     variance = np.maximum(cal_variance, cov.MIN_SCALE ** 2)
     in_reference = self_rows(adata, reference, key, np.arange(reference.n_obs)) >= 0
-    ev["common_shift"], cal["common_shift"] = shift.common_shift(ex_q, ex_c, variance, n_directions=N_DIRECTIONS,
-                                                                 rng=rng, fit=~in_reference)
+    ev["common_shift"], cal["common_shift"], shift_found = shift.common_shift(
+        ex_q, ex_c, variance, n_directions=N_DIRECTIONS, rng=rng, fit=~in_reference)
 
     mix = sc_ev["mean"][scale_idx, :n_lat], sc_ev["log_var"][scale_idx, :n_lat]
     cal["latent_density"] = loc.latent_density(*mix, cal["mean"][val_idx, :n_lat])
@@ -119,8 +121,30 @@ def evidence(adata, reference, key, q_module, r_module, dev, *, val, labels_key,
                                                         exclude=in_train)
     extras = {"excess": ex_q, "cal_excess": ex_c, "positions": pos_q, "cal_positions": pos_c, "variance": variance,
               "in_reference": in_reference, "top_genes": top_genes,
-              "top_scores": top_scores, "new_batch": new_batch, "n_scale_cells": len(scale_idx)}
+              "top_scores": top_scores, "new_batch": new_batch, "n_scale_cells": len(scale_idx),
+              "shift_found": shift_found}
     return cal, ev, extras
+
+
+def combined_components(n_calibration: int, extra: dict, *, labels_key: str | None, extra_evidence: bool):
+    """Return the components reported and those combined into the coverage; say why any is left out."""
+    reported = (cov.COMPONENTS + cov.GROUP + cov.LOCAL + cov.SHARED + cov.EXTRA
+                + (cov.OPTIONAL if labels_key is not None else ()))
+    if extra_evidence:
+        return reported, reported
+    local = cov.LOCAL if n_calibration >= MIN_LOCAL_CALIBRATION else ()
+    if not local:
+        logg.info(f"    the neighbourhood evidence is reported but not combined: {n_calibration} held-out reference "
+                  f"cells, {MIN_LOCAL_CALIBRATION} are needed to calibrate it")
+    n_new = int((~extra["in_reference"]).sum())
+    shared = cov.SHARED if n_new >= MIN_SHARED_CELLS and extra["shift_found"] else ()
+    if n_new < MIN_SHARED_CELLS:
+        logg.info(f"    the common-shift evidence is reported but not combined: {n_new} query cells that are not "
+                  f"reference cells, {MIN_SHARED_CELLS} are needed to find their shared direction")
+    elif not shared:
+        logg.info("    the common-shift evidence is not combined (zero): the held-out reference cells lie in the "
+                  "tail of the query's most skewed direction, as where most of the query is altered")
+    return reported, cov.COMPONENTS + cov.GROUP + local + shared
 
 
 def batch_centers(adata, key, residuals, ref_center, n_ref_batches, n_cells, rng):
