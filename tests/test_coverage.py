@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scanpy as sc
+from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 import sc_vi_ext as sv
@@ -25,6 +26,7 @@ from sc_vi_ext.diagnostics.coverage_local import (
     noise_variances,
 )
 from sc_vi_ext.model_store import held_out_mask
+from sc_vi_ext.tl._coverage_parts import combined_components
 
 FAST_COV = {"n_scale_cells": 200, "max_steps": 10, "progress": False}
 
@@ -301,14 +303,24 @@ def test_group_test_flags_the_novel_group(mapped, scored):
 
 
 def test_common_shift_enters_the_coverage_with_enough_query_cells(mapped, scored, monkeypatch):
-    from sc_vi_ext.tl import _coverage_parts as _coverage
+    from sc_vi_ext.diagnostics import coverage_shift as shift
 
     ref, query = mapped
-    assert query.n_obs < _coverage.MIN_SHARED_CELLS  # the small query: reported, not combined
+    assert query.n_obs < shift.MIN_CELLS  # the small query: reported, not combined
     assert "common_shift" not in scored.uns["vae"]["coverage"]["components"]
-    monkeypatch.setattr(_coverage, "MIN_SHARED_CELLS", query.n_obs)
+    assert scored.uns["vae"]["coverage"]["common_shift_used"]  # found, but on too few cells to combine
+    monkeypatch.setattr(shift, "MIN_CELLS", query.n_obs)
     out = sv.tl.reference_coverage(query, reference=ref, copy=True, **FAST_COV)
     assert out.uns["vae"]["coverage"]["components"] == list(COMPONENTS + GROUP + SHARED)
     assert out.uns["vae"]["coverage"]["weights"]["common_shift"] == WEIGHTS["common_shift"]
     np.testing.assert_allclose(out.obs["vae_common_shift_p"], scored.obs["vae_common_shift_p"])
-    assert not np.allclose(out.obs["vae_coverage"], scored.obs["vae_coverage"])
+    # combined, it adds evidence: the lower its p-value, the more coverage a cell loses by it
+    drop = np.log(scored.obs["vae_coverage"].to_numpy()) - np.log(out.obs["vae_coverage"].to_numpy())
+    assert spearmanr(-np.log(out.obs["vae_common_shift_p"].to_numpy()), drop).statistic > 0.15
+    # a direction not used (the guard, or too few cells) stays out, with extra_evidence too
+    extra = {"in_reference": np.zeros(5000, bool), "shift_found": False}
+    for every in (False, True):
+        _, comps = combined_components(10, extra, labels_key=None, extra_evidence=every)
+        assert "common_shift" not in comps
+    _, comps = combined_components(10, {**extra, "shift_found": True}, labels_key=None, extra_evidence=False)
+    assert "common_shift" in comps

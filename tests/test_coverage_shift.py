@@ -46,15 +46,22 @@ def test_gene_scale_and_fit_mask():
     stat, _, _ = common_shift(q * np.sqrt(var), c * np.sqrt(var), var, n_directions=10, rng=np.random.default_rng(1))
     plain, _, _ = common_shift(q, c, np.ones(q.shape[1]), n_directions=10, rng=np.random.default_rng(1))
     np.testing.assert_allclose(stat, plain, rtol=1e-3, atol=1e-3)  # genes on the scale of their variance
-    # cells outside the fit are scored on directions found without them; too few fitting cells: no evidence
-    fit = ~altered
-    stat, _, _ = common_shift(q, c, np.ones(q.shape[1]), n_directions=10, rng=np.random.default_rng(1), fit=fit)
+    # cells outside the fit are scored on directions found without them: without any altered cell there is no
+    # direction to find; without a random half of them the others still show it, and the left-out ones too
+    stat, _, _ = common_shift(q, c, np.ones(q.shape[1]), n_directions=10, rng=np.random.default_rng(1), fit=~altered)
     assert roc_auc_score(altered, stat) < 0.8
+    out = altered & (np.random.default_rng(2).uniform(size=len(q)) < 0.5)
+    stat, _, found = common_shift(q, c, np.ones(q.shape[1]), n_directions=10, rng=np.random.default_rng(1), fit=~out)
+    assert found and roc_auc_score(altered[out | ~altered], stat[out | ~altered]) > 0.9
     none = np.zeros(len(q), bool)
     none[:5] = True
     stat, cal, found = common_shift(q, c, np.ones(q.shape[1]), n_directions=10, rng=np.random.default_rng(1),
                                     fit=none)
     assert not found and not stat.any() and not cal.any()
+    # calibration cells that do not spread along the direction: no evidence, not values of 1e12
+    stat, cal, found = common_shift(q, np.zeros_like(c), np.ones(q.shape[1]), n_directions=10,
+                                    rng=np.random.default_rng(1))
+    assert not found and not stat.any()
 
 
 def test_a_mostly_altered_query_leaves_the_direction_unused():

@@ -45,10 +45,9 @@ EXTRA = ("latent_density",)  # reported; in the coverage only on request
 OPTIONAL = ("label_uncertainty",)  # with reference labels only; like EXTRA
 # Weights in Fisher's combination: the per-cell components all read the same residuals and move together,
 # the neighbourhood and the abundance are each one summary of many cells; each weighs as much as the four
-# per-cell ones together. The common shift weighs twice that: chosen on the weak-DE simulation of the
-# coverage benchmark, where with the summaries' weight 70 % of the altered cells were flagged, 81 % with twice
+# per-cell ones together. The common shift weighs twice that (chosen on the benchmark: docs/coverage.md)
 SUMMARY_WEIGHT = float(len(COMPONENTS))
-WEIGHTS = {**dict.fromkeys(GROUP + LOCAL, SUMMARY_WEIGHT), "common_shift": 2 * SUMMARY_WEIGHT}
+WEIGHTS = {**dict.fromkeys(GROUP + LOCAL, SUMMARY_WEIGHT), **dict.fromkeys(SHARED, 2 * SUMMARY_WEIGHT)}
 TAIL = 0.1  # share of calibration cells whose exceedances fit the exponential tail
 MIN_SCALE = 1.0  # floor of a gene's residual scale: a deviance residual of a well-fitted gene has sd ~ 1
 

@@ -15,53 +15,57 @@ scores the other half on it, so that no cell is scored on a direction fitted to 
 from __future__ import annotations
 
 import numpy as np
+from sklearn.utils.extmath import randomized_svd
 
-# the held-out cells' median may lie at most this high among a half's projections: on 12 % altered
-# cells the benchmark's simulations put it at 0.53-0.66, a synthetic query of 70 % altered cells at 0.83-0.85
-MAX_CALIBRATION_RANK = 0.75
+N_DIRECTIONS = 10  # leading principal components searched for the skewed direction
+MIN_CELLS = 1000  # query cells (not reference cells) the direction needs; fewer: reported only (docs/coverage.md)
+MAX_CALIBRATION_RANK = 0.75  # the highest share of a half's projections the held-out cells' median may exceed
 
-def common_shift(excess: np.ndarray, cal_excess: np.ndarray, variance: np.ndarray, *, n_directions: int,
-                 rng: np.random.Generator, fit: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
+
+def common_shift(excess: np.ndarray, cal_excess: np.ndarray, variance: np.ndarray, *, rng: np.random.Generator,
+                 fit: np.ndarray | None = None,
+                 n_directions: int = N_DIRECTIONS) -> tuple[np.ndarray, np.ndarray, bool]:
     """Each cell's local excess along the direction a minority of the query's cells shift together.
 
     The query's cells (those in ``fit``, default all) are split at random in two halves; each half
-    is scored on a direction found in the other half: among its ``n_directions`` leading principal
-    components of the excess (genes scaled by ``variance``), whitened, the unit direction of
-    largest skewness (fixed-point iterations from each axis, :func:`_skewed_direction`), oriented so
-    that the long tail is positive. A population that shifts together in many genes, each within
-    its counts' noise, makes such a tail; noise and smooth variation do not. Each projection is a
-    robust z-score against the calibration cells' projections on the same direction (median and
-    1.4826 MAD); a calibration cell is scored on one of the two directions, drawn at random, as a
-    query cell is.
+    is scored on a direction found in the other half's ``fit`` cells: among their ``n_directions``
+    leading principal components of the excess (genes scaled by ``variance``), whitened, the unit
+    direction of largest skewness (:func:`_skewed_direction`), oriented so that the long tail is
+    positive. A population that shifts together in many genes, each within its counts' noise,
+    makes such a tail; noise and smooth variation do not. A half's projections are located at
+    their own median (most query cells are covered) and scaled by the calibration cells' spread
+    on the same direction (1.4826 MAD); a calibration cell is scored on one of the two
+    directions, drawn at random, from the calibration cells' median.
 
-    The orientation assumes that the altered cells are the minority. Where they are the majority,
-    the tail is the covered cells, and there the held-out cells lie too: where the held-out cells'
-    median lies above ``MAX_CALIBRATION_RANK`` of a half's projections, the direction is not used.
-    Returns (query statistic, calibration statistic, whether the directions were used); zeros and
-    False where not, or where a half has no more than ``n_directions`` cells.
+    The orientation assumes that the altered cells are the minority. Where they are not, the tail
+    is the covered cells, and there the calibration cells lie too: where the calibration cells'
+    median lies above ``MAX_CALIBRATION_RANK`` of a half's ``fit`` cells' projections, the
+    direction is not used. Returns (query statistic, calibration statistic, whether the
+    directions were used); zeros and False where not, where a half's ``fit`` cells are no more
+    than ``n_directions``, or where the calibration cells do not spread along a direction.
     """
-    w = 1.0 / np.sqrt(variance)
+    w = 1.0 / np.sqrt(np.maximum(variance, 1e-12))
     q, c = excess * w, cal_excess * w
-    fit = np.ones(len(q), bool) if fit is None else fit
+    fit = np.ones(len(q), bool) if fit is None else np.asarray(fit, bool)
     half, cal_half = rng.integers(0, 2, len(q)), rng.integers(0, 2, len(c))  # cells outside fit: scored only
     out, cal = np.zeros(len(q)), np.zeros(len(c))
+    none = np.zeros(len(q)), np.zeros(len(c)), False
     for h in (0, 1):
-        train = fit & (half != h)
-        if train.sum() <= n_directions:
-            return np.zeros(len(q)), np.zeros(len(c)), False
+        train, test = fit & (half != h), half == h
+        if train.sum() <= n_directions or not (fit & test).any() or len(c) == 0:
+            return none
         mu = q[train].mean(0, dtype=np.float64)
         f = q[train] - mu
-        vals, vecs = np.linalg.eigh(f.T.astype(np.float64) @ f / len(f))
-        top = np.argsort(vals)[::-1][:n_directions]
-        white = vecs[:, top] / np.sqrt(np.maximum(vals[top], 1e-12))
+        _, sing, vt = randomized_svd(f, n_directions, random_state=int(rng.integers(2 ** 31)))
+        white = vt.T / np.maximum(sing / np.sqrt(len(f)), 1e-12)  # leading components, unit variance
         v = white @ _skewed_direction(f @ white)
         proj_c = (c - mu) @ v
         med = np.median(proj_c)
-        sd = max(1.4826 * np.median(np.abs(proj_c - med)), 1e-12)
-        proj_q = (q[half == h] - mu) @ v
-        if (proj_q < med).mean() > MAX_CALIBRATION_RANK:  # the tail is where the held-out cells are
-            return np.zeros(len(q)), np.zeros(len(c)), False
-        out[half == h] = (proj_q - np.median(proj_q)) / sd  # located at its own median: most query cells are covered
+        sd = 1.4826 * np.median(np.abs(proj_c - med))
+        proj_q = (q[test] - mu) @ v
+        if sd < 1e-6 or (proj_q[fit[test]] < med).mean() > MAX_CALIBRATION_RANK:  # the tail is where they are
+            return none
+        out[test] = (proj_q - np.median(proj_q[fit[test]])) / sd
         cal[cal_half == h] = (proj_c[cal_half == h] - med) / sd
     return out, cal, True
 

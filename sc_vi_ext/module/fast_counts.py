@@ -164,7 +164,7 @@ def row_nonzeros(x: torch.Tensor, nz) -> tuple[np.ndarray, np.ndarray, np.ndarra
     from .distributions import nonzeros
 
     rows, cols, vals = nonzeros(x) if nz is None else nz
-    # the rows are sorted: each row's first entry by binary search (bincount and cumsum: 0.2 ms per 128 x 2,000)
+    # the rows are sorted: each row's first entry by binary search (cheaper than bincount and cumsum)
     indptr = np.searchsorted(_np(rows), np.arange(x.shape[0] + 1))
     return indptr, _np(cols), _np(vals).astype(np.float32, copy=False)
 

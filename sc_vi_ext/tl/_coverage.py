@@ -11,12 +11,12 @@ from .._docs import doc_params
 from .._progress import tqdm
 from ..diagnostics import coverage as cov
 from ..diagnostics import coverage_groups as groups_test
+from ..diagnostics import coverage_shift as shift
 from ..diagnostics.coverage_local import bh_adjust
 from ..inputs import group_labels
 from ..threads import cpu_threads
 from ._coverage_parts import (
     MIN_LOCAL_CALIBRATION,
-    MIN_SHARED_CELLS,
     checked_inputs,
     combined_components,
     evidence,
@@ -30,7 +30,7 @@ FEW_CALIBRATION_CELLS = 100  # below this, the coverage's tail is coarse: said i
 
 
 @doc_params(min_local=str(MIN_LOCAL_CALIBRATION), nb_weight=f"{cov.SUMMARY_WEIGHT:g}",
-            min_shared=str(MIN_SHARED_CELLS), shared_weight=f"{cov.WEIGHTS['common_shift']:g}",
+            min_shared=str(shift.MIN_CELLS), shared_weight=f"{cov.WEIGHTS['common_shift']:g}",
             min_group=str(groups_test.MIN_CELLS), min_groups=str(groups_test.MIN_GROUPS))
 @cpu_threads
 def reference_coverage(
@@ -284,6 +284,7 @@ def reference_coverage(
                         "frac_flagged": float((cal_cov < alpha).mean()),
                         "n_scale_cells": extra["n_scale_cells"]},
         "components": list(components),
+        "common_shift_used": bool(extra["shift_found"]),
         "weights": weights,
         "frac_uncovered": float(flag.mean()),
         "groups": summaries(coverage, flag, groups, genes, extra["excess"], extra["variance"], n_group_genes, shifts),

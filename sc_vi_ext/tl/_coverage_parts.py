@@ -16,8 +16,6 @@ from ..model_store import held_out_mask, stored_loader
 
 MIN_CALIBRATION_CELLS = 10
 MIN_LOCAL_CALIBRATION = 500  # held-out cells the neighbourhood evidence needs to be calibrated (see docs/coverage.md)
-MIN_SHARED_CELLS = 1000  # query cells the common shift needs to find its direction (see docs/coverage.md)
-N_DIRECTIONS = 10  # directions of the common shift
 
 
 def checked_inputs(adata: AnnData, reference: AnnData, key: str, groupby: str | None, labels_key: str | None):
@@ -102,8 +100,8 @@ def evidence(adata, reference, key, q_module, r_module, dev, *, val, labels_key,
     # gene's compressed residuals do not outrank the shifted genes
     variance = np.maximum(cal_variance, cov.MIN_SCALE ** 2)
     in_reference = self_rows(adata, reference, key, np.arange(reference.n_obs)) >= 0
-    ev["common_shift"], cal["common_shift"], shift_found = shift.common_shift(
-        ex_q, ex_c, variance, n_directions=N_DIRECTIONS, rng=rng, fit=~in_reference)
+    ev["common_shift"], cal["common_shift"], shift_found = shift.common_shift(ex_q, ex_c, variance, rng=rng,
+                                                                              fit=~in_reference)
 
     mix = sc_ev["mean"][scale_idx, :n_lat], sc_ev["log_var"][scale_idx, :n_lat]
     cal["latent_density"] = loc.latent_density(*mix, cal["mean"][val_idx, :n_lat])
@@ -127,23 +125,27 @@ def evidence(adata, reference, key, q_module, r_module, dev, *, val, labels_key,
 
 
 def combined_components(n_calibration: int, extra: dict, *, labels_key: str | None, extra_evidence: bool):
-    """Return the components reported and those combined into the coverage; say why any is left out."""
+    """Return the components reported and those combined into the coverage; say why any is left out.
+
+    ``extra_evidence`` combines every reported component but a common shift whose direction was
+    not used (it is zero then).
+    """
     reported = (cov.COMPONENTS + cov.GROUP + cov.LOCAL + cov.SHARED + cov.EXTRA
                 + (cov.OPTIONAL if labels_key is not None else ()))
     if extra_evidence:
-        return reported, reported
+        return reported, tuple(c for c in reported if c not in cov.SHARED or extra["shift_found"])
     local = cov.LOCAL if n_calibration >= MIN_LOCAL_CALIBRATION else ()
     if not local:
         logg.info(f"    the neighbourhood evidence is reported but not combined: {n_calibration} held-out reference "
                   f"cells, {MIN_LOCAL_CALIBRATION} are needed to calibrate it")
     n_new = int((~extra["in_reference"]).sum())
-    shared = cov.SHARED if n_new >= MIN_SHARED_CELLS and extra["shift_found"] else ()
-    if n_new < MIN_SHARED_CELLS:
+    if n_new < shift.MIN_CELLS:
         logg.info(f"    the common-shift evidence is reported but not combined: {n_new} query cells that are not "
-                  f"reference cells, {MIN_SHARED_CELLS} are needed to find their shared direction")
-    elif not shared:
+                  f"reference cells, {shift.MIN_CELLS} are needed to find their shared direction")
+    elif not extra["shift_found"]:
         logg.info("    the common-shift evidence is not combined (zero): the held-out reference cells lie in the "
-                  "tail of the query's most skewed direction, as where most of the query is altered")
+                  "tail of the query's most skewed direction, which would then flag covered cells")
+    shared = cov.SHARED if n_new >= shift.MIN_CELLS and extra["shift_found"] else ()
     return reported, cov.COMPONENTS + cov.GROUP + local + shared
 
 
