@@ -209,7 +209,8 @@ def reference_coverage(
         ``params``, ``threshold`` (alpha), ``calibration`` (what the coverage was calibrated
         on: ``n_cells`` held-out reference cells, ``frac_flagged`` of them, ``n_scale_cells``),
         ``components`` (those combined into the coverage), ``weights`` (their factors in the
-        combination), ``frac_uncovered``, ``groupby`` and
+        combination), ``common_shift_used`` (whether the common shift's direction was used; else
+        the component is zero), ``frac_uncovered``, ``groupby`` and
         ``groups``: per group ``n_cells``, ``coverage_median``, ``frac_uncovered``,
         ``n_uncovered`` and, where it has uncovered cells, ``top_genes`` (the ``n_group_genes``
         genes whose mean residual excess over its uncovered cells is largest in size) and
