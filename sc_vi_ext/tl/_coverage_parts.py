@@ -43,14 +43,21 @@ def checked_inputs(adata: AnnData, reference: AnnData, key: str, groupby: str | 
     return val
 
 
-def self_rows(adata: AnnData, reference: AnnData, key: str, rows: np.ndarray) -> np.ndarray:
-    """Per query cell, its position in ``rows`` (reference positions) where it is that reference cell, else -1."""
-    pos = pd.Index(reference.obs_names[rows]).get_indexer(adata.obs_names)
+def self_rows(adata: AnnData, reference: AnnData, key: str) -> np.ndarray:
+    """Per query cell, its position in ``reference`` where it is that reference cell (name and latent), else -1."""
+    pos = pd.Index(reference.obs_names).get_indexer(adata.obs_names)
     same = pos >= 0
     if same.any():
-        ref_lat = reference.obsm[f"X_{key}"][rows[pos[same]]]
+        ref_lat = reference.obsm[f"X_{key}"][pos[same]]
         same[same] = np.all(np.isclose(np.asarray(adata.obsm[f"X_{key}"])[same], ref_lat), axis=1)
     return np.where(same, pos, -1)
+
+
+def within(ref_rows: np.ndarray, rows: np.ndarray, n_ref: int) -> np.ndarray:
+    """Per query cell, the position in ``rows`` (reference positions) of its own reference cell, else -1."""
+    at = np.full(n_ref, -1)
+    at[rows] = np.arange(len(rows))
+    return np.where(ref_rows >= 0, at[ref_rows], -1)
 
 
 def evidence(adata, reference, key, q_module, r_module, dev, *, val, labels_key, n_top_genes, n_neighbors,
@@ -79,7 +86,8 @@ def evidence(adata, reference, key, q_module, r_module, dev, *, val, labels_key,
     cal["programme"], _, _ = cov.programme_scores(r_cal, None, ref_center[None], spread, n_top=n_top_genes)
     ev["programme"], top_genes, top_scores = cov.programme_scores(r_q, codes, center, spread, n_top=n_top_genes)
 
-    in_scale = self_rows(adata, reference, key, scale_idx)  # query cells that are scale cells: leave themselves out
+    ref_rows = self_rows(adata, reference, key)
+    in_scale = within(ref_rows, scale_idx, reference.n_obs)  # query cells that are scale cells: leave themselves out
     pos_s, pos_c, pos_q = sc_ev["z"][scale_idx, :n_lat], cal["z"][val_idx, :n_lat], ev["z"][:, :n_lat]
     base_c = loc.baseline(pos_c, pos_s, n_local)
     base_q = loc.baseline(pos_q, pos_s, n_local, exclude=in_scale)
@@ -99,7 +107,7 @@ def evidence(adata, reference, key, q_module, r_module, dev, *, val, labels_key,
     # per cell, for the driving genes' z-scores: at least the noise of a deviance residual, so that a sparse
     # gene's compressed residuals do not outrank the shifted genes
     variance = np.maximum(cal_variance, cov.MIN_SCALE ** 2)
-    in_reference = self_rows(adata, reference, key, np.arange(reference.n_obs)) >= 0
+    in_reference = ref_rows >= 0
     ev["common_shift"], cal["common_shift"], shift_found = shift.common_shift(ex_q, ex_c, variance, rng=rng,
                                                                               fit=~in_reference)
 
@@ -107,7 +115,7 @@ def evidence(adata, reference, key, q_module, r_module, dev, *, val, labels_key,
     cal["latent_density"] = loc.latent_density(*mix, cal["mean"][val_idx, :n_lat])
     ev["latent_density"] = loc.latent_density(*mix, ev["mean"][:, :n_lat], exclude=in_scale)
     ref_lat, q_lat = np.asarray(reference.obsm[f"X_{key}"]), np.asarray(adata.obsm[f"X_{key}"])
-    in_train = self_rows(adata, reference, key, train_idx)
+    in_train = within(ref_rows, train_idx, reference.n_obs)
     cal["latent_novelty"] = cov.latent_distance(ref_lat[train_idx], ref_lat[val_idx], n_neighbors=n_neighbors)
     ev["latent_novelty"] = cov.latent_distance(ref_lat[train_idx], q_lat, n_neighbors=n_neighbors,
                                                skip_self=in_train >= 0)
